@@ -1,0 +1,1 @@
+"""VMamba and Vim backbones (one file per architecture) and the model registry."""
