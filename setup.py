@@ -25,6 +25,10 @@ KERNELS_PACKAGE = 'mamba_perception_kernels'
 
 CONSOLE_SCRIPTS = {
     'selftest_publisher': 'mamba_perception.ros.selftest:main',
+    'classify': 'mamba_perception.models.classify:main',
+    'convert': 'mamba_perception.models.convert:main',
+    'perception_node': 'mamba_perception.ros.node:main',
+    'replay': 'mamba_perception.replay.cli:main',
 }
 
 HERE = os.path.dirname(os.path.abspath(__file__))
