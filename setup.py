@@ -11,9 +11,9 @@ Two installers read this file:
   one in ``bin``.
 """
 
+from glob import glob
 import os
 import sys
-from glob import glob
 
 from setuptools import setup
 from setuptools.dist import Distribution
@@ -65,6 +65,7 @@ def ros_run_launchers():
 
 
 def data_files():
+    """Files installed outside site-packages: the ament index marker, share/ and lib/."""
     files = [
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
         (f'share/{PACKAGE}', ['package.xml']),
@@ -86,6 +87,7 @@ class AmentPythonDistribution(Distribution):
     """
 
     def has_data(self):
+        """Tell editable_wheel whether there are data files to install."""
         return self.has_data_files()
 
 
@@ -104,7 +106,7 @@ setup(
     zip_safe=False,
     maintainer='mamba_perception maintainers',
     maintainer_email='maintainers@mamba-perception.dev',
-    description='VMamba / Vim camera perception for ROS 2 with fused Triton selective-scan kernels.',
+    description='VMamba / Vim camera perception for ROS 2 with fused Triton scan kernels.',
     license='Apache-2.0',
     entry_points={
         'console_scripts': [f'{name} = {target}' for name, target in CONSOLE_SCRIPTS.items()],

@@ -22,6 +22,7 @@ class Detections:
 
     @classmethod
     def empty(cls) -> 'Detections':
+        """Return a result with no boxes."""
         return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
                    np.zeros((0,), np.int64))
 
@@ -43,9 +44,11 @@ class StageTimes:
 
     @property
     def total_ms(self) -> float:
+        """Sum of the stage times."""
         return self.decode_ms + self.preprocess_ms + self.inference_ms + self.postprocess_ms
 
     def as_dict(self) -> dict:
+        """Stage times keyed ``<stage>_ms``, plus ``total_ms``."""
         out = {f'{stage}_ms': getattr(self, f'{stage}_ms') for stage in STAGES}
         out['total_ms'] = self.total_ms
         return out

@@ -139,3 +139,28 @@ def test_setup_says_clearly_when_the_registry_is_unreachable(tmp_path):
     result = _tools_dev(['check'], offline, tmp_path)
     assert result.returncode == 1
     assert 'cannot download from the Python package registry' in result.stderr
+
+
+@pytest.mark.slow
+def test_colcon_build_installs_the_ros_layout(tmp_path):
+    """The robot path: colcon (ament_python build type) puts executables where ros2 run looks."""
+    colcon = Path(sys.prefix) / 'bin' / 'colcon'
+    if not colcon.exists():
+        pytest.skip('colcon is not installed in this environment (tools/requirements/test.txt)')
+    src = tmp_path / 'src' / 'mamba_perception'
+    subprocess.run(['git', 'clone', '-q', str(REPO), str(src)], check=True)
+    build = subprocess.run([str(colcon), 'build', '--packages-select', 'mamba_perception'],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    prefix = tmp_path / 'install' / 'mamba_perception'
+    for name in console_scripts():
+        assert os.access(prefix / 'lib' / 'mamba_perception' / name, os.X_OK), name
+    assert (prefix / 'share' / 'mamba_perception' / 'package.xml').is_file()
+    assert (prefix / 'share/ament_index/resource_index/packages/mamba_perception').is_file()
+    site = next(prefix.glob('lib/python3*/site-packages'))
+    probe = subprocess.run(
+        [sys.executable, '-c', 'import mamba_perception_kernels as k; print(k.__file__)'],
+        env={**os.environ, 'PYTHONPATH': str(site)}, cwd=tmp_path, capture_output=True,
+        text=True)
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()).is_relative_to(site)

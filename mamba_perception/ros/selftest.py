@@ -12,10 +12,10 @@ perception node is involved::
 import sys
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
 
 NODE_NAME = 'mamba_perception_selftest'
