@@ -1,4 +1,94 @@
 """Selective-scan kernels: PyTorch reference, chunked CPU path and fused Triton kernels.
 
 Installed as ``mamba_perception_kernels`` (``import mamba_perception_kernels``).
+
+Public ops (each has a sequential ``*_ref`` twin with the same signature, the test oracle):
+
+* ``selective_scan``: Mamba-1 selective scan, grouped B/C (mamba_ssm's convention).
+* ``ss2d_scan``: VMamba's cross-scan + 4-route scan + cross-merge as one op.
+* ``bidir_scan``: Vim's forward + backward scan as one op.
+
+``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
+``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
 """
+
+from __future__ import annotations
+
+from . import dispatch as _dispatch
+from .dispatch import MAX_DSTATE, backend_name
+from .errors import ScanInputError
+from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_op
+from .reference import bidir_scan_ref, selective_scan_ref, ss2d_scan_ref
+
+__all__ = [
+    "MAX_DSTATE",
+    "ScanInputError",
+    "backend_name",
+    "bidir_scan",
+    "bidir_scan_ref",
+    "selective_scan",
+    "selective_scan_ref",
+    "ss2d_scan",
+    "ss2d_scan_ref",
+]
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba-1 selective scan (math of mamba_ssm's ``selective_scan_ref``).
+
+    Shapes::
+
+        u, delta:   (batch, dim, L)      fp32 / fp16 / bf16, any strides
+        A:          (dim, N)             fp32, 1 <= N <= MAX_DSTATE
+        B, C:       (batch, G, N, L)     dim % G == 0; group g serves channels
+                                         [g*dim/G, (g+1)*dim/G)
+        D:          (dim,)               fp32, optional skip
+        z:          (batch, dim, L)      optional gate: out = y * silu(z)
+        delta_bias: (dim,)               fp32, optional
+        returns     out (batch, dim, L) in u.dtype [, last_state (batch, dim, N) fp32]
+
+    Raises ScanInputError (a ValueError) naming the offending tensor.
+    """
+    _dispatch.check_selective_scan(u, delta, A, B, C, D, z, delta_bias)
+    out, last = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return (out, last) if return_last_state else out
+
+
+def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, out_dtype=None):
+    """VMamba SS2D: cross-scan + selective scan over 4 routes + cross-merge, one op.
+
+    Shapes::
+
+        x:              (batch, dim, H, W)     any strides (channels_last is read in place)
+        delta:          (batch, 4, dim, H, W)  route k's raw delta at pixel (h, w)
+        B, C:           (batch, 4, N, H, W)    route k's B / C at pixel (h, w)
+        A:              (4*dim, N) fp32        route-major (row k*dim + c)
+        D, delta_bias:  (4*dim,) fp32          route-major
+        returns         y (batch, dim, H, W) in out_dtype (default x.dtype), the sum of the
+                        4 routes' scan outputs at each pixel
+
+    Routes: k=0 row-major (l = h*W + w), k=1 column-major (l = w*H + h), k=2 / k=3 the
+    reverses of k=0 / k=1 (VMamba's CrossScan / CrossMerge).
+    """
+    _dispatch.check_ss2d(x, delta, A, B, C, D, delta_bias)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _dispatch.check_out_dtype(out_dtype)
+    return ss2d_scan_op(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype)
+
+
+def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    """Vim bidirectional scan: both directions in one op, no flip copies on GPU.
+
+    Shapes::
+
+        u, delta:       (batch, 2, dim, L)  direction 0 scans l = 0..L-1, direction 1 scans
+                                            l = L-1..0; both given in natural order
+        A:              (2, dim, N) fp32
+        B, C:           (batch, 2, N, L)
+        D, delta_bias:  (2, dim) fp32
+        z:              (batch, dim, L)     shared gate
+        returns         (batch, dim, L) in u.dtype = y_0 * silu(z) + y_1 * silu(z)
+    """
+    _dispatch.check_bidir(u, delta, A, B, C, D, z, delta_bias)
+    return bidir_scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))

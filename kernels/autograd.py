@@ -1,0 +1,70 @@
+"""Backward formulas for the custom ops (``torch.library.register_autograd``), nothing else.
+
+Each backward calls the matching ``mamba_perception::*_bwd`` op, which recomputes the forward
+states from the saved inputs (no O(batch*dim*N*L) tensor is saved between forward and backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _select(grads, needs, present):
+    """None for inputs that were absent (empty placeholder) or need no gradient."""
+    return tuple(g if (need and here) else None for g, need, here in zip(grads, needs, present,
+                                                                         strict=True))
+
+
+def _ss_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    # Unused outputs (usually last_state) then arrive as None instead of zero tensors, so the
+    # backward knows whether a last-state gradient exists.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.present = tuple(t is not None for t in inputs[:8])
+    ctx.delta_softplus = delta_softplus
+
+
+def _ss_backward(ctx, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    grads = torch.ops.mamba_perception.selective_scan_bwd(
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+    needs = ctx.needs_input_grad[:8]
+    return (*_select(grads, needs, ctx.present), None)
+
+
+def _ss2d_setup(ctx, inputs, output):
+    x, delta, A, B, C, D, delta_bias, delta_softplus, _ = inputs
+    ctx.save_for_backward(x, delta, A, B, C, D, delta_bias)
+    ctx.present = tuple(t is not None for t in inputs[:7])
+    ctx.delta_softplus = delta_softplus
+
+
+def _ss2d_backward(ctx, dy):
+    x, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+    grads = torch.ops.mamba_perception.ss2d_scan_bwd(
+        dy, x, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
+    return (*_select(grads, ctx.needs_input_grad[:7], ctx.present), None, None)
+
+
+def _bidir_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.present = tuple(t is not None for t in inputs[:8])
+    ctx.delta_softplus = delta_softplus
+
+
+def _bidir_backward(ctx, dout):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    grads = torch.ops.mamba_perception.bidir_scan_bwd(
+        dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+    return (*_select(grads, ctx.needs_input_grad[:8], ctx.present), None)
+
+
+def register(selective_scan_op, ss2d_scan_op, bidir_scan_op):
+    """Attach the backward formulas to the three forward ops."""
+    selective_scan_op.register_autograd(_ss_backward, setup_context=_ss_setup)
+    ss2d_scan_op.register_autograd(_ss2d_backward, setup_context=_ss2d_setup)
+    bidir_scan_op.register_autograd(_bidir_backward, setup_context=_bidir_setup)

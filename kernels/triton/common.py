@@ -1,0 +1,169 @@
+"""Host-side launch of the generic 3-pass forward scan (``scan_fwd.py``) for one op's geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import scan_fwd as kf
+
+MODE_SELECTIVE, MODE_BIDIR, MODE_SS2D = 0, 1, 2
+
+
+@dataclass
+class Geometry:
+    """Positions (r, c) with r < rows, c < cols, p = r*cols + c < length (see scan_fwd.py)."""
+
+    rows: int
+    cols: int
+    length: int
+    block_r: int
+    block_c: int
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of (block_r, block_c) tiles."""
+        return triton.cdiv(self.rows, self.block_r) * triton.cdiv(self.cols, self.block_c)
+
+    @property
+    def max_segments(self) -> int:
+        """Segments of the route kind that has more of them (sizes the state buffers)."""
+        row_segments = self.rows * triton.cdiv(self.cols, self.block_c)
+        col_segments = self.cols * triton.cdiv(self.rows, self.block_r)
+        return max(row_segments, col_segments)
+
+
+# Launch configuration. image_block / num_warps come from a sweep of SS2D tiles on an H100
+# (16x32 with 4 warps was fastest of 6 tile shapes at 56², 180x320 and 128², bf16);
+# ``TUNING`` may be changed at run time (bench/scan.py --tune does).
+TUNING = {
+    "image_block": (16, 32),      # (rows, cols) of an SS2D tile
+    "seq_block_c": 64,            # steps per row (segment) of a 1-D sequence
+    "seq_tile": 1024,             # steps per 1-D tile at N <= 4 (half of it above)
+    "num_warps": 4,
+    # Unrolling the state loop (N=16) multiplied compile time (minutes per variant on the
+    # H100 machine) for no measured gain; 1 = no unrolling.
+    "unroll_n": 1,
+}
+
+
+def sequence_geometry(length: int, dstate: int) -> Geometry:
+    """1-D sequences: rows of ``block_c`` consecutive steps, ``block_r`` rows per tile."""
+    block_c = min(TUNING["seq_block_c"], triton.next_power_of_2(max(length, 16)))
+    rows = triton.cdiv(max(length, 1), block_c)
+    tile = TUNING["seq_tile"] if dstate <= 4 else max(block_c, TUNING["seq_tile"] // 2)
+    block_r = max(1, min(triton.next_power_of_2(rows), tile // block_c))
+    return Geometry(rows, block_c, length, block_r, block_c)
+
+
+def image_geometry(height: int, width: int, dstate: int) -> Geometry:
+    """2-D maps: (h, w) tiles; a row route's segment is a tile row, a column route's a column."""
+    block_r, block_c = TUNING["image_block"]
+    block_c = min(block_c, triton.next_power_of_2(width))
+    block_r = min(block_r, triton.next_power_of_2(height))
+    return Geometry(height, width, height * width, block_r, block_c)
+
+
+def _launch_params(geo, dstate):
+    return TUNING["num_warps"], max(1, min(dstate, TUNING["unroll_n"]))
+
+
+def _forward_states(mode, K, geo, dim, dstate, dpg, u, su, delta, sd, A, sA, B, sB, bias,
+                    sbias, softplus, batch, last_state=None):
+    """Run passes 1-2; return the state after every segment, (batch, K, dim, n_seg, N) fp32."""
+    dev = u.device
+    n_seg = geo.max_segments
+    agg_a = torch.empty(batch, K, dim, n_seg, dstate, device=dev, dtype=torch.float32)
+    agg_h = torch.empty_like(agg_a)
+    num_warps, unroll_n = _launch_params(geo, dstate)
+    grid = (geo.n_tiles, dim, batch)
+    kf._segment_agg_kernel[grid](
+        u, delta, A, B, bias if bias is not None else u, agg_a, agg_h,
+        dim, dstate, geo.rows, geo.cols, geo.length, dpg, n_seg, *su, *sd, *sA, *sB, *sbias,
+        MODE=mode, K=K, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, UNROLL_N=unroll_n, num_warps=num_warps)
+    _state_pass(mode, K, geo, dim, dstate, batch, agg_a, agg_h, last_state=last_state)
+    return agg_a, agg_h
+
+
+def _state_pass(mode, K, geo, dim, dstate, batch, agg_a, agg_h, last_state=None, invert=False):
+    block_n = triton.next_power_of_2(dstate)
+    block_s = max(16, min(256, 2048 // block_n))
+    kf._state_pass_kernel[(dim, K, batch)](
+        agg_a, agg_h, last_state if last_state is not None else agg_a,
+        dim, dstate, geo.rows, geo.cols, geo.max_segments,
+        MODE=mode, K=K, STORE_LAST=last_state is not None,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, BLOCK_S=block_s, BLOCK_N=block_n,
+        INVERT=invert, num_warps=4)
+
+
+def run(mode, K, geo, dim, dstate, groups_dpg, *, u, su, delta, sd, A, sA, B, sB, C, sC,
+        D, sD, z, sz, bias, sbias, out, so, softplus, last_state=None):
+    """Launch forward passes 1-3. ``s*`` are the tensors' strides in the kernels' index order."""
+    batch = out.shape[0]
+    _, agg_h = _forward_states(mode, K, geo, dim, dstate, groups_dpg, u, su, delta, sd, A, sA,
+                               B, sB, bias, sbias, softplus, batch, last_state)
+    dummy = u
+    num_warps, unroll_n = _launch_params(geo, dstate)
+    kf._output_kernel[(geo.n_tiles, dim, batch)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        bias if bias is not None else dummy, out, agg_h,
+        dim, dstate, geo.rows, geo.cols, geo.length, groups_dpg, geo.max_segments,
+        *su, *sd, *sA, *sB, *sC, *sD, *sbias, *sz, *so,
+        MODE=mode, K=K, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, UNROLL_N=unroll_n, num_warps=num_warps)
+    return out
+
+
+def run_bwd(mode, K, geo, dim, dstate, groups_dpg, *, u, su, delta, sd, A, sA, B, sB, C, sC,
+            D, sD, bias, sbias, dy, sy, softplus):
+    """Backward passes; returns fp32 (du, ddelta, dA, dB, dC, dD, dbias) in kernel layout.
+
+    du is (batch, dim, L) for SS2D (shared x) and (batch, K, dim, L) otherwise; ddelta
+    (batch, K, dim, L); dB / dC (batch, K, G, N, L); dA (K*dim, N); dD / dbias (K*dim,).
+    """
+    from . import scan_bwd as kb
+
+    batch = dy.shape[0]
+    dev = u.device
+    f32 = torch.float32
+    length = geo.length
+    _, fwd_h = _forward_states(mode, K, geo, dim, dstate, groups_dpg, u, su, delta, sd, A, sA,
+                               B, sB, bias, sbias, softplus, batch)
+    n_seg = geo.max_segments
+    bagg_a = torch.empty(batch, K, dim, n_seg, dstate, device=dev, dtype=f32)
+    bagg_g = torch.empty_like(bagg_a)
+    num_warps, unroll_n = _launch_params(geo, dstate)
+    grid = (geo.n_tiles, dim, batch)
+    kb._bwd_agg_kernel[grid](
+        delta, A, C, bias if bias is not None else u, dy, bagg_a, bagg_g,
+        dim, dstate, geo.rows, geo.cols, length, groups_dpg, n_seg,
+        *sd, *sA, *sC, *sbias, *sy,
+        MODE=mode, K=K, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, UNROLL_N=unroll_n, num_warps=num_warps)
+    _state_pass(mode, K, geo, dim, dstate, batch, bagg_a, bagg_g, invert=True)
+    groups = dim // groups_dpg
+    du = torch.empty((batch, dim, length) if mode == MODE_SS2D else (batch, K, dim, length),
+                     device=dev, dtype=f32)
+    ddelta = torch.empty(batch, K, dim, length, device=dev, dtype=f32)
+    dB = torch.zeros(batch, K, groups, dstate, length, device=dev, dtype=f32)
+    dC = torch.zeros_like(dB)
+    dA = torch.zeros(K * dim, dstate, device=dev, dtype=f32)
+    dD = torch.zeros(K * dim, device=dev, dtype=f32)
+    dbias = torch.zeros(K * dim, device=dev, dtype=f32)
+    kb._bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else u, bias if bias is not None else u, dy,
+        fwd_h, bagg_g, du, ddelta, dA, dB, dC, dD, dbias,
+        dim, dstate, geo.rows, geo.cols, length, groups_dpg, n_seg,
+        *su, *sd, *sA, *sB, *sC, *sD, *sbias, *sy,
+        MODE=mode, K=K, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, UNROLL_N=unroll_n, num_warps=num_warps)
+    return du, ddelta, dA, dB, dC, dD, dbias
+
+
+def seq_strides(t, lead, block_c):
+    """Strides of a (..., L) tensor as (*lead dims, r, c) with rows of ``block_c`` steps."""
+    return (*[t.stride(i) for i in lead], block_c * t.stride(-1), t.stride(-1))

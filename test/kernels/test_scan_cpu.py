@@ -1,0 +1,294 @@
+"""Reference vs chunked PyTorch path (CPU), gradients, errors, custom-op registration."""
+
+import mamba_perception_kernels as K
+from mamba_perception_kernels import cpu
+import pytest
+from scan_inputs import make_bidir, make_selective, make_ss2d, non_contiguous, tol
+import torch
+from torch.autograd import gradcheck
+
+
+def _close(actual, expected, dtype):
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def test_backend_name_cpu():
+    assert K.backend_name('cpu') == 'torch-chunked'
+    assert K.backend_name(torch.device('cpu')) == 'torch-chunked'
+
+
+@pytest.mark.parametrize('length', [1, 63, 64, 65, 200])
+def test_linear_scan_matches_loop(length):
+    a = torch.rand(3, length, dtype=torch.float64)
+    b = torch.randn(3, length, dtype=torch.float64)
+    h = torch.zeros(3, dtype=torch.float64)
+    expected = []
+    for i in range(length):
+        h = a[:, i] * h + b[:, i]
+        expected.append(h)
+    torch.testing.assert_close(cpu.linear_scan(a, b, chunk=16), torch.stack(expected, -1))
+
+
+def test_linear_scan_long_decay_stays_finite():
+    # exp(cumsum(delta*A)) would underflow to 0 and its inverse overflow to inf here.
+    a = torch.full((1, 5000), 0.5)
+    b = torch.ones(1, 5000)
+    h = cpu.linear_scan(a, b)
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h[0, -1], torch.tensor(2.0))
+
+
+@pytest.mark.parametrize('groups,dstate', [(1, 1), (2, 16), (4, 3)])
+@pytest.mark.parametrize('length', [1, 17, 150])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_selective_scan_matches_ref(groups, dstate, length, dtype):
+    args = make_selective(2, 8, length, groups, dstate, dtype=dtype)
+    out, last = K.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    ref, ref_last = K.selective_scan_ref(**args, delta_softplus=True, return_last_state=True)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert last.dtype == torch.float32 and last.shape == (2, 8, dstate)
+    _close(out, ref, dtype)
+    torch.testing.assert_close(last, ref_last, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize('opts', [dict(with_d=False, with_z=False, with_bias=False),
+                                  dict(with_d=True, with_z=False, with_bias=False),
+                                  dict(with_d=False, with_z=True, with_bias=True)])
+@pytest.mark.parametrize('softplus', [False, True])
+def test_selective_scan_optional_inputs(opts, softplus):
+    args = make_selective(1, 4, 70, 1, 4, **opts)
+    _close(K.selective_scan(**args, delta_softplus=softplus),
+           K.selective_scan_ref(**args, delta_softplus=softplus), torch.float32)
+
+
+def test_selective_scan_softplus_passthrough_above_20():
+    args = make_selective(1, 2, 5, 1, 2, with_bias=False)
+    args['delta'] = torch.full((1, 2, 5), 25.0)
+    args['A'] = torch.full((2, 2), -0.01)
+    out = K.selective_scan(**args, delta_softplus=True)
+    torch.testing.assert_close(out, K.selective_scan_ref(**args, delta_softplus=True))
+
+
+def test_selective_scan_non_contiguous():
+    args = make_selective(2, 6, 33, 3, 2)
+    nc = {k: non_contiguous(v) for k, v in args.items()}
+    _close(K.selective_scan(**nc, delta_softplus=True),
+           K.selective_scan_ref(**args, delta_softplus=True), torch.float32)
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (3, 5), (9, 4)])
+@pytest.mark.parametrize('dstate', [1, 16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_ss2d_matches_ref(hw, dstate, dtype):
+    args = make_ss2d(2, 3, *hw, dstate, dtype=dtype)
+    out = K.ss2d_scan(**args)
+    assert out.dtype == dtype
+    _close(out, K.ss2d_scan_ref(**args), dtype)
+
+
+def test_ss2d_channels_last_and_out_dtype():
+    args = make_ss2d(1, 4, 5, 6, 2, dtype=torch.float16)
+    x_cl = args['x'].contiguous(memory_format=torch.channels_last)
+    out = K.ss2d_scan(**{**args, 'x': x_cl}, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    _close(out, K.ss2d_scan_ref(**args, out_dtype=torch.float32), torch.float16)
+
+
+def test_ss2d_routes_are_vmamba_cross_scan():
+    # With D = 1 and B = 0 every route's output is x itself: y = 4 * x.
+    args = make_ss2d(1, 2, 3, 4, 1, with_bias=False)
+    args['B'] = torch.zeros_like(args['B'])
+    args['D'] = torch.ones(8)
+    torch.testing.assert_close(K.ss2d_scan_ref(**args), 4 * args['x'])
+    torch.testing.assert_close(K.ss2d_scan(**args), 4 * args['x'])
+    # Route k=1 (column-major) sees pixel (1, 0) right after (0, 0): with a unit state kept
+    # alive (A=0, delta=1 after no softplus), B=1 only on route 1, C=1 only on route 1, D=0,
+    # the output at (h, w) is the sum of x over the pixels route 1 visited so far.
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)
+    delta = torch.ones(1, 4, 1, 3, 4)
+    B = torch.zeros(1, 4, 1, 3, 4)
+    B[:, 1] = 1
+    C = B.clone()
+    A = torch.zeros(4, 1)
+    y = K.ss2d_scan(x, delta, A, B, C, delta_softplus=False)
+    col_major = x[0, 0].t().reshape(-1)
+    expected = torch.cumsum(col_major, 0).reshape(4, 3).t()
+    torch.testing.assert_close(y[0, 0], expected)
+
+
+@pytest.mark.parametrize('length', [1, 2, 70])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_bidir_matches_ref(length, dtype):
+    args = make_bidir(2, 5, length, 16, dtype=dtype)
+    out = K.bidir_scan(**args)
+    assert out.dtype == dtype
+    _close(out, K.bidir_scan_ref(**args), dtype)
+
+
+def test_bidir_ref_is_vim_flip_composition():
+    args = make_bidir(1, 3, 9, 2, with_z=False)
+    fwd = K.selective_scan_ref(args['u'][:, 0], args['delta'][:, 0], args['A'][0],
+                               args['B'][:, :1], args['C'][:, :1], args['D'][0], None,
+                               args['delta_bias'][0], True)
+    bwd = K.selective_scan_ref(args['u'][:, 1].flip(-1), args['delta'][:, 1].flip(-1),
+                               args['A'][1], args['B'][:, 1:].flip(-1), args['C'][:, 1:].flip(-1),
+                               args['D'][1], None, args['delta_bias'][1], True).flip(-1)
+    torch.testing.assert_close(K.bidir_scan_ref(**args), fwd + bwd)
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def _f64(args):
+    return {k: (None if v is None else v.double().requires_grad_()) for k, v in args.items()}
+
+
+def test_selective_scan_gradcheck_f64():
+    args = _f64(make_selective(1, 4, 9, 2, 3))
+    names = list(args)
+
+    def fn(*ts):
+        out, last = K.selective_scan(**dict(zip(names, ts, strict=True)), delta_softplus=True,
+                                     return_last_state=True)
+        return out, last
+
+    assert gradcheck(fn, tuple(args.values()))
+
+
+def test_selective_scan_gradcheck_f64_minimal():
+    args = _f64(make_selective(1, 2, 5, 1, 1, with_d=False, with_z=False, with_bias=False))
+    assert gradcheck(lambda *ts: K.selective_scan(*ts), tuple(v for v in args.values()
+                                                             if v is not None))
+
+
+def test_ss2d_gradcheck_f64():
+    args = _f64(make_ss2d(1, 2, 3, 4, 2))
+    names = list(args)
+    assert gradcheck(lambda *ts: K.ss2d_scan(**dict(zip(names, ts, strict=True))),
+                     tuple(args.values()))
+
+
+def test_bidir_gradcheck_f64():
+    args = _f64(make_bidir(1, 3, 6, 2))
+    names = list(args)
+    assert gradcheck(lambda *ts: K.bidir_scan(**dict(zip(names, ts, strict=True))),
+                     tuple(args.values()))
+
+
+@pytest.mark.parametrize('op', ['selective', 'ss2d', 'bidir'])
+def test_grads_match_reference_autograd(op):
+    if op == 'selective':
+        args = make_selective(2, 8, 140, 4, 16)
+        fn, ref = (lambda **a: K.selective_scan(**a, delta_softplus=True),
+                   lambda **a: K.selective_scan_ref(**a, delta_softplus=True))
+    elif op == 'ss2d':
+        args = make_ss2d(1, 4, 7, 9, 1)
+        fn, ref = K.ss2d_scan, K.ss2d_scan_ref
+    else:
+        args = make_bidir(1, 4, 70, 16)
+        fn, ref = K.bidir_scan, K.bidir_scan_ref
+    leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None}
+    out = fn(**args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(leaves.values()), grad)
+    want = torch.autograd.grad(ref(**args), list(leaves.values()), grad)
+    for name, g, w in zip(leaves, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * float(w.abs().max()),
+                                   msg=lambda m, name=name: f'grad of {name}: {m}')
+
+
+def test_backward_without_grad_for_some_inputs():
+    args = make_selective(1, 4, 20, 1, 2)
+    args['u'].requires_grad_()
+    out = K.selective_scan(**args)
+    (du,) = torch.autograd.grad(out.sum(), [args['u']])
+    assert du.shape == args['u'].shape
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def _err(fn, match, **kw):
+    with pytest.raises(K.ScanInputError, match=match):
+        fn(**kw)
+
+
+def test_errors_name_the_tensor():
+    good = make_selective(1, 4, 10, 2, 3)
+    assert issubclass(K.ScanInputError, ValueError)
+    _err(K.selective_scan, r'delta must have shape \(1, 4, 10\); got shape \(1, 4, 9\)',
+         **{**good, 'delta': good['delta'][..., :9]})
+    _err(K.selective_scan, r'B: groups G=3 must divide dim=4',
+         **{**good, 'B': torch.randn(1, 3, 3, 10), 'C': torch.randn(1, 3, 3, 10)})
+    _err(K.selective_scan, r'C must have shape', **{**good, 'C': torch.randn(1, 2, 4, 10)})
+    _err(K.selective_scan, r'A must have dtype .*torch.float16',
+         **{**good, 'A': good['A'].half()})
+    _err(K.selective_scan, r'u must have dtype .*torch.int64',
+         **{**good, 'u': torch.ones(1, 4, 10, dtype=torch.long)})
+    _err(K.selective_scan, r'D must have shape \(4\)', **{**good, 'D': torch.randn(5)})
+    _err(K.selective_scan, r'z must have shape', **{**good, 'z': torch.randn(1, 4, 11)})
+    _err(K.selective_scan, r'delta_bias must have shape',
+         **{**good, 'delta_bias': torch.randn(4, 1)})
+    _err(K.selective_scan, r'u must be a torch.Tensor', **{**good, 'u': [1.0]})
+    big_n = K.MAX_DSTATE + 1
+    _err(K.selective_scan, rf'N={big_n} is outside the supported range 1..{K.MAX_DSTATE}',
+         **{**good, 'A': torch.randn(4, big_n), 'B': torch.randn(1, 2, big_n, 10),
+            'C': torch.randn(1, 2, big_n, 10)})
+
+
+def test_ss2d_and_bidir_errors():
+    s = make_ss2d(1, 2, 3, 4, 1)
+    _err(K.ss2d_scan, r'delta must have shape \(1, 4, 2, 3, 4\)',
+         **{**s, 'delta': torch.randn(1, 4, 2, 4, 3)})
+    _err(K.ss2d_scan, r'A must have shape \(8, \*\)', **{**s, 'A': torch.randn(2, 1)})
+    _err(K.ss2d_scan, r'B must have shape \(1, 4, 1, 3, 4\)',
+         **{**s, 'B': torch.randn(1, 2, 1, 3, 4)})
+    _err(K.ss2d_scan, r'out_dtype', **s, out_dtype=torch.int32)
+    b = make_bidir(1, 2, 5, 2)
+    _err(K.bidir_scan, r'u must have shape \(\*, 2, \*, \*\)',
+         **{**b, 'u': torch.randn(1, 3, 2, 5)})
+    _err(K.bidir_scan, r'A must have shape \(2, 2, \*\)', **{**b, 'A': torch.randn(2, 2)})
+    _err(K.bidir_scan, r'D must have shape \(2, 2\)', **{**b, 'D': torch.randn(4)})
+
+
+# ------------------------------------------------------------------------------- custom ops
+
+
+class _SS2DBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.params = make_ss2d(1, 4, 5, 6, 1)
+
+    def forward(self, x, delta):
+        p = self.params
+        return K.ss2d_scan(x * 2, delta, p['A'], p['B'], p['C'], p['D'], p['delta_bias']) + 1
+
+
+def test_torch_compile_sees_one_op():
+    m = _SS2DBlock()
+    x, delta = torch.randn(1, 4, 5, 6), torch.randn(1, 4, 4, 5, 6)
+    compiled = torch.compile(m, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x, delta), m(x, delta))
+    # Training through the compiled graph uses the registered backward.
+    x.requires_grad_()
+    compiled(x, delta).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_export_shows_one_custom_op_node():
+    m = _SS2DBlock()
+    ep = torch.export.export(m, (torch.randn(1, 4, 5, 6), torch.randn(1, 4, 4, 5, 6)))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == 'call_function']
+    ours = [t for t in targets if t.startswith('mamba_perception.')]
+    assert ours == ['mamba_perception.ss2d_scan.default'], targets
+
+
+def test_ops_registered_with_fake_impls():
+    for name in ('selective_scan', 'ss2d_scan', 'bidir_scan'):
+        assert hasattr(torch.ops.mamba_perception, name)
+    args = make_bidir(1, 3, 7, 2)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = {k: (None if v is None else mode.from_tensor(v)) for k, v in args.items()}
+        out = K.bidir_scan(**fake)
+    assert out.shape == (1, 3, 7)

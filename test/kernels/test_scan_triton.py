@@ -1,0 +1,219 @@
+"""Triton forward kernels vs the reference.
+
+Without a GPU these run under the Triton interpreter on CPU tensors, in a subprocess started by
+test_scan_triton_interpreter.py (see conftest.py); with one, they run the compiled kernels on
+CUDA in-process. Shapes are small but cover several tiles and
+segments along both axes, odd lengths, N=1/16, groups, dtypes, optional inputs, reversed routes
+and non-contiguous strides.
+"""
+
+import os
+
+import mamba_perception_kernels as K
+import pytest
+from scan_inputs import make_bidir, make_selective, make_ss2d, non_contiguous, tol
+import torch
+
+if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
+    pytest.skip('no GPU: test_scan_triton_interpreter.py runs this file under the Triton '
+                'interpreter in a subprocess', allow_module_level=True)
+
+
+def _close(actual, expected, dtype):
+    rtol, atol = tol(dtype)
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol,
+                               atol=atol)
+
+
+def _on(args, device):
+    return {k: (None if v is None else v.to(device)) for k, v in args.items()}
+
+
+@pytest.mark.parametrize('batch,dim,length,groups,dstate,dtype', [
+    (1, 2, 1, 1, 1, torch.float32),
+    (1, 2, 150, 2, 16, torch.float32),     # several segments in one tile, N=16, G=2
+    (1, 4, 333, 4, 3, torch.float16),      # odd L, G=4
+    (1, 2, 2100, 1, 1, torch.bfloat16),    # several tiles (2048 steps per tile at N=1)
+])
+def test_selective_scan_fwd(triton_device, batch, dim, length, groups, dstate, dtype):
+    device, launch = triton_device
+    args = make_selective(batch, dim, length, groups, dstate, dtype=dtype)
+    ref, ref_last = K.selective_scan_ref(**args, delta_softplus=True, return_last_state=True)
+    out, last = launch.selective_scan_fwd(*_on(args, device).values(), True)
+    _close(out, ref, dtype)
+    torch.testing.assert_close(last.cpu(), ref_last, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize('opts,softplus', [
+    (dict(with_d=False, with_z=False, with_bias=False), False),
+    (dict(with_d=True, with_z=False, with_bias=True), False),
+    (dict(with_d=False, with_z=True, with_bias=False), True),
+])
+def test_selective_scan_fwd_optional_inputs(triton_device, opts, softplus):
+    device, launch = triton_device
+    args = make_selective(1, 3, 90, 1, 2, **opts)
+    ref = K.selective_scan_ref(**args, delta_softplus=softplus)
+    out, _ = launch.selective_scan_fwd(*_on(args, device).values(), softplus)
+    _close(out, ref, torch.float32)
+
+
+def test_selective_scan_fwd_non_contiguous(triton_device):
+    device, launch = triton_device
+    args = make_selective(2, 4, 70, 2, 4)
+    ref = K.selective_scan_ref(**args, delta_softplus=True)
+    nc = {k: non_contiguous(v) for k, v in _on(args, device).items()}
+    out, _ = launch.selective_scan_fwd(*nc.values(), True)
+    _close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize('batch,dim,height,width,dstate,dtype', [
+    (1, 1, 1, 1, 1, torch.float32),
+    (2, 2, 5, 7, 1, torch.float32),
+    (1, 1, 33, 70, 1, torch.bfloat16),     # 2x2 tiles: row and column routes cross tiles
+    (1, 1, 5, 40, 16, torch.float16),      # N=16: 32-wide tiles, 2 column tiles
+])
+def test_ss2d_fwd(triton_device, batch, dim, height, width, dstate, dtype):
+    device, launch = triton_device
+    args = make_ss2d(batch, dim, height, width, dstate, dtype=dtype)
+    ref = K.ss2d_scan_ref(**args)
+    out = launch.ss2d_fwd(*_on(args, device).values(), True, dtype)
+    _close(out, ref, dtype)
+
+
+def test_ss2d_fwd_each_route_alone(triton_device):
+    # Zero C on all but one route: checks each route's order and direction separately.
+    device, launch = triton_device
+    base = make_ss2d(1, 2, 6, 5, 2, with_d=False)
+    for k in range(4):
+        args = dict(base)
+        C = torch.zeros_like(base['C'])
+        C[:, k] = base['C'][:, k]
+        args['C'] = C
+        ref = K.ss2d_scan_ref(**args)
+        out = launch.ss2d_fwd(*_on(args, device).values(), True, torch.float32)
+        _close(out, ref, torch.float32)
+
+
+def test_ss2d_fwd_channels_last_non_contiguous_fp32_out(triton_device):
+    device, launch = triton_device
+    args = make_ss2d(1, 3, 7, 6, 2, dtype=torch.float16, with_bias=False)
+    ref = K.ss2d_scan_ref(**args, delta_softplus=False, out_dtype=torch.float32)
+    dev_args = _on(args, device)
+    dev_args['x'] = dev_args['x'].contiguous(memory_format=torch.channels_last)
+    dev_args['delta'] = non_contiguous(dev_args['delta'])
+    dev_args['B'] = non_contiguous(dev_args['B'])
+    out = launch.ss2d_fwd(*dev_args.values(), False, torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize('batch,dim,length,dstate,dtype,opts', [
+    (1, 2, 1, 1, torch.float32, {}),
+    (1, 2, 77, 16, torch.float32, {}),
+    (1, 1, 2100, 2, torch.bfloat16, {}),   # 2 tiles of 2048 steps at N<=4
+    (1, 2, 65, 2, torch.float16, dict(with_d=False, with_z=False, with_bias=False)),
+])
+def test_bidir_fwd(triton_device, batch, dim, length, dstate, dtype, opts):
+    device, launch = triton_device
+    args = make_bidir(batch, dim, length, dstate, dtype=dtype, **opts)
+    ref = K.bidir_scan_ref(**args)
+    out = launch.bidir_fwd(*_on(args, device).values(), True)
+    _close(out, ref, dtype)
+
+
+def test_bidir_fwd_non_contiguous(triton_device):
+    device, launch = triton_device
+    args = make_bidir(1, 3, 50, 4)
+    ref = K.bidir_scan_ref(**args)
+    nc = {k: non_contiguous(v) for k, v in _on(args, device).items()}
+    _close(launch.bidir_fwd(*nc.values(), True), ref, torch.float32)
+
+
+# ------------------------------------------------------------------ backward kernels
+
+
+def _grads_close(got, want, name):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w is None:
+            assert g is None, f'{name}: gradient {i} should be None'
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, (name, i)
+        scale = float(w.float().abs().max()) + 1e-6
+        torch.testing.assert_close(g.float().cpu(), w.float(), rtol=1e-3, atol=2e-4 * scale,
+                                   msg=lambda m, i=i: f'{name} gradient {i}: {m}')
+
+
+@pytest.mark.parametrize('length,groups,dstate,opts', [
+    (150, 2, 3, {}),                                               # z, D, bias, G=2
+    (70, 1, 16, dict(with_z=False, with_d=False, with_bias=False)),
+    (2100, 2, 1, {}),                                              # several tiles
+])
+def test_selective_scan_bwd(triton_device, length, groups, dstate, opts):
+    from mamba_perception_kernels import cpu
+
+    device, launch = triton_device
+    args = make_selective(1, 4, length, groups, dstate, **opts)
+    dout = torch.randn(1, 4, length)
+    want = cpu.selective_scan_bwd(dout, *args.values(), True)
+    got = launch.selective_scan_bwd(dout.to(device), *_on(args, device).values(), True)
+    _grads_close(got, want, 'selective_scan')
+
+
+@pytest.mark.parametrize('height,width,dstate', [(9, 13, 2), (20, 40, 1)])
+def test_ss2d_bwd(triton_device, height, width, dstate):
+    from mamba_perception_kernels import cpu
+
+    device, launch = triton_device
+    args = make_ss2d(1, 1, height, width, dstate)
+    dy = torch.randn(1, 1, height, width)
+    want = cpu.ss2d_bwd(dy, *args.values(), True)
+    dev_args = _on(args, device)
+    dev_args['delta'] = non_contiguous(dev_args['delta'])
+    got = launch.ss2d_bwd(dy.to(device), *dev_args.values(), True)
+    _grads_close(got, want, 'ss2d')
+
+
+@pytest.mark.parametrize('length,dstate', [(100, 2), (20, 16)])
+def test_bidir_bwd(triton_device, length, dstate):
+    from mamba_perception_kernels import cpu
+
+    device, launch = triton_device
+    args = make_bidir(1, 2, length, dstate)
+    dy = torch.randn(1, 2, length)
+    want = cpu.bidir_bwd(dy, *args.values(), True)
+    got = launch.bidir_bwd(dy.to(device), *_on(args, device).values(), True)
+    _grads_close(got, want, 'bidir')
+
+
+# ------------------------------------------------------------------ public ops on the GPU
+
+
+@pytest.mark.gpu
+def test_dispatch_picks_triton_on_cuda():
+    assert K.backend_name('cuda') == 'triton'
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_public_ops_on_cuda(dtype):
+    s = make_selective(2, 64, 3000, 4, 16, dtype=dtype)
+    _close(K.selective_scan(**_on(s, 'cuda'), delta_softplus=True),
+           K.selective_scan_ref(**s, delta_softplus=True), dtype)
+    m = make_ss2d(1, 8, 56, 56, 1, dtype=dtype)
+    _close(K.ss2d_scan(**_on(m, 'cuda')), K.ss2d_scan_ref(**m), dtype)
+    b = make_bidir(2, 16, 197, 16, dtype=dtype)
+    _close(K.bidir_scan(**_on(b, 'cuda')), K.bidir_scan_ref(**b), dtype)
+
+
+@pytest.mark.gpu
+def test_public_ops_backward_on_cuda():
+    args = make_ss2d(1, 4, 12, 10, 1)
+    leaves = {k: v.cuda().requires_grad_() for k, v in args.items()}
+    out = K.ss2d_scan(**leaves)
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    cpu_leaves = {k: v.requires_grad_() for k, v in args.items()}
+    want = torch.autograd.grad(K.ss2d_scan_ref(**cpu_leaves).sum(), list(cpu_leaves.values()))
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-3, atol=1e-3 * float(w.abs().max()))
