@@ -1,0 +1,391 @@
+"""VMamba v2: visual state-space model with 2-D selective scan (SS2D).
+
+Paper: "VMamba: Visual State Space Model", Liu et al., NeurIPS 2024, https://arxiv.org/abs/2401.10166
+Upstream code: https://github.com/MzeroMiko/VMamba (``classification/models/vmamba.py``; the
+mmdet/mmseg wrapper ``MM_VSSM`` in ``detection/model.py``).
+
+This is a re-implementation of the released v2 configurations only (forward type ``v05_noz``:
+no gate branch, d_state 1, patch-embed v2, downsample v3, MLP ratio 4). Parameter names and
+shapes are those of the official canonical file, so ``vssm1_tiny_0230s``, ``vssm_small_0229`` and
+``vssm_base_0229`` load strictly, and with ``backbone=True`` the model has the official
+``outnorm{i}`` keys (and no classifier) of the COCO / ADE20K backbones.
+
+Layout: the official v2 checkpoints were trained channel-first (``ln2d``, 1x1 convs); parameter
+names and shapes are identical channel-last (``ln``, ``nn.Linear``), and this file runs
+channel-last (NHWC) between the scans, where Linear and LayerNorm are plain GEMM / row kernels.
+The depthwise conv and the scan read NCHW *views* of the same memory. Feature maps handed out
+by :meth:`VSSM.forward_intermediates` are NCHW and contiguous.
+
+The cross-scan, the four selective scans and the cross-merge are one op,
+``mamba_perception_kernels.ss2d_scan`` (Triton on CUDA, chunked PyTorch on CPU). Its output is
+fp32 and goes through the fp32 out-norm before it is cast, as the official "oflex" path does
+against fp16 overflow.
+"""
+
+from collections import OrderedDict
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
+
+
+def _ss2d_scan(*args, **kwargs):
+    # Imported on first use so that building a model (e.g. to count parameters) needs no kernels.
+    from mamba_perception_kernels import ss2d_scan
+
+    return ss2d_scan(*args, **kwargs)
+
+
+class SS2D(nn.Module):
+    """2-D selective-scan mixer, forward type ``v05_noz`` (official ``SS2D`` / ``SS2Dv2``).
+
+    in_proj -> depthwise conv 3x3 -> SiLU -> 4-route selective scan (row, column, and their
+    reverses) summed back per pixel -> LayerNorm -> out_proj. Input and output are NHWC.
+    """
+
+    k_group = 4
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: Union[int, str] = 'auto',
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        self.d_model = int(d_model)
+        self.d_state = int(d_state)
+        self.d_inner = d_inner = int(ssm_ratio * d_model)
+        self.dt_rank = int(math.ceil(d_model / 16) if dt_rank == 'auto' else dt_rank)
+        k = self.k_group
+
+        self.in_proj = nn.Linear(d_model, d_inner, bias=False)
+        self.act = nn.SiLU()
+        self.conv2d = nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
+                                groups=d_inner, bias=conv_bias)
+        # One (dt_rank + 2N, d_inner) projection per route, stacked as the official file does.
+        x_proj = torch.empty(k, self.dt_rank + 2 * self.d_state, d_inner)
+        bound = 1.0 / math.sqrt(d_inner)  # nn.Linear's default init, which the official uses
+        self.x_proj_weight = nn.Parameter(x_proj.uniform_(-bound, bound))
+        dts = [mamba_dt_init(d_inner, self.dt_rank, dt_min, dt_max, dt_init_floor)
+               for _ in range(k)]
+        self.dt_projs_weight = nn.Parameter(torch.stack([w for w, _ in dts]))  # (K, Di, R)
+        self.dt_projs_bias = nn.Parameter(torch.stack([b for _, b in dts]))  # (K, Di)
+        self.A_logs = nn.Parameter(s4d_real_log(d_inner, self.d_state).repeat(k, 1))  # (K*Di, N)
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))  # (K*Di,)
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix ``x`` (B, H, W, C) -> (B, H, W, C)."""
+        k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
+        x = self.in_proj(x)  # [B, H, W, Di]
+        x = x.permute(0, 3, 1, 2)  # [B, Di, H, W] view with channels-last strides
+        x = self.act(self.conv2d(x))
+        b, _, h, w = x.shape
+        # The route projections are 1x1 per route, so they are applied in the native layout and
+        # the kernel does the routing: identical to projecting the cross-scanned sequences.
+        x_dbl = F.conv2d(x, self.x_proj_weight.reshape(k * (r + 2 * n), di, 1, 1).to(x.dtype))
+        x_dbl = x_dbl.reshape(b, k, r + 2 * n, h, w)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = F.conv2d(dts.reshape(b, k * r, h, w),
+                       self.dt_projs_weight.reshape(k * di, r, 1, 1).to(x.dtype), groups=k)
+        y = _ss2d_scan(
+            x,
+            dts.reshape(b, k, di, h, w),
+            -torch.exp(self.A_logs.float()),
+            bs.contiguous(),
+            cs.contiguous(),
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            out_dtype=torch.float32,
+        )  # [B, Di, H, W] fp32, sum of the 4 routes
+        y = self.out_norm(y.permute(0, 2, 3, 1))  # [B, H, W, Di], LayerNorm on the fp32 sum
+        return self.out_proj(y.to(x.dtype))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 over the last dimension."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP to ``x`` (..., C)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VSSBlock(nn.Module):
+    """Pre-norm block: ``x + SS2D(norm(x))`` then ``x + MLP(norm2(x))`` (NHWC)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, **ssm_kwargs):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.op = SS2D(dim, **ssm_kwargs)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to ``x`` (B, H, W, C)."""
+        # Under autocast LayerNorm returns fp32, so the residual stream stays fp32 exactly as in
+        # the official code; the branch outputs (fp16/bf16 GEMMs) are added into it.
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:
+    # NHWC in and out; indices 1 (conv) and 3 (norm) are the official key names.
+    return nn.Sequential(
+        Permute(0, 3, 1, 2),  # [B, H, W, C] -> [B, C, H, W]
+        nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),  # [B, C, H, W] -> [B, H, W, C]
+        nn.LayerNorm(out_dim),
+    )
+
+
+def _patch_embed_v2(in_chans: int, dim: int) -> nn.Sequential:
+    # Two 3x3 stride-2 convs; NCHW in, NHWC out; indices 0/2/5/7 are the official key names.
+    return nn.Sequential(
+        nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),  # -> NHWC
+        nn.LayerNorm(dim // 2),
+        Permute(0, 3, 1, 2),  # -> NCHW
+        nn.GELU(),
+        nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
+        Permute(0, 2, 3, 1),  # -> NHWC
+        nn.LayerNorm(dim),
+    )
+
+
+class VSSM(nn.Module):
+    """VMamba v2 classifier / backbone.
+
+    Args:
+        depths: blocks per stage.
+        dims: channels of stage 0 (int, doubled per stage) or of every stage.
+        ssm_d_state, ssm_ratio, ssm_dt_rank, ssm_conv, ssm_conv_bias: SS2D settings.
+        mlp_ratio: MLP hidden width / channels.
+        drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        num_classes: classifier outputs; 0 drops the ``classifier.head`` Linear.
+        backbone: dense-task layout of the official mmdet/mmseg ``MM_VSSM``: adds ``outnorm{i}``
+            (LayerNorm of each stage output) and has no ``classifier`` at all.
+        in_chans: input channels.
+    """
+
+    output_fmt = 'NHWC'  # of forward_features; forward_intermediates returns NCHW
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 8, 2),
+        dims: Union[int, Sequence[int]] = 96,
+        ssm_d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        ssm_dt_rank: Union[int, str] = 'auto',
+        ssm_conv: int = 3,
+        ssm_conv_bias: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.2,
+        num_classes: int = 1000,
+        backbone: bool = False,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if isinstance(dims, int):
+            dims = [dims * 2 ** i for i in range(len(depths))]
+        self.dims = list(dims)
+        self.depths = list(depths)
+        self.num_features = self.dims[-1]
+        self.num_classes = num_classes
+        self.backbone = backbone
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace
+
+        self.patch_embed = _patch_embed_v2(in_chans, self.dims[0])
+        self.layers = nn.ModuleList()
+        self.feature_info: List[Dict] = []
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            blocks = [
+                VSSBlock(self.dims[i], drop_path=dpr[start + j], mlp_ratio=mlp_ratio,
+                         d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
+                         d_conv=ssm_conv, conv_bias=ssm_conv_bias)
+                for j in range(depth)
+            ]
+            last = i == len(depths) - 1
+            downsample = nn.Identity() if last else _downsample_v3(self.dims[i], self.dims[i + 1])
+            self.layers.append(nn.Sequential(OrderedDict(
+                blocks=nn.Sequential(*blocks), downsample=downsample)))
+            self.feature_info.append(
+                dict(num_chs=self.dims[i], reduction=4 * 2 ** i, module=f'layers.{i}'))
+
+        if backbone:
+            for i, dim in enumerate(self.dims):
+                self.add_module(f'outnorm{i}', nn.LayerNorm(dim))
+            self.classifier = None
+        else:
+            self.classifier = nn.Sequential(OrderedDict(
+                norm=nn.LayerNorm(self.num_features),
+                permute=Permute(0, 3, 1, 2),  # [B, H, W, C] -> [B, C, H, W]
+                avgpool=nn.AdaptiveAvgPool2d(1),
+                flatten=nn.Flatten(1),
+                head=nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity(),
+            ))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Official VSSM._init_weights: it reaches nn.Linear / nn.LayerNorm modules only.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        """Parameter-name fragments excluded from weight decay (official list)."""
+        return {'A_logs', 'Ds'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) -> last stage output (B, H/32, W/32, C), NHWC, before the norm."""
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """NHWC features -> logits (or pooled, normed features with ``pre_logits``)."""
+        if self.classifier is None:
+            raise RuntimeError('this VSSM was built with backbone=True and has no classifier')
+        for name, module in self.classifier.named_children():
+            if pre_logits and name == 'head':
+                break
+            x = module(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Optional[Sequence[int]] = None
+    ) -> List[torch.Tensor]:
+        """Dense features: stage outputs (before downsampling) at strides 4, 8, 16, 32.
+
+        Args:
+            x: image (B, 3, H, W), any H and W.
+            indices: stages to return (default all four); the forward stops after the last.
+
+        Returns:
+            NCHW contiguous maps of ``feature_info[i]['num_chs']`` channels and spatial size
+            ceil(H / stride) x ceil(W / stride). With ``backbone=True`` each goes through its
+            ``outnorm{i}``, as the official mmdet/mmseg wrapper does; otherwise it is the raw
+            stage output.
+        """
+        take = list(range(len(self.layers))) if indices is None else [
+            i % len(self.layers) for i in indices]
+        outs = []
+        x = self.patch_embed(x)
+        for i, layer in enumerate(self.layers):
+            stage = layer.blocks(x)
+            if i in take:
+                out = getattr(self, f'outnorm{i}')(stage) if self.backbone else stage
+                outs.append(out.permute(0, 3, 1, 2).contiguous())  # NHWC -> NCHW
+            if i == max(take):
+                break
+            x = layer.downsample(stage)
+        return outs
+
+
+# --------------------------------------------------------------------------------------------
+# Official checkpoints
+
+_LEGACY_RENAMES = [
+    # (pattern, replacement) from the official VSSM._load_from_state_dict
+    (re.compile(r'^patch_embed\.proj\.'), 'patch_embed.0.'),
+    (re.compile(r'^patch_embed\.norm\.'), 'patch_embed.2.'),
+    (re.compile(r'^(layers\.\d+\.blocks\.\d+\.)ln_1\.'), r'\1norm.'),
+    (re.compile(r'^(layers\.\d+\.blocks\.\d+\.)self_attention\.'), r'\1op.'),
+    (re.compile(r'^norm\.'), 'classifier.norm.'),
+    (re.compile(r'^head\.'), 'classifier.head.'),
+]
+_LINEAR_KEYS = re.compile(r'\.(op\.in_proj|op\.out_proj|mlp\.fc1|mlp\.fc2)\.weight$')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
+                         model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Map an official VMamba state dict onto this file's key names.
+
+    Applies the official load-time renames (``patch_embed.proj/norm``, ``ln_1``,
+    ``self_attention``, top-level ``norm``/``head``), reshapes 1x1-conv-shaped Linear weights
+    to (out, in) as the official ``Linear2d`` does, and returns a new dict (the caller's is not
+    modified). Position embeddings are not supported (no released v2 model has one).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _LEGACY_RENAMES:
+            key = pattern.sub(repl, key)
+        if _LINEAR_KEYS.search(key) and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value.reshape(value.shape[:2])
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations (official names in the comments) and builders
+
+MODEL_CONFIGS = {
+    # vssm1_tiny_0230s_ckpt_epoch_264.pth (T[s1l8]); 30,249,064 parameters
+    'vmamba_tiny': dict(depths=(2, 2, 8, 2), dims=96, ssm_ratio=1.0, drop_path_rate=0.2),
+    # vssm_small_0229_ckpt_epoch_222.pth (S[s2l15]); 50,147,752 parameters
+    'vmamba_small': dict(depths=(2, 2, 15, 2), dims=96, ssm_ratio=2.0, drop_path_rate=0.3),
+    # vssm_base_0229_ckpt_epoch_237.pth (B[s2l15]); 88,557,800 parameters
+    'vmamba_base': dict(depths=(2, 2, 15, 2), dims=128, ssm_ratio=2.0, drop_path_rate=0.6),
+    # tiny test variant for CI: every code path, a few thousand parameters
+    'vmamba_test': dict(depths=(1, 1, 2, 1), dims=16, ssm_ratio=2.0, drop_path_rate=0.0),
+}
+
+
+def _create(name: str, **kwargs) -> VSSM:
+    args = dict(MODEL_CONFIGS[name])
+    args.update(kwargs)  # caller wins
+    return VSSM(**args)
+
+
+def vmamba_tiny(**kwargs) -> VSSM:
+    """VMamba-T[s1l8]: depths 2-2-8-2, C=96, ssm_ratio 1."""
+    return _create('vmamba_tiny', **kwargs)
+
+
+def vmamba_small(**kwargs) -> VSSM:
+    """VMamba-S[s2l15]: depths 2-2-15-2, C=96, ssm_ratio 2."""
+    return _create('vmamba_small', **kwargs)
+
+
+def vmamba_base(**kwargs) -> VSSM:
+    """VMamba-B[s2l15]: depths 2-2-15-2, C=128, ssm_ratio 2."""
+    return _create('vmamba_base', **kwargs)
+
+
+def vmamba_test(**kwargs) -> VSSM:
+    """Tiny VMamba for tests: depths 1-1-2-1, C=16."""
+    return _create('vmamba_test', **kwargs)
