@@ -29,6 +29,7 @@ CONSOLE_SCRIPTS = {
     'convert': 'mamba_perception.models.convert:main',
     'perception_node': 'mamba_perception.ros.node:main',
     'replay': 'mamba_perception.replay.cli:main',
+    'train': 'mamba_perception.train:main',
 }
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,175 @@
+"""End-to-end ``Pipeline`` latency: VMamba-T det / seg / det+seg, 720p and 1080p, 1 and 4 cameras.
+
+One question: how long does ``pipeline(frames)`` take, from host uint8 frames to host results,
+including upload, preprocessing, inference, NMS and the copy back? Timing: ``perf_counter``
+around each call (the call ends with the device-to-host copy, i.e. synchronised), after warm-up;
+the per-stage split comes from the pipeline's own CUDA-event ``StageTimes``. Peak memory is
+``torch.cuda.max_memory_allocated`` per configuration.
+
+Weights are random (``create_random_bundle`` with the official head sizes): speed does not
+depend on the values except through the number of boxes reaching NMS, which the RPN fixes at
+1000 proposals per image. Writes one JSON with provenance; configurations run in priority order
+until ``--budget-s`` is spent (the rest are listed as skipped).
+
+    python bench/pipeline_speed.py --out bench/results/pipeline_h100.json
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+TASKS = {'det': ('detection',), 'seg': ('segmentation',),
+         'detseg': ('detection', 'segmentation')}
+SIZES = {'720p': (720, 1280), '1080p': (1080, 1920)}
+
+
+def configs(quick: bool) -> list:
+    """Benchmark configurations, most important first."""
+    out = []
+    modes = ('eager', 'cuda_graphs')
+    # the target first: VMamba-T det+seg 720p batch 1
+    for prec in ('fp16', 'bf16'):
+        for mode in modes:
+            out.append(('detseg', '720p', 1, prec, mode))
+    for task in ('det', 'seg', 'detseg'):
+        for size in ('720p', '1080p'):
+            for batch in (1, 4):
+                for mode in modes:
+                    cfg = (task, size, batch, 'fp16', mode)
+                    if cfg not in out:
+                        out.append(cfg)
+    for task in ('det', 'seg'):
+        out.append((task, '720p', 1, 'bf16', 'cuda_graphs'))
+    return out[:4] if quick else out
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values), q))
+
+
+_PIPELINES: dict = {}
+
+
+def get_pipeline(bundles, task, precision, mode):
+    """One Pipeline (one model build) per task / precision / mode, reused across sizes."""
+    from mamba_perception.pipeline import Pipeline
+    key = (task, precision, mode)
+    if key not in _PIPELINES:
+        _PIPELINES[key] = Pipeline(bundles[task], device='cuda', precision=precision,
+                                   cuda_graphs=mode == 'cuda_graphs')
+    return _PIPELINES[key]
+
+
+def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup):
+    h, w = SIZES[size]
+    pipe = get_pipeline(bundles, task, precision, mode)
+    pipe._graphs.clear()  # drop graphs (and their memory pools) of earlier shapes
+    torch.cuda.empty_cache()
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        pipe(frames)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    calls = -(-frames_min // batch)
+    latency, stages, dets = [], {'preprocess_ms': [], 'inference_ms': [],
+                                 'postprocess_ms': []}, []
+    for _ in range(calls):
+        t = time.perf_counter()
+        results = pipe(frames)
+        latency.append((time.perf_counter() - t) * 1e3)
+        for k in stages:
+            stages[k].append(getattr(results[0].times, k))
+        if results[0].detections is not None:
+            dets.append(len(results[0].detections))
+    from mamba_perception.pipeline import padded_size, resized_size
+    rh, rw = resized_size(h, w, pipe.input_policy)
+    return {
+        'task': task, 'tasks': list(TASKS[task]), 'frame_size_hw': [h, w],
+        'network_input_hw': list(padded_size(rh, rw)), 'batch_cameras': batch,
+        'precision': precision, 'mode': mode, 'calls': calls, 'frames': calls * batch,
+        'latency_ms_p50': percentile(latency, 50), 'latency_ms_p99': percentile(latency, 99),
+        'latency_ms_mean': float(np.mean(latency)),
+        'per_frame_ms_p50': percentile(latency, 50) / batch,
+        'throughput_fps': 1e3 * batch / float(np.mean(latency)),
+        'stage_ms_p50': {k: percentile(v, 50) for k, v in stages.items()},
+        'peak_memory_mib': torch.cuda.max_memory_allocated() / 2 ** 20,
+        'warmup_calls': warmup, 'warmup_s': warmup_s,
+        'detections_per_frame_mean': float(np.mean(dets)) if dets else None,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--frames', type=int, default=500, help='timed frames per config')
+    parser.add_argument('--warmup', type=int, default=20, help='untimed calls per config')
+    parser.add_argument('--budget-s', type=float, default=240.0)
+    parser.add_argument('--quick', action='store_true', help='first 4 configurations only')
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    import mamba_perception_kernels as kernels
+
+    from mamba_perception.models.bundle import create_random_bundle
+    bundles = {
+        'det': create_random_bundle(backbone='vmamba_tiny', tasks=('detection',),
+                                    num_classes=80),
+        'seg': create_random_bundle(backbone='vmamba_tiny', tasks=('segmentation',),
+                                    num_classes=150),
+        'detseg': create_random_bundle(backbone='vmamba_tiny',
+                                       tasks=('detection', 'segmentation'), num_classes=80),
+    }
+    report = {
+        'question': 'End-to-end Pipeline latency (host uint8 frames in, host results out)',
+        'command': ' '.join([sys.executable, *sys.argv]),
+        'date_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'gpu': torch.cuda.get_device_name(0),
+        'versions': {'torch': torch.__version__, 'cuda': torch.version.cuda,
+                     'python': platform.python_version(),
+                     'torchvision': __import__('torchvision').__version__,
+                     'triton': getattr(__import__('triton'), '__version__', None)},
+        'scan_backend': kernels.backend_name(torch.device('cuda')),
+        'model': 'VMamba-T[s1l8] (vmamba_tiny) + FPN Mask R-CNN (RPN 1000 proposals, box head; '
+                 'mask branch not run) and/or UperNet (512 ch, 150 classes); RANDOM weights',
+        'input_policy': bundles['det'].input_policy,
+        'timing': 'perf_counter around pipeline(frames) (synchronous: ends with the host copy)'
+                  '; stage split from CUDA events; p50/p99 over the timed calls',
+        'target': 'VMamba-T det+seg 1280x720 batch 1 <= 8 ms p99',
+        'results': [], 'skipped': [], 'errors': [],
+    }
+    for cfg in configs(args.quick):
+        if time.perf_counter() - start > args.budget_s:
+            report['skipped'].append(dict(zip(('task', 'size', 'batch', 'precision', 'mode'),
+                                              cfg, strict=True)))
+            continue
+        try:
+            row = run_one(bundles, *cfg, frames_min=args.frames, warmup=args.warmup)
+            report['results'].append(row)
+            print(f"{cfg}: p50 {row['latency_ms_p50']:.2f} ms p99 {row['latency_ms_p99']:.2f} ms"
+                  f" stages {row['stage_ms_p50']} mem {row['peak_memory_mib']:.0f} MiB",
+                  flush=True)
+        except Exception as err:  # record and go on: one failing mode must not hide the rest
+            report['errors'].append({'config': list(cfg), 'error': f'{type(err).__name__}: '
+                                                                    f'{str(err)[:500]}'})
+            print(f'{cfg}: ERROR {type(err).__name__}: {err}', flush=True)
+        torch.cuda.empty_cache()
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=1)
+    report['wall_s'] = time.perf_counter() - start
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""FPN + Mask R-CNN detection head assembled from torchvision's detection components.
+
+Paper: He et al., "Mask R-CNN", ICCV 2017, https://arxiv.org/abs/1703.06870; FPN: Lin et al.,
+https://arxiv.org/abs/1612.03144. The configuration is mmdetection's ``mask-rcnn_r50_fpn``
+(https://github.com/open-mmlab/mmdetection, ``configs/_base_/models/mask-rcnn_r50_fpn.py``) that
+VMamba's COCO configs inherit through the Swin Mask R-CNN config. The parts are torchvision's
+(``FeaturePyramidNetwork``, ``AnchorGenerator``, ``RPNHead``, ``RegionProposalNetwork``,
+``RoIHeads``, ``TwoMLPHead``, ``FastRCNNPredictor``, ``MaskRCNNHeads``, ``MaskRCNNPredictor``,
+``roi_align``, ``batched_nms``); nothing here re-implements NMS, RoIAlign or anchor grids.
+
+Numerical conventions bridged so that mmdet checkpoints give mmdet's numbers
+(``mamba_perception.models.convert`` maps the keys):
+
+* **Anchors.** mmdet ``AnchorGenerator(strides=[4, 8, 16, 32, 64], ratios=[0.5, 1, 2],
+  scales=[8], center_offset=0)``: sizes 32..512, centred on ``stride * i``, ratio-major order,
+  ``h = sqrt(r)``, ``w = 1 / sqrt(r)`` like torchvision. Two differences are bridged in
+  :class:`MMDetAnchorGenerator`: torchvision rounds the base anchors to whole pixels (mmdet >= 2.0
+  does not), and torchvision infers each level's stride as ``padded_size // feature_size``,
+  which gives 61 instead of 64 for the max-pooled P6 level when ``H / 32`` is odd; we keep the
+  fixed strides.
+* **Box coder.** mmdet ``DeltaXYWHBBoxCoder`` (``target_stds`` 1,1,1,1 for the RPN and
+  0.1,0.1,0.2,0.2 for the box head, ``w = x2 - x1`` without +1, ``dw/dh`` clamped at
+  ``|log(16/1000)|``) equals torchvision's ``BoxCoder`` with weights (1,1,1,1) and
+  (10,10,5,5); no conversion needed.
+* **RoIAlign.** mmdet uses ``RoIAlign(aligned=True, sampling_ratio=0)`` (half-pixel offset,
+  adaptive sampling); torchvision's ``MultiScaleRoIAlign`` hard-codes ``aligned=False``.
+  :class:`AlignedMultiScaleRoIAlign` calls ``torchvision.ops.roi_align(aligned=True)``.
+  Level assignment is identical: mmdet ``floor(log2(sqrt(area) / 56))`` clamped to 0..3,
+  torchvision ``floor(4 + log2(sqrt(area) / 224))`` clamped to 2..5 (the epsilon sits inside
+  the log in mmdet and outside in torchvision: boxes exactly on a level boundary may differ).
+* **Class order.** mmdet's ``fc_cls`` has 81 rows with background **last**; ``fc_reg`` has
+  80 * 4 rows (no background); ``conv_logits`` has 80 rows. torchvision puts background
+  **first** in all three (81, 81 * 4, 81). The converter rotates ``fc_cls`` and prepends zero
+  rows to the other two. Class ids that leave this module are 0-based without background.
+* **Mask pasting.** mmdet pastes 28x28 masks with ``grid_sample``; torchvision's
+  ``paste_masks_in_image`` expands the box by one pixel and uses ``interpolate``: masks may
+  differ by about one pixel at the edges.
+* **Test settings.** RPN 1000 pre-NMS per level, NMS 0.7, 1000 kept; box head score 0.05,
+  per-class NMS 0.5, 100 kept (the pipeline applies its own thresholds instead).
+"""
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.ops import (
+    FeaturePyramidNetwork,
+    MultiScaleRoIAlign,
+    clip_boxes_to_image,
+    roi_align,
+)
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
+
+FEATURE_NAMES = ('0', '1', '2', '3')  # FPN levels P2..P5; torchvision adds 'pool' (P6)
+ANCHOR_STRIDES = (4, 8, 16, 32, 64)
+ANCHOR_SIZES = (32, 64, 128, 256, 512)  # mmdet: octave scale 8 x stride
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+
+
+class MMDetAnchorGenerator(AnchorGenerator):
+    """torchvision's anchor generator with mmdet's unrounded base anchors and fixed strides."""
+
+    def __init__(self, sizes: Sequence[int] = ANCHOR_SIZES,
+                 aspect_ratios: Sequence[float] = ANCHOR_RATIOS,
+                 strides: Sequence[int] = ANCHOR_STRIDES) -> None:
+        super().__init__(tuple((s,) for s in sizes), (tuple(aspect_ratios),) * len(sizes))
+        self.strides = tuple(strides)
+        # torchvision's generate_anchors rounds to whole pixels; mmdet >= 2.0 keeps fractions.
+        self.cell_anchors = [self._unrounded(s, aspect_ratios) for s in sizes]
+
+    @staticmethod
+    def _unrounded(size: int, aspect_ratios: Sequence[float]) -> torch.Tensor:
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+        h_ratios = torch.sqrt(ratios)
+        ws, hs = size / h_ratios, size * h_ratios
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2  # (A, 4), same order as torchvision
+
+    def forward(self, image_list: ImageList,
+                feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Anchors (sum_l H_l * W_l * A, 4) per image, in padded-input pixels."""
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        # float32 even under autocast: fp16 has 1 px resolution above 1024 px
+        dtype, device = torch.float32, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2
+                   for s in self.strides[:len(grid_sizes)]]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-scale RoIAlign, but with ``aligned=True`` as mmdet's RoIAlign."""
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """Pool (sum N_i, C, S, S) features for boxes given in padded-input pixels."""
+        feats = [x[name] for name in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                feats, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales, strict=True)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
+                               sampling_ratio=self.sampling_ratio, aligned=True)
+            result[idx] = pooled.to(result.dtype)
+        return result
+
+
+class MaskRCNNHead(nn.Module):
+    """FPN neck + RPN + box and mask RoI heads over four backbone maps (strides 4..32).
+
+    Args:
+        in_channels: channels of the four backbone maps, finest first.
+        num_classes: foreground classes (80 for COCO); background is added internally.
+        fpn_channels: FPN width (also of the RPN and RoI features).
+        representation_size: width of the two shared fully connected box-head layers.
+        mask_channels: width of the four mask-head convs and the mask upsampling.
+        with_mask: build the mask branch (Mask R-CNN) or not (Faster R-CNN).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int = 80,
+                 fpn_channels: int = 256, representation_size: int = 1024,
+                 mask_channels: int = 256, with_mask: bool = True,
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_post_nms_top_n_train: int = 1000,
+                 rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_test: int = 1000,
+                 box_batch_size_per_image: int = 512) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f'MaskRCNNHead needs 4 input levels, got in_channels={in_channels}')
+        self.num_classes = num_classes
+        self.with_mask = with_mask
+        self.neck = FeaturePyramidNetwork(list(in_channels), fpn_channels,
+                                          extra_blocks=LastLevelMaxPool())
+        self.rpn = RegionProposalNetwork(
+            MMDetAnchorGenerator(), RPNHead(fpn_channels, len(ANCHOR_RATIOS)),
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+            positive_fraction=0.5,
+            pre_nms_top_n=dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+            post_nms_top_n=dict(training=rpn_post_nms_top_n_train,
+                                testing=rpn_post_nms_top_n_test),
+            nms_thresh=0.7)
+        resolution = 7
+        self.roi_heads = RoIHeads(
+            AlignedMultiScaleRoIAlign(list(FEATURE_NAMES), resolution, sampling_ratio=0),
+            TwoMLPHead(fpn_channels * resolution ** 2, representation_size),
+            FastRCNNPredictor(representation_size, num_classes + 1),
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+            batch_size_per_image=box_batch_size_per_image, positive_fraction=0.25,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+            score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+            mask_roi_pool=(AlignedMultiScaleRoIAlign(list(FEATURE_NAMES), 14, sampling_ratio=0)
+                           if with_mask else None),
+            mask_head=(MaskRCNNHeads(fpn_channels, [mask_channels] * 4, 1)
+                       if with_mask else None),
+            mask_predictor=(MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1)
+                            if with_mask else None))
+
+    # -- dense part: fixed shapes for a fixed input size (CUDA-graph and compile friendly) --
+    def dense(self, features: Sequence[torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """FPN maps P2..P6 and the RPN head outputs (objectness (B,A,H,W), deltas (B,4A,H,W))."""
+        pyramid = list(self.neck(OrderedDict(zip(FEATURE_NAMES, features, strict=True))).values())
+        objectness, deltas = self.rpn.head(pyramid)
+        return pyramid, objectness, deltas
+
+    def _pyramid_dict(self, pyramid: Sequence[torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+        return OrderedDict(zip((*FEATURE_NAMES, 'pool'), pyramid, strict=True))
+
+    def proposals(self, pyramid: Sequence[torch.Tensor], objectness: list[torch.Tensor],
+                  deltas: list[torch.Tensor],
+                  image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """RPN proposals per image, (N_i, 4) xyxy in padded-input pixels (eval mode)."""
+        images = ImageList(pyramid[0], image_sizes)
+        anchors = self.rpn.anchor_generator(images, list(pyramid))
+        num_images = len(anchors)
+        per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        obj, reg = concat_box_prediction_layers(objectness, deltas)
+        # decode in float32: BoxCoder casts the anchors to the deltas' dtype
+        boxes = self.rpn.box_coder.decode(reg.float(), anchors).view(num_images, -1, 4)
+        obj = obj.float()
+        proposals, _ = self.rpn.filter_proposals(boxes, obj, image_sizes, per_level)
+        return proposals
+
+    def candidates(self, pyramid: Sequence[torch.Tensor], proposals: list[torch.Tensor],
+                   image_sizes: list[tuple[int, int]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Class-specific boxes before score threshold and NMS, per image.
+
+        Returns one ``(boxes (M, 4) xyxy padded-input px clipped to the image, scores (M,),
+        class_ids (M,) int64 0-based)`` per image, M = proposals x classes.
+        """
+        heads = self.roi_heads
+        feats = self._pyramid_dict(pyramid)
+        box_features = heads.box_head(heads.box_roi_pool(feats, proposals, image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        boxes = heads.box_coder.decode(box_regression.float(), proposals)  # (sum N, K+1, 4)
+        scores = F.softmax(class_logits.float(), -1)
+        out = []
+        counts = [p.shape[0] for p in proposals]
+        for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes,
+                                  strict=True):
+            b = clip_boxes_to_image(b, size)[:, 1:]  # drop background
+            s = s[:, 1:]
+            labels = torch.arange(self.num_classes, device=b.device).expand_as(s)
+            out.append((b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)))
+        return out
+
+    def masks(self, pyramid: Sequence[torch.Tensor], boxes: list[torch.Tensor],
+              class_ids: list[torch.Tensor],
+              image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Mask probabilities (N_i, 1, 28, 28) of the given boxes (padded-input px)."""
+        if not self.with_mask:
+            raise ValueError('this detection head was built with with_mask=False')
+        heads = self.roi_heads
+        feats = self._pyramid_dict(pyramid)
+        mask_features = heads.mask_head(heads.mask_roi_pool(feats, boxes, image_sizes))
+        logits = heads.mask_predictor(mask_features)
+        return maskrcnn_inference(logits, [c + 1 for c in class_ids])
+
+    def forward(self, features: Sequence[torch.Tensor], image_sizes: list[tuple[int, int]],
+                targets: Optional[list[dict[str, torch.Tensor]]] = None
+                ) -> dict[str, torch.Tensor]:
+        """Training losses (torchvision names) for targets in padded-input pixels.
+
+        Each target has ``boxes`` (n, 4) xyxy float, ``labels`` (n,) int64 **0-based** and, when
+        the mask branch is trained, ``masks`` (n, H, W) uint8 at padded-input size. Without
+        ``masks`` the mask branch is skipped (box-only data).
+        """
+        if targets is None:
+            raise ValueError('MaskRCNNHead.forward computes training losses and needs targets; '
+                             'use dense/proposals/candidates for inference')
+        feats = self.neck(OrderedDict(zip(FEATURE_NAMES, features, strict=True)))
+        images = ImageList(features[0], image_sizes)
+        tv_targets = [{**t, 'labels': t['labels'] + 1} for t in targets]  # background = 0
+        proposals, rpn_losses = self.rpn(images, feats, tv_targets)
+        heads = self.roi_heads
+        saved = (heads.mask_roi_pool, heads.mask_head, heads.mask_predictor)
+        if not all('masks' in t for t in targets):
+            heads.mask_roi_pool = heads.mask_head = heads.mask_predictor = None
+        try:
+            _, roi_losses = heads(feats, proposals, image_sizes, tv_targets)
+        finally:
+            heads.mask_roi_pool, heads.mask_head, heads.mask_predictor = saved
+        return {**rpn_losses, **roi_losses}

@@ -1,0 +1,410 @@
+"""Frames in, detections and class masks out: the ROS-free perception pipeline.
+
+::
+
+    pipe = Pipeline('vmamba_tiny_coco.safetensors', device='cuda', precision='fp16')
+    result = pipe(frame)                  # uint8 (H, W, 3) RGB -> FrameResult
+    results = pipe([front, left, right])  # several cameras, any sizes -> list[FrameResult]
+
+Stages (each timed: CUDA events on GPU, ``perf_counter`` on CPU):
+
+1. **preprocess** (on the device): upload, resize keeping the aspect ratio under the bundle's
+   input policy (bilinear, ``align_corners=False``, as mmcv/cv2 ``INTER_LINEAR``), normalise with
+   the bundle's mean/std, pad bottom/right with zeros to a multiple of 32.
+2. **inference** under fp16/bf16 autocast: the dense part (backbone, FPN, RPN head, UperNet;
+   fixed shapes, optionally ``torch.compile``-d and captured in a CUDA graph per input shape),
+   then the sparse part (proposals, RoI box head).
+3. **postprocess** (on the device): score threshold, per-class NMS (``batched_nms``), at most
+   ``max_detections`` boxes, mapped to source-image pixels; the stride-4 class map is argmax-ed
+   and sampled with nearest neighbour at every source pixel; then one copy to the host.
+
+Frames are batched when their padded network input has the same shape; frames of other shapes
+run as separate batches. They are never padded up to a common size, because the selective scans
+of VMamba/Vim would carry the padding into the image's features: a frame gives the same result
+alone or in any batch.
+"""
+
+import logging
+import math
+import os
+import time
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, remove_small_boxes
+
+from mamba_perception.errors import InputError, ParameterError, SetupError
+from mamba_perception.models.bundle import Bundle, load_bundle
+from mamba_perception.results import Detections, FrameResult, StageTimes
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+MIN_BOX_SIZE_PX = 1e-2  # as torchvision's RoIHeads: drop degenerate boxes before NMS
+Frame = Union[np.ndarray, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers (tested on their own)
+
+def resized_size(height_px: int, width_px: int, policy: dict) -> tuple[int, int]:
+    """Network input size (before padding) for a source frame under an input policy.
+
+    The scale is ``min(max_long / long_side, max_short / short_side)`` (mmcv's keep-ratio
+    rescale; a ``None`` limit is ignored), capped at 1 unless ``allow_upscale``; each side is
+    rounded to the nearest pixel and is at least 1.
+    """
+    long_side, short_side = max(height_px, width_px), min(height_px, width_px)
+    scale = math.inf
+    if policy.get('max_long_side_px'):
+        scale = min(scale, policy['max_long_side_px'] / long_side)
+    if policy.get('max_short_side_px'):
+        scale = min(scale, policy['max_short_side_px'] / short_side)
+    if not policy.get('allow_upscale', False):
+        scale = min(scale, 1.0)
+    if math.isinf(scale):
+        scale = 1.0
+    return max(1, int(height_px * scale + 0.5)), max(1, int(width_px * scale + 0.5))
+
+
+def padded_size(height_px: int, width_px: int, multiple: int = 32) -> tuple[int, int]:
+    """Round both sides up to a multiple of ``multiple``."""
+    return (-(-height_px // multiple) * multiple, -(-width_px // multiple) * multiple)
+
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, class_ids: torch.Tensor,
+                      score_threshold: float, nms_iou: float, max_detections: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score threshold (strictly greater), per-class NMS, then the best ``max_detections``.
+
+    Args:
+        boxes: (N, 4) xyxy. scores: (N,). class_ids: (N,) int64; NMS runs within each class.
+
+    Returns:
+        (boxes, scores, class_ids) sorted by decreasing score.
+    """
+    keep = scores > score_threshold
+    boxes, scores, class_ids = boxes[keep].float(), scores[keep].float(), class_ids[keep]
+    keep = remove_small_boxes(boxes, MIN_BOX_SIZE_PX)
+    boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+    keep = batched_nms(boxes, scores, class_ids, nms_iou)[:max_detections]
+    return boxes[keep], scores[keep], class_ids[keep]
+
+
+def validate_frame(frame: Any, index: int = 0) -> torch.Tensor:
+    """Return ``frame`` as a uint8 (H, W, 3) tensor, or raise :class:`InputError` saying why."""
+    what = f'frame {index}'
+    if isinstance(frame, np.ndarray):
+        array = frame
+    elif isinstance(frame, torch.Tensor):
+        array = None
+    else:
+        raise InputError(f'{what}: expected a numpy array or torch tensor (H, W, 3) uint8, got '
+                         f'{type(frame).__name__}')
+    shape = tuple(frame.shape)
+    if len(shape) != 3 or shape[2] != 3:
+        raise InputError(f'{what}: shape {shape}, expected (height, width, 3) RGB')
+    if shape[0] == 0 or shape[1] == 0:
+        raise InputError(f'{what}: empty frame ({shape[0]}x{shape[1]} pixels)')
+    dtype = frame.dtype
+    if dtype not in (np.uint8, torch.uint8):
+        is_float = (np.issubdtype(dtype, np.floating) if array is not None
+                    else frame.is_floating_point())
+        if is_float and bool(np.isnan(array).any() if array is not None
+                             else torch.isnan(frame).any()):
+            raise InputError(f'{what}: contains NaN (dtype {dtype}); expected uint8 RGB')
+        raise InputError(f'{what}: dtype {dtype}, expected uint8 RGB')
+    if array is not None:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+class _Timer:
+    """Stage boundaries: CUDA events on GPU (read after one sync), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == 'cuda'
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def times(self) -> StageTimes:
+        """Stage times from four marks: start, preprocessed, inferred, postprocessed."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            ms = [a.elapsed_time(b) for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+        else:
+            ms = [(b - a) * 1e3 for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+        return StageTimes(preprocess_ms=ms[0], inference_ms=ms[1], postprocess_ms=ms[2])
+
+
+class _CudaGraph:
+    """One captured dense forward for a fixed input shape (static input and outputs)."""
+
+    def __init__(self, fn, example: torch.Tensor, autocast) -> None:
+        self.static_in = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm up (lazy inits, cuDNN/Triton autotuning) off the graph
+                with autocast():
+                    fn(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with autocast():
+                self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+class Pipeline:
+    """Run a model bundle on camera frames; see the module docstring.
+
+    Args:
+        bundle: path of a bundle file, or a loaded :class:`Bundle`.
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
+        precision: ``'fp32'``, or ``'fp16'`` / ``'bf16'`` autocast.
+        score_threshold: detections with a score at or below are dropped.
+        nms_iou: IoU above which the lower-scoring box of the same class is suppressed.
+        max_detections: boxes kept per frame after NMS.
+        compile: ``torch.compile`` the dense part (first call per input shape is slow).
+        cuda_graphs: capture the dense part in a CUDA graph per input shape (CUDA only).
+    """
+
+    def __init__(self, bundle: Union[str, os.PathLike, Bundle], device: str = 'cpu',
+                 precision: str = 'fp32', score_threshold: float = 0.3, nms_iou: float = 0.5,
+                 max_detections: int = 100, compile: bool = False,
+                 cuda_graphs: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ParameterError(f'precision {precision!r} is not one of {sorted(PRECISIONS)}')
+        if not 0.0 <= score_threshold < 1.0:
+            raise ParameterError(f'score_threshold {score_threshold} is not in [0, 1)')
+        if not 0.0 < nms_iou <= 1.0:
+            raise ParameterError(f'nms_iou {nms_iou} is not in (0, 1]')
+        if int(max_detections) < 1:
+            raise ParameterError(f'max_detections {max_detections} must be >= 1')
+        self.device = torch.device(device)
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise SetupError(f'device {device!r} requested but CUDA is not available')
+        if cuda_graphs and self.device.type != 'cuda':
+            raise ParameterError('cuda_graphs=True needs a CUDA device, got '
+                                 f'device={device!r}')
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if self.bundle.random_init:
+            log.warning('Pipeline runs %s: RANDOM-INITIALISED weights, outputs are meaningless',
+                        self.bundle.name)
+        if not self.bundle.tasks:
+            raise ParameterError(f'bundle {self.bundle.name} has no detection or segmentation '
+                                 'head (a backbone-only bundle: fine-tune it with `train`)')
+        self.precision = precision
+        self.score_threshold = float(score_threshold)
+        self.nms_iou = float(nms_iou)
+        self.max_detections = int(max_detections)
+        self.model = self.bundle.build_model(self.device)
+        self.tasks: tuple = self.bundle.tasks
+        self.class_names: list = self.bundle.class_names
+        self.class_colors: np.ndarray = self.bundle.class_colors
+        self.bundle_hash: str = self.bundle.content_hash
+        policy = self.bundle.input_policy
+        self.input_policy = policy
+        self._pad = int(policy['pad_multiple_px'])
+        self._mean = torch.tensor(policy['mean'], device=self.device).view(1, 3, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(policy['std'], device=self.device).view(1, 3, 1, 1)
+        self.compile = bool(compile)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._compiled = (torch.compile(self.model.forward_dense, dynamic=False)
+                          if self.compile else None)
+        self._graphs: dict = {}
+        self._mask_index: dict = {}
+
+    # -- public API --------------------------------------------------------------------------
+    def __call__(self, frames: Union[Frame, Sequence[Frame]]
+                 ) -> Union[FrameResult, list[FrameResult]]:
+        """One frame -> :class:`FrameResult`; a list of frames -> list of results, in order."""
+        if isinstance(frames, (list, tuple)):
+            return self.run(frames)
+        return self.run([frames])[0]
+
+    def run(self, frames: Sequence[Frame]) -> list[FrameResult]:
+        """Process several frames (any sizes), batching those with equal network input shape."""
+        tensors = [validate_frame(f, i) for i, f in enumerate(frames)]
+        geometry = []
+        groups: dict = {}
+        for i, t in enumerate(tensors):
+            h, w = int(t.shape[0]), int(t.shape[1])
+            rh, rw = resized_size(h, w, self.input_policy)
+            geometry.append((h, w, rh, rw))
+            groups.setdefault(padded_size(rh, rw, self._pad), []).append(i)
+        results: list = [None] * len(tensors)
+        with torch.inference_mode():
+            for shape, indices in groups.items():
+                out = self._run_batch([tensors[i] for i in indices],
+                                      [geometry[i] for i in indices], shape)
+                for i, r in zip(indices, out, strict=True):
+                    results[i] = r
+        return results
+
+    def warmup(self, sizes: Iterable[Sequence[int]], iterations: int = 2) -> None:
+        """Run dummy frames of each size so that later calls pay no one-off costs.
+
+        ``sizes`` holds ``(height, width)`` or ``(batch, height, width)`` items; this compiles
+        and captures CUDA graphs for those shapes when enabled.
+        """
+        for size in sizes:
+            batch, h, w = (1, *size) if len(size) == 2 else tuple(size)
+            frames = [np.zeros((h, w, 3), np.uint8) for _ in range(batch)]
+            for _ in range(iterations):
+                self.run(frames)
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def __repr__(self) -> str:
+        return (f'Pipeline({self.bundle.name}, device={self.device}, precision={self.precision}, '
+                f'tasks={self.tasks}, compile={self.compile}, cuda_graphs={self.cuda_graphs})')
+
+    # -- stages ------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                              enabled=self.precision != 'fp32', cache_enabled=False)
+
+    def _preprocess(self, frames: list[torch.Tensor], geometry: list, shape: tuple
+                    ) -> torch.Tensor:
+        batch = torch.zeros((len(frames), 3, *shape), device=self.device)
+        for i, (frame, (h, w, rh, rw)) in enumerate(zip(frames, geometry, strict=True)):
+            x = frame.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
+            if (rh, rw) != (h, w):
+                x = F.interpolate(x, size=(rh, rw), mode='bilinear', align_corners=False)
+            batch[i:i + 1, :, :rh, :rw] = (x - self._mean) * self._inv_std
+        return batch
+
+    def _dense(self, x: torch.Tensor) -> dict:
+        fn = self._compiled or self.model.forward_dense
+        if self.cuda_graphs:
+            key = tuple(x.shape)
+            if key not in self._graphs:
+                self._graphs[key] = _CudaGraph(fn, x, self._autocast)
+            return self._graphs[key](x)
+        with self._autocast():
+            return fn(x)
+
+    def _run_batch(self, frames: list[torch.Tensor], geometry: list, shape: tuple
+                   ) -> list[FrameResult]:
+        timer = _Timer(self.device)
+        timer.mark()
+        x = self._preprocess(frames, geometry, shape)
+        timer.mark()
+        dense = self._dense(x)
+        candidates = None
+        if 'detection' in self.tasks:
+            with self._autocast():
+                candidates = self.model.detect(dense, [(g[2], g[3]) for g in geometry])
+        timer.mark()
+        dets = masks = None
+        if candidates is not None:
+            dets = [self._postprocess_boxes(c, g) for c, g in
+                    zip(candidates, geometry, strict=True)]
+        if 'segmentation' in self.tasks:
+            masks = self._postprocess_masks(dense['seg_logits'], geometry)
+        dets_host = [tuple(t.cpu() for t in d) for d in dets] if dets is not None else None
+        masks_host = [m.cpu() for m in masks] if masks is not None else None
+        timer.mark()
+        times = timer.times()
+        results = []
+        for i, (h, w, _, _) in enumerate(geometry):
+            detections = None
+            if dets_host is not None:
+                boxes, scores, ids = dets_host[i]
+                detections = Detections(boxes.numpy(), scores.numpy(), ids.numpy())
+            mask = masks_host[i].numpy() if masks_host is not None else None
+            results.append(FrameResult(h, w, detections, mask, StageTimes(**vars(times))))
+        return results
+
+    def _postprocess_boxes(self, candidates: tuple, geometry: tuple) -> tuple:
+        h, w, rh, rw = geometry
+        boxes, scores, ids = select_detections(*candidates, self.score_threshold, self.nms_iou,
+                                               self.max_detections)
+        scale = boxes.new_tensor([w / rw, h / rh, w / rw, h / rh])
+        boxes = boxes * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        return boxes.float(), scores.float(), ids.long()
+
+    def _postprocess_masks(self, logits: torch.Tensor, geometry: list) -> list[torch.Tensor]:
+        """Class ids (H, W) uint8 per frame: argmax at stride 4, nearest at source pixels."""
+        labels = logits.argmax(dim=1).to(torch.uint8)  # (B, H/4, W/4)
+        out = []
+        for i, g in enumerate(geometry):
+            rows, cols = self._mask_indices(g, labels.shape[-2:])
+            out.append(labels[i].index_select(0, rows).index_select(1, cols))
+        return out
+
+    def _mask_indices(self, geometry: tuple, grid: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row / column of the stride-4 grid nearest to each source pixel's centre."""
+        key = (*geometry, *grid)
+        if key not in self._mask_index:
+            h, w, rh, rw = geometry
+            stride = 4
+
+            def index(n_src: int, n_net: int, n_grid: int) -> torch.Tensor:
+                centres = (np.arange(n_src, dtype=np.float64) + 0.5) * (n_net / n_src)
+                idx = np.clip(np.floor(centres / stride), 0, n_grid - 1).astype(np.int64)
+                return torch.from_numpy(idx).to(self.device)
+
+            self._mask_index[key] = (index(h, rh, int(grid[0])), index(w, rw, int(grid[1])))
+        return self._mask_index[key]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a bundle on image files and print one JSON line per image (no ROS needed)."""
+    import argparse
+    import json
+
+    import cv2
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument('bundle', help='bundle file (.safetensors)')
+    parser.add_argument('images', nargs='+', help='image files (any format OpenCV reads)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--precision', default='fp32', choices=sorted(PRECISIONS))
+    parser.add_argument('--score-threshold', type=float, default=0.3)
+    args = parser.parse_args(argv)
+    pipe = Pipeline(args.bundle, device=args.device, precision=args.precision,
+                    score_threshold=args.score_threshold)
+    for path in args.images:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InputError(f'{path}: cannot be read as an image')
+        result = pipe(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        out = {'image': path, 'height_px': result.height_px, 'width_px': result.width_px,
+               'times': result.times.as_dict()}
+        if result.detections is not None:
+            d = result.detections
+            out['detections'] = [
+                {'class': pipe.class_names[c], 'score': round(float(s), 4),
+                 'box_xyxy_px': [round(float(v), 1) for v in b]}
+                for b, s, c in zip(d.boxes_xyxy_px, d.scores, d.class_ids, strict=True)]
+        if result.class_mask is not None:
+            ids, counts = np.unique(result.class_mask, return_counts=True)
+            out['mask_fraction'] = {pipe.class_names[i]: round(c / result.class_mask.size, 4)
+                                    for i, c in zip(ids, counts, strict=True)}
+        print(json.dumps(out))
+    return 0

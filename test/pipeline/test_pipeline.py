@@ -1,0 +1,262 @@
+"""Pipeline on CPU: geometry, batching, NMS, input validation, output types."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_perception.errors import InputError, ParameterError
+from mamba_perception.models.bundle import create_random_bundle
+from mamba_perception.pipeline import (
+    Pipeline,
+    padded_size,
+    resized_size,
+    select_detections,
+)
+from mamba_perception.results import Detections, FrameResult, StageTimes
+
+
+def random_frame(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def check_result(result, h, w, num_classes=3, max_detections=100):
+    assert isinstance(result, FrameResult)
+    assert (result.height_px, result.width_px) == (h, w)
+    d = result.detections
+    assert isinstance(d, Detections)
+    n = len(d)
+    assert n <= max_detections
+    assert d.boxes_xyxy_px.shape == (n, 4) and d.boxes_xyxy_px.dtype == np.float32
+    assert d.scores.shape == (n,) and d.scores.dtype == np.float32
+    assert d.class_ids.shape == (n,) and d.class_ids.dtype == np.int64
+    if n:
+        b = d.boxes_xyxy_px
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all()
+        assert (b[:, 3] <= h).all() and (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
+        assert (np.diff(d.scores) <= 0).all()  # sorted by decreasing score
+        assert d.class_ids.min() >= 0 and d.class_ids.max() < num_classes
+    m = result.class_mask
+    assert m.shape == (h, w) and m.dtype == np.uint8 and m.max() < num_classes
+    assert isinstance(result.times, StageTimes)
+    assert result.times.preprocess_ms > 0 and result.times.inference_ms > 0
+    assert result.times.postprocess_ms > 0 and result.times.decode_ms == 0
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+
+def test_resize_policy():
+    policy = {'max_long_side_px': 1333, 'max_short_side_px': 800, 'allow_upscale': False}
+    assert resized_size(720, 1280, policy) == (720, 1280)  # never upscaled
+    assert resized_size(1080, 1920, policy) == (750, 1333)  # long side limits
+    assert resized_size(2000, 2000, policy) == (800, 800)  # short side limits
+    assert resized_size(600, 1000, {**policy, 'allow_upscale': True}) == (800, 1333)
+    assert resized_size(3, 5, {'max_long_side_px': None, 'max_short_side_px': None}) == (3, 5)
+    assert padded_size(720, 1280) == (736, 1280)
+    assert padded_size(1, 33) == (32, 64)
+
+
+def test_select_detections_nms_per_class():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [50, 50, 60, 60],
+                          [20, 20, 20.001, 30], [70, 70, 80, 80]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95, 0.3])
+    ids = torch.tensor([0, 0, 1, 0, 0, 2])
+    b, s, c = select_detections(boxes, scores, ids, score_threshold=0.3, nms_iou=0.5,
+                                max_detections=100)
+    # box 1 overlaps box 0 (IoU 0.82, same class): suppressed; box 2 is the same box as box 0
+    # but another class: kept; box 4 is degenerate; box 5 is not above the threshold.
+    assert s.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert c.tolist() == [0, 1, 0]
+    assert torch.equal(b[1], boxes[2])
+    # A higher IoU threshold keeps the overlapping box.
+    _, s, _ = select_detections(boxes, scores, ids, 0.3, 0.9, 100)
+    assert s.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    # max_detections keeps the best ones.
+    _, s, _ = select_detections(boxes, scores, ids, 0.0, 0.5, 2)
+    assert s.tolist() == pytest.approx([0.9, 0.7])
+    # Nothing above the threshold: empty, with the right shapes.
+    b, s, c = select_detections(boxes, scores, ids, 0.99, 0.5, 10)
+    assert b.shape == (0, 4) and s.shape == (0,) and c.shape == (0,)
+
+
+# -- geometry: boxes and masks land exactly on source pixels ----------------------------------
+
+class BrightRectangleOracle(torch.nn.Module):
+    """Stands in for the network: 'detects' the bright pixels of the preprocessed input.
+
+    Its box is the pixel-edge bounding box of bright input pixels (padded-input coordinates);
+    its class map marks stride-4 cells that are mostly bright. The pipeline must map both
+    back to the rectangle drawn in the source frame.
+    """
+
+    def forward_dense(self, x):
+        bright = x[:, 0] > 1.0  # normalised 255 is about 2.2, 0 about -2.1, padding 0
+        cells = F.avg_pool2d(bright[:, None].float(), 4)[:, 0] > 0.5
+        logits = torch.stack([~cells, cells], dim=1).float()
+        return {'bright': bright, 'seg_logits': logits}
+
+    def detect(self, dense, image_sizes):
+        out = []
+        for bright in dense['bright']:
+            ys, xs = torch.nonzero(bright, as_tuple=True)
+            box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+            out.append((box[None], torch.tensor([0.9]), torch.tensor([1])))
+        return out
+
+
+def frame_with_rectangle(h, w, x1, y1, x2, y2):
+    frame = np.zeros((h, w, 3), np.uint8)
+    frame[y1:y2, x1:x2] = 255
+    return frame
+
+
+def test_boxes_and_mask_map_back_to_source_pixels_exactly():
+    bundle = create_random_bundle(
+        num_classes=2, input_policy={'max_long_side_px': 500, 'max_short_side_px': None})
+    pipe = Pipeline(bundle, score_threshold=0.5)
+    pipe.model = BrightRectangleOracle()
+    cases = [
+        # (frame size, rectangle): 1000x600 is scaled by 0.5 to 500x300 (padded 512x320);
+        # 490x290 -> 490x290 (no upscaling), padded 512x320 too: both run in one batch;
+        # 320x200 -> itself, padded 320x224: a second batch.
+        ((600, 1000), (96, 64, 304, 200)),
+        ((290, 490), (33, 17, 301, 250)),
+        ((200, 320), (0, 0, 41, 13)),
+    ]
+    frames = [frame_with_rectangle(h, w, *rect) for (h, w), rect in cases]
+    results = pipe(frames)
+    for ((h, w), (x1, y1, x2, y2)), result in zip(cases, results, strict=True):
+        assert (result.height_px, result.width_px) == (h, w)
+        np.testing.assert_array_equal(result.detections.boxes_xyxy_px, [[x1, y1, x2, y2]])
+        assert result.detections.class_ids.tolist() == [1]
+    # The stride-4 class map lands on the rectangle exactly where the geometry is cell-aligned
+    # (first case: source edges on multiples of 8 = 4 cells x scale 2).
+    expected = np.zeros((600, 1000), np.uint8)
+    expected[64:200, 96:304] = 1
+    np.testing.assert_array_equal(results[0].class_mask, expected)
+    # Elsewhere it is within half a cell (2 px at scale 1) of the rectangle.
+    mask = results[1].class_mask
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.min() - 33) <= 2 and abs(xs.max() + 1 - 301) <= 2
+    assert abs(ys.min() - 17) <= 2 and abs(ys.max() + 1 - 250) <= 2
+
+
+# -- the real (random) network --------------------------------------------------------------
+
+def test_single_frame_outputs(pipeline):
+    result = pipeline(random_frame(120, 200))
+    check_result(result, 120, 200)
+    assert pipeline.tasks == ('detection', 'segmentation')
+    assert pipeline.class_names == ['class_0', 'class_1', 'class_2']
+    assert pipeline.class_colors.shape == (3, 3) and pipeline.class_colors.dtype == np.uint8
+    assert pipeline.bundle_hash.startswith('sha256:')
+    assert pipeline.device == torch.device('cpu') and pipeline.precision == 'fp32'
+
+
+def test_torch_and_noncontiguous_inputs(pipeline):
+    frame = random_frame(64, 96, seed=1)
+    a = pipeline(frame)
+    b = pipeline(torch.from_numpy(frame))
+    c = pipeline(np.ascontiguousarray(frame[..., ::-1])[..., ::-1])  # negative strides
+    for other in (b, c):
+        np.testing.assert_allclose(a.detections.boxes_xyxy_px, other.detections.boxes_xyxy_px)
+        np.testing.assert_array_equal(a.class_mask, other.class_mask)
+
+
+def test_batch_of_different_sizes_equals_one_by_one(pipeline):
+    sizes = [(96, 160), (100, 150), (96, 160), (300, 400)]  # last is resized to 192x256
+    frames = [random_frame(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    batched = pipeline(frames)
+    assert isinstance(batched, list) and len(batched) == len(frames)
+    for frame, (h, w), result in zip(frames, sizes, batched, strict=True):
+        check_result(result, h, w)
+        alone = pipeline(frame)
+        np.testing.assert_allclose(result.detections.scores, alone.detections.scores,
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result.detections.boxes_xyxy_px,
+                                   alone.detections.boxes_xyxy_px, rtol=1e-4, atol=1e-2)
+        assert (result.class_mask == alone.class_mask).mean() > 0.999
+
+
+def test_thresholds_are_applied():
+    from mamba_perception.pipeline import Pipeline as P
+    bundle = create_random_bundle(num_classes=3)
+    frame = random_frame(96, 128, seed=5)
+    loose = P(bundle, score_threshold=0.0, max_detections=7)(frame)
+    assert len(loose.detections) == 7
+    strict = P(bundle, score_threshold=0.34)(frame)
+    assert (strict.detections.scores > 0.34).all()
+
+
+@pytest.mark.parametrize('tasks', [('detection',), ('segmentation',)])
+def test_single_task_bundles(tasks):
+    pipe = Pipeline(create_random_bundle(tasks=tasks, num_classes=4), score_threshold=0.0)
+    result = pipe(random_frame(64, 64))
+    assert pipe.tasks == tasks
+    assert (result.detections is None) == ('detection' not in tasks)
+    assert (result.class_mask is None) == ('segmentation' not in tasks)
+
+
+def test_bf16_autocast_on_cpu(pipeline, bundle_path):
+    pipe = Pipeline(bundle_path, precision='bf16', score_threshold=0.0)
+    result = pipe(random_frame(64, 96))
+    check_result(result, 64, 96)
+    assert pipe.precision == 'bf16'
+
+
+def test_warmup_accepts_sizes(pipeline):
+    pipeline.warmup([(64, 64), (2, 64, 96)], iterations=1)
+
+
+@pytest.mark.parametrize('frame, message', [
+    (np.zeros((64, 64, 3), np.float32), 'frame 0: dtype float32, expected uint8'),
+    (np.full((8, 8, 3), np.nan, np.float32), 'frame 0: contains NaN'),
+    (np.zeros((64, 64), np.uint8), r'frame 0: shape \(64, 64\), expected \(height, width, 3\)'),
+    (np.zeros((64, 64, 4), np.uint8), r'shape \(64, 64, 4\)'),
+    (np.zeros((0, 0, 3), np.uint8), r'frame 0: empty frame \(0x0 pixels\)'),
+    (torch.zeros(3, 64, 64, dtype=torch.uint8), r'shape \(3, 64, 64\)'),
+    ([[1, 2, 3]], 'expected a numpy array or torch tensor'),
+])
+def test_invalid_frames_raise_input_error(pipeline, frame, message):
+    with pytest.raises(InputError, match=message):
+        pipeline(frame)
+
+
+def test_invalid_frame_in_a_batch_is_named(pipeline):
+    with pytest.raises(InputError, match='frame 1: empty frame'):
+        pipeline([random_frame(32, 32), np.zeros((0, 5, 3), np.uint8)])
+    assert issubclass(InputError, ValueError)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'precision': 'fp8'}, 'precision'),
+    ({'score_threshold': 1.5}, 'score_threshold'),
+    ({'nms_iou': 0.0}, 'nms_iou'),
+    ({'max_detections': 0}, 'max_detections'),
+    ({'cuda_graphs': True}, 'cuda_graphs=True needs a CUDA device'),
+])
+def test_invalid_parameters(bundle_path, kwargs, message):
+    with pytest.raises(ParameterError, match=message):
+        Pipeline(bundle_path, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_cuda_matches_cpu_and_graphs(bundle_path, precision):
+    cpu = Pipeline(bundle_path, score_threshold=0.0)
+    gpu = Pipeline(bundle_path, device='cuda', precision=precision, score_threshold=0.0)
+    graphs = Pipeline(bundle_path, device='cuda', precision=precision, score_threshold=0.0,
+                      cuda_graphs=True)
+    frame = random_frame(96, 128)
+    a, b, c = cpu(frame), gpu(frame), graphs(frame)
+    check_result(b, 96, 128)
+    assert (a.class_mask == b.class_mask).mean() > 0.95
+    np.testing.assert_allclose(b.detections.scores, c.detections.scores, atol=1e-3)
+
+
+def test_vim_backbone_pipeline():
+    pipe = Pipeline(create_random_bundle(backbone='vim_test', num_classes=3), score_threshold=0.0)
+    results = pipe([random_frame(96, 128), random_frame(70, 50, seed=2)])
+    check_result(results[0], 96, 128)
+    check_result(results[1], 70, 50)
