@@ -1,0 +1,224 @@
+"""Node overhead beyond the Pipeline, and stamp-to-publish latency with 1, 2 and 4 cameras.
+
+Two parts, each writing JSON (``--out``):
+
+* ``overhead``: per frame, the node's own work for 1280x720 and 1920x1080 frames — raw bgr8
+  to RGB (``image_to_rgb``, a zero-copy view) plus the host->device upload the pipeline then
+  does, JPEG decode on the CPU (OpenCV) and on the GPU (nvJPEG through torchvision), and, where
+  the ROS message packages are installed, building the output messages (Detection2DArray of
+  20 boxes, mono8 mask). Wall-clock medians of ``--repeats`` runs (``perf_counter``, CUDA
+  synchronised). DDS transport is not in it.
+* ``latency``: the node's data path without DDS — one feeder thread per camera stamps frames at
+  ``--rate-hz`` into the node's one-slot buffers (:class:`LatestFrames`), the node's worker
+  (:class:`InferenceWorker`) decodes, batches and runs the Pipeline, then builds the outputs;
+  latency = publish time - stamp. p50/p99 per camera count, with frames dropped.
+
+Run: ``python bench/node_latency.py --device cuda --precision fp16 --backbone vmamba_tiny``.
+"""
+
+# ruff: noqa: B023  (each closure runs inside the loop iteration that defines it)
+import argparse
+import json
+import platform
+import threading
+import time
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import torch
+
+from mamba_perception.models.bundle import create_random_bundle
+from mamba_perception.pipeline import Pipeline
+from mamba_perception.results import Detections, FrameResult
+from mamba_perception.ros import conversions
+from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
+
+SIZES = {'1280x720': (720, 1280), '1920x1080': (1080, 1920)}
+
+
+def fake_frame(height, width, seed=0):
+    """Return a textured frame (JPEG size like a real scene): smoothed noise."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 255, (height // 8, width // 8, 3), np.uint8)
+    img = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+    return img
+
+
+def raw_msg(bgr, stamp_ns=0):
+    """Return an object with sensor_msgs/Image fields (the decoders read fields only)."""
+    return SimpleNamespace(height=bgr.shape[0], width=bgr.shape[1], encoding='bgr8',
+                           step=bgr.shape[1] * 3, data=bgr.tobytes(), stamp_ns=stamp_ns)
+
+
+def timed(fn, repeats, sync):
+    out = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return {'p50_ms': float(np.percentile(out, 50)), 'p99_ms': float(np.percentile(out, 99)),
+            'repeats': repeats}
+
+
+def overhead(args):
+    cuda = args.device.startswith('cuda')
+    results = {}
+    for name, (h, w) in SIZES.items():
+        bgr = fake_frame(h, w)
+        msg = raw_msg(bgr)
+        jpeg = SimpleNamespace(format='bgr8; jpeg compressed bgr8',
+                               data=cv2.imencode('.jpg', bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+                               .tobytes())
+        entry = {'jpeg_bytes': len(jpeg.data)}
+        entry['raw_to_rgb_view'] = timed(lambda: conversions.image_to_rgb(msg), args.repeats,
+                                         False)
+        if cuda:
+            def raw_upload():
+                rgb = conversions.image_to_rgb(msg)
+                torch.from_numpy(np.ascontiguousarray(rgb)).to(args.device, non_blocking=False)
+            entry['raw_to_rgb_plus_upload'] = timed(raw_upload, args.repeats, True)
+            entry['raw_to_device_rgb_node_path'] = timed(
+                lambda: conversions.image_to_device_rgb(msg, args.device), args.repeats, True)
+            entry['raw_upload_of_contiguous_bgr_baseline'] = timed(
+                lambda: torch.from_numpy(bgr).to(args.device), args.repeats, True)
+        entry['jpeg_decode_cpu'] = timed(lambda: conversions.compressed_to_rgb(jpeg),
+                                         args.repeats, False)
+        if cuda and conversions.gpu_jpeg_available():
+            entry['jpeg_decode_gpu'] = timed(
+                lambda: conversions.compressed_to_rgb(jpeg, decoder='gpu', device=args.device),
+                args.repeats, True)
+        try:
+            from std_msgs.msg import Header
+            boxes = np.tile(np.array([[10, 20, 200, 300]], np.float32), (20, 1))
+            result = FrameResult(h, w, Detections(boxes, np.full(20, 0.5, np.float32),
+                                                  np.zeros(20, np.int64)),
+                                 np.zeros((h, w), np.uint8))
+
+            def build():
+                conversions.detections_to_msg(result, Header())
+                conversions.mask_to_image(result.class_mask, Header())
+            entry['build_output_msgs'] = timed(build, args.repeats, False)
+        except ImportError:
+            entry['build_output_msgs'] = 'not measured: ROS message packages not installed here'
+        results[name] = entry
+    return results
+
+
+def latency(args, pipeline):
+    size = SIZES[args.latency_size]
+    out = {}
+    for cameras in (1, 2, 4):
+        names = [f'cam{i}' for i in range(cameras)]
+        frames = LatestFrames(names)
+        bgr = [fake_frame(*size, seed=i) for i in range(cameras)]
+        lat_ms = {n: [] for n in names}
+        stage = {'decode_ms': [], 'pipeline_ms': [], 'build_ms': []}
+
+        def process(taken):
+            t0 = time.perf_counter()
+            keys = list(taken)
+            rgb = [conversions.image_to_device_rgb(taken[k], args.device)
+                   if args.device.startswith('cuda') else conversions.image_to_rgb(taken[k])
+                   for k in keys]
+            t1 = time.perf_counter()
+            results = pipeline.run(rgb)
+            t2 = time.perf_counter()
+            for k, r in zip(keys, results, strict=True):
+                conversions.check_result(r)
+                try:
+                    from std_msgs.msg import Header
+                    conversions.detections_to_msg(r, Header())
+                    conversions.mask_to_image(r.class_mask, Header())
+                except ImportError:
+                    pass
+                lat_ms[k].append((time.time_ns() - taken[k].stamp_ns) / 1e6)
+            t3 = time.perf_counter()
+            stage['decode_ms'].append((t1 - t0) * 1e3)
+            stage['pipeline_ms'].append((t2 - t1) * 1e3)
+            stage['build_ms'].append((t3 - t2) * 1e3)
+
+        worker = InferenceWorker(frames, process)
+        worker.start()
+        stop = threading.Event()
+        sent = {n: 0 for n in names}
+
+        def feed(name, image):
+            period = 1.0 / args.rate_hz
+            next_t = time.perf_counter()
+            while not stop.is_set():
+                frames.put(name, raw_msg(image, time.time_ns()))
+                sent[name] += 1
+                next_t += period
+                time.sleep(max(0.0, next_t - time.perf_counter()))
+
+        feeders = [threading.Thread(target=feed, args=(n, b), daemon=True)
+                   for n, b in zip(names, bgr, strict=True)]
+        for f in feeders:
+            f.start()
+        time.sleep(args.seconds)
+        stop.set()
+        for f in feeders:
+            f.join()
+        time.sleep(0.5)
+        worker.stop()
+        all_lat = np.concatenate([np.asarray(v) for v in lat_ms.values()])
+        out[f'{cameras}_cameras'] = {
+            'frames_sent': int(sum(sent.values())),
+            'frames_published': int(all_lat.size),
+            'frames_dropped': int(sum(frames.dropped.values())),
+            'stamp_to_publish_p50_ms': float(np.percentile(all_lat, 50)),
+            'stamp_to_publish_p99_ms': float(np.percentile(all_lat, 99)),
+            'batches': worker.batches,
+            **{f'{k}_p50': float(np.percentile(v, 50)) for k, v in stage.items() if v},
+        }
+        print(cameras, 'cameras', json.dumps(out[f'{cameras}_cameras']), flush=True)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--precision', default='fp16')
+    parser.add_argument('--backbone', default='vmamba_tiny')
+    parser.add_argument('--cuda-graphs', action='store_true')
+    parser.add_argument('--repeats', type=int, default=50)
+    parser.add_argument('--rate-hz', type=float, default=30.0)
+    parser.add_argument('--seconds', type=float, default=8.0)
+    parser.add_argument('--latency-size', default='1280x720', choices=sorted(SIZES))
+    parser.add_argument('--skip-latency', action='store_true')
+    parser.add_argument('--out', required=True)
+    args = parser.parse_args()
+    report = {
+        'benchmark': 'node_latency',
+        'provenance': {'host': platform.node(), 'python': platform.python_version(),
+                       'torch': torch.__version__,
+                       'device_name': (torch.cuda.get_device_name(0)
+                                       if torch.cuda.is_available() else platform.processor()),
+                       'args': vars(args), 'timing': 'perf_counter wall clock, CUDA synced',
+                       'frames': 'synthetic textured frames (smoothed noise)',
+                       'dds': 'not included (no rclpy on this machine or measured separately)'},
+    }
+    report['overhead_per_frame'] = overhead(args)
+    print(json.dumps(report['overhead_per_frame'], indent=1), flush=True)
+    if not args.skip_latency:
+        bundle = create_random_bundle(backbone=args.backbone,
+                                      tasks=('detection', 'segmentation'), num_classes=80)
+        pipeline = Pipeline(bundle, device=args.device, precision=args.precision,
+                            cuda_graphs=args.cuda_graphs)
+        h, w = SIZES[args.latency_size]
+        t = time.perf_counter()
+        pipeline.warmup([(1, h, w), (2, h, w), (4, h, w)], iterations=3)
+        report['warmup_s'] = time.perf_counter() - t
+        report['model'] = repr(pipeline)
+        report['latency'] = latency(args, pipeline)
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,118 @@
+"""Lifecycle transitions, the enabled switch, and parameter rejection (real processes)."""
+
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+import pytest
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from ros_node_helpers import Collector, image_msg, node_args, publish_until, spin_for
+from sensor_msgs.msg import Image
+from vision_msgs.msg import Detection2DArray
+
+from mamba_perception.ros import qos
+
+pytestmark = pytest.mark.ros
+NODE = '/mamba_perception'
+
+
+def call(ros_node, client, request, timeout_s=60.0):
+    ros_node.spin_until(lambda: client.service_is_ready(), 60.0, f'service {client.srv_name}')
+    future = client.call_async(request)
+    ros_node.spin_until(future.done, timeout_s, f'a reply from {client.srv_name}')
+    return future.result()
+
+
+def test_lifecycle_enabled_and_parameters(start_node, ros_node, tiny_bundle, video_frames_bgr):
+    bad_start = start_node('perception_node', *node_args(
+        tiny_bundle, '-r', '__ns:=/bad', '-p', 'precision:=int4'))
+    missing = start_node('perception_node', *node_args(
+        '/no/such/bundle.safetensors', '-r', '__ns:=/missing'))
+    node = start_node('perception_node', *node_args(tiny_bundle, '-p', 'autostart:=false',
+                                                    '-p', 'cameras:=[cam]'))
+    change = ros_node.create_client(ChangeState, f'{NODE}/change_state')
+    get_state = ros_node.create_client(GetState, f'{NODE}/get_state')
+    set_params = ros_node.create_client(SetParameters, f'{NODE}/set_parameters')
+    detections = Collector(ros_node, Detection2DArray, '/cam/detections')
+    pub = ros_node.create_publisher(Image, '/cam/image', qos.input_qos('reliable'))
+    stamp_counter = [0]
+
+    def frame():
+        stamp_counter[0] += 1
+        return image_msg(video_frames_bgr[stamp_counter[0] % 20],
+                         ros_node.get_clock().now().to_msg(), 'cam_optical')
+
+    def state():
+        return call(ros_node, get_state, GetState.Request()).current_state.id
+
+    def transition(transition_id):
+        return call(ros_node, change, ChangeState.Request(
+            transition=Transition(id=transition_id))).success
+
+    def set_param(name, value):
+        if isinstance(value, bool):
+            pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
+        elif isinstance(value, float):
+            pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+        else:
+            pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+        reply = call(ros_node, set_params, SetParameters.Request(
+            parameters=[Parameter(name=name, value=pv)]))
+        return reply.results[0]
+
+    def outputs_flow(timeout_s=30.0):
+        n = len(detections)
+        publish_until(ros_node, pub, frame, lambda: len(detections) >= n + 2, timeout_s,
+                      'detections')
+
+    def no_outputs(seconds=1.5):
+        n = len(detections)
+        for _ in range(int(seconds / 0.1)):
+            pub.publish(frame())
+            spin_for(ros_node, 0.1)
+        spin_for(ros_node, 0.5)
+        assert len(detections) == n, 'outputs while they should be off'
+
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED  # autostart false: waits for a manager
+    assert transition(Transition.TRANSITION_CONFIGURE)
+    assert state() == State.PRIMARY_STATE_INACTIVE
+    no_outputs(1.0)
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    assert state() == State.PRIMARY_STATE_ACTIVE
+    outputs_flow()
+
+    # enabled flips at runtime
+    assert set_param('enabled', False).successful
+    spin_for(ros_node, 0.5)
+    no_outputs()
+    assert set_param('enabled', True).successful
+    outputs_flow()
+
+    # bad values are rejected with the reason; good ones accepted
+    for name, value, words in (('score_threshold', 1.5, 'score_threshold'),
+                               ('device', 'tpu', 'unknown device'),
+                               ('precision', 'int4', 'precision'),
+                               ('bundle_path', '/no/such.safetensors', 'does not exist')):
+        result = set_param(name, value)
+        assert not result.successful, name
+        assert words in result.reason, result.reason
+    assert set_param('score_threshold', 0.05).successful
+    outputs_flow()
+
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    assert state() == State.PRIMARY_STATE_INACTIVE
+    no_outputs()
+    assert transition(Transition.TRANSITION_CLEANUP)
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED
+    assert transition(Transition.TRANSITION_CONFIGURE)
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    outputs_flow()
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    assert transition(Transition.TRANSITION_CLEANUP)
+    assert transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
+    assert state() == State.PRIMARY_STATE_FINALIZED
+    assert node.stop() == 0, node.output()
+
+    for proc, words in ((bad_start, 'precision'), (missing, 'does not exist')):
+        proc.proc.wait(60)
+        assert proc.proc.returncode not in (0, None), proc.output()
+        assert words in proc.output(), proc.output()
