@@ -31,3 +31,20 @@ class ParameterError(MambaPerceptionError, ValueError):
 
 class SetupError(MambaPerceptionError):
     """The environment lacks something the package needs (a library, a device)."""
+
+
+class NonFiniteOutputError(MambaPerceptionError):
+    """The model output NaN or Inf for one or more frames (broken weights, fp16 overflow).
+
+    Left unchecked, the argmax and the score threshold would turn such output into an all-zero
+    mask and no boxes, which look like an empty scene. ``bad_frames`` maps the index of each bad
+    frame in the call to the names of its non-finite outputs (``'detection scores'``,
+    ``'detection boxes'``, ``'segmentation logits'``); ``results`` holds the call's results in
+    order, ``None`` at those indices, so the other frames of a batch are not lost.
+    """
+
+    def __init__(self, message: str, bad_frames: 'dict | None' = None,
+                 results: 'list | None' = None) -> None:
+        super().__init__(message)
+        self.bad_frames = dict(bad_frames or {})
+        self.results = list(results or [])

@@ -18,6 +18,13 @@ Stages (each timed: CUDA events on GPU, ``perf_counter`` on CPU):
    ``max_detections`` boxes, mapped to source-image pixels; the stride-4 class map is argmax-ed
    and sampled with nearest neighbour at every source pixel; then one copy to the host.
 
+Non-finite model output (NaN/Inf: broken weights, fp16 overflow) would otherwise come out as an
+all-zero mask and no boxes, like an empty scene. Each frame's outputs are checked on the device
+and the flags come back with the results; a call with bad frames raises
+:class:`~mamba_perception.errors.NonFiniteOutputError` naming them, which carries the other
+frames' results (``exc.results``, ``None`` at the bad frames): one bad camera does not cost the
+others their frame.
+
 Frames are batched when their padded network input has the same shape; frames of other shapes
 run as separate batches. They are never padded up to a common size, because the selective scans
 of VMamba/Vim would carry the padding into the image's features: a frame gives the same result
@@ -35,7 +42,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, remove_small_boxes
 
-from mamba_perception.errors import InputError, ParameterError, SetupError
+from mamba_perception.errors import (
+    InputError,
+    NonFiniteOutputError,
+    ParameterError,
+    SetupError,
+)
 from mamba_perception.models.bundle import Bundle, load_bundle
 from mamba_perception.results import Detections, FrameResult, StageTimes
 
@@ -238,13 +250,25 @@ class Pipeline:
     # -- public API --------------------------------------------------------------------------
     def __call__(self, frames: Union[Frame, Sequence[Frame]]
                  ) -> Union[FrameResult, list[FrameResult]]:
-        """One frame -> :class:`FrameResult`; a list of frames -> list of results, in order."""
+        """One frame -> :class:`FrameResult`; a list of frames -> list of results, in order.
+
+        Raises:
+            InputError: a frame is not a uint8 (H, W, 3) image.
+            NonFiniteOutputError: the model output NaN/Inf for some frames (see :meth:`run`).
+        """
         if isinstance(frames, (list, tuple)):
             return self.run(frames)
         return self.run([frames])[0]
 
     def run(self, frames: Sequence[Frame]) -> list[FrameResult]:
-        """Process several frames (any sizes), batching those with equal network input shape."""
+        """Process several frames (any sizes), batching those with equal network input shape.
+
+        A frame whose model output is not finite fails alone: every frame is processed, then
+        :class:`NonFiniteOutputError` is raised naming each bad frame (its index in ``frames``)
+        and output; its ``results`` holds the results of the good frames (``None`` at the bad
+        ones). A frame's result does not depend on its batch, so the good ones are exactly what
+        they would be alone.
+        """
         tensors = [validate_frame(f, i) for i, f in enumerate(frames)]
         geometry = []
         groups: dict = {}
@@ -254,12 +278,24 @@ class Pipeline:
             geometry.append((h, w, rh, rw))
             groups.setdefault(padded_size(rh, rw, self._pad), []).append(i)
         results: list = [None] * len(tensors)
+        bad: dict = {}  # frame index -> names of its non-finite outputs
         with torch.inference_mode():
             for shape, indices in groups.items():
-                out = self._run_batch([tensors[i] for i in indices],
-                                      [geometry[i] for i in indices], shape)
+                out, bad_in_batch = self._run_batch([tensors[i] for i in indices],
+                                                    [geometry[i] for i in indices], shape)
                 for i, r in zip(indices, out, strict=True):
                     results[i] = r
+                for j, names in bad_in_batch.items():
+                    bad[indices[j]] = names
+        if bad:
+            frames_text = '; '.join(f'frame {i} ({", ".join(names)})'
+                                    for i, names in sorted(bad.items()))
+            others = ("; the other frames' results are in the error's .results"
+                      if len(bad) < len(tensors) else '')
+            raise NonFiniteOutputError(
+                f'model output contains NaN or Inf for {len(bad)} of {len(tensors)} frame(s): '
+                f'{frames_text}. Broken weights or fp16 overflow? Those frames have no '
+                f'result{others}', bad_frames=bad, results=results)
         return results
 
     def warmup(self, sizes: Iterable[Sequence[int]], iterations: int = 2) -> None:
@@ -305,8 +341,36 @@ class Pipeline:
         with self._autocast():
             return fn(x)
 
+    def _finite_flags(self, dense: dict, candidates: Optional[list], batch: int
+                      ) -> tuple[tuple[str, ...], torch.Tensor]:
+        """Names of the model outputs and a (outputs, batch) bool tensor: all finite per frame.
+
+        Only queues device work (no synchronisation): one ``isfinite().all()`` reduction per
+        output tensor. Detection is judged on the RPN objectness and box deltas (computed from
+        every pyramid level, so NaN anywhere in the backbone/FPN shows there; absent from models
+        without an RPN) and on the RoI head's candidate scores and boxes before the threshold,
+        which would silently drop NaN scores.
+        """
+        def per_frame(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.isfinite(t).flatten(1).all(1) for t in tensors]
+
+        def per_candidates(which: int) -> torch.Tensor:
+            return torch.stack([torch.isfinite(c[which]).all() for c in candidates])
+
+        names, flags = [], []
+        if candidates is not None:
+            names += ['detection scores', 'detection boxes']
+            for rpn, which in (('objectness', 1), ('deltas', 0)):
+                checks = [*per_frame(dense.get(rpn, ())), per_candidates(which)]
+                flags.append(torch.stack(checks).all(0))
+        if 'segmentation' in self.tasks:
+            names.append('segmentation logits')
+            flags.append(per_frame([dense['seg_logits']])[0])
+        return tuple(names), torch.stack(flags).reshape(len(names), batch)
+
     def _run_batch(self, frames: list[torch.Tensor], geometry: list, shape: tuple
-                   ) -> list[FrameResult]:
+                   ) -> tuple[list[Optional[FrameResult]], dict]:
+        """Results of one batch (``None`` for a non-finite frame) and {index: bad outputs}."""
         timer = _Timer(self.device)
         timer.mark()
         x = self._preprocess(frames, geometry, shape)
@@ -323,19 +387,33 @@ class Pipeline:
                     zip(candidates, geometry, strict=True)]
         if 'segmentation' in self.tasks:
             masks = self._postprocess_masks(dense['seg_logits'], geometry)
+        output_names, finite = self._finite_flags(dense, candidates, len(geometry))
+        # The finiteness flags are computed on the device and read here, with the results'
+        # copy to the host, after all the postprocess work is queued: that copy synchronises
+        # anyway, so the check adds a few tiny kernels and a few bytes, not a wait.
+        # Reading them right after the forward (``bool(...)``) would stall the host before the
+        # postprocess is queued. A bad frame's postprocess runs on garbage (harmless: argmax and
+        # the threshold take NaN) and its result is dropped.
+        finite_host = finite.cpu()
         dets_host = [tuple(t.cpu() for t in d) for d in dets] if dets is not None else None
         masks_host = [m.cpu() for m in masks] if masks is not None else None
         timer.mark()
         times = timer.times()
-        results = []
+        results: list = []
+        bad = {}
         for i, (h, w, _, _) in enumerate(geometry):
+            if not bool(finite_host[:, i].all()):
+                bad[i] = [n for n, ok in zip(output_names, finite_host[:, i].tolist(),
+                                             strict=True) if not ok]
+                results.append(None)
+                continue
             detections = None
             if dets_host is not None:
                 boxes, scores, ids = dets_host[i]
                 detections = Detections(boxes.numpy(), scores.numpy(), ids.numpy())
             mask = masks_host[i].numpy() if masks_host is not None else None
             results.append(FrameResult(h, w, detections, mask, StageTimes(**vars(times))))
-        return results
+        return results, bad
 
     def _postprocess_boxes(self, candidates: tuple, geometry: tuple) -> tuple:
         h, w, rh, rw = geometry

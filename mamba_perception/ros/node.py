@@ -39,7 +39,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
-from mamba_perception.errors import InputError, MambaPerceptionError
+from mamba_perception.errors import InputError, MambaPerceptionError, NonFiniteOutputError
 from mamba_perception.ros import conversions, params, qos
 from mamba_perception.ros.diagnostics import OK, Budgets, CameraHealth
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
@@ -62,10 +62,11 @@ def _transition(method):
 
 
 def _check_model_output_finite(pipeline) -> None:
-    """Raise :class:`InputError` when the dense model outputs NaN/Inf on a neutral frame.
+    """Raise :class:`NonFiniteOutputError` when the dense model outputs NaN/Inf on a neutral frame.
 
-    The pipeline's argmax and score threshold turn NaN logits into an all-zero mask and no
-    boxes, indistinguishable from a quiet scene, so broken weights are caught here, at configure.
+    Broken weights (NaN/Inf everywhere) fail configure here, with every dense output checked;
+    a model that goes non-finite only on some frames (fp16 overflow) is caught per frame by the
+    Pipeline and those frames are skipped (see ``_process``).
     """
     import torch
     pad = int(pipeline.input_policy.get('pad_multiple_px', 32))
@@ -82,8 +83,8 @@ def _check_model_output_finite(pipeline) -> None:
             stack.extend(item.values())
         elif isinstance(item, torch.Tensor) and item.is_floating_point():
             if not bool(torch.isfinite(item).all()):
-                raise InputError('the model outputs NaN or Inf on a blank frame: the bundle '
-                                 'weights are broken (NaN/Inf weights?)')
+                raise NonFiniteOutputError('the model outputs NaN or Inf on a blank frame: the '
+                                           'bundle weights are broken (NaN/Inf weights?)')
 
 
 class PerceptionNode(LifecycleNode):
@@ -355,6 +356,8 @@ class PerceptionNode(LifecycleNode):
             return
         try:
             results = pipeline.run(frames)
+        except NonFiniteOutputError as exc:
+            results = self._non_finite_frames(cameras, exc)
         except InputError as exc:
             for camera in cameras:
                 self._bad_frame(camera, 'input', str(exc))
@@ -370,12 +373,30 @@ class PerceptionNode(LifecycleNode):
             return
         for camera, msg, frame, result, dec in zip(cameras, msgs, frames, results, decode_ms,
                                                    strict=True):
+            if result is None:  # non-finite model output, already reported
+                continue
             try:
                 conversions.check_result(result)
             except InputError as exc:
                 self._bad_frame(camera, 'output', str(exc))
                 continue
             self._publish(camera, msg.header, frame, result, dec)
+
+    def _non_finite_frames(self, cameras: list, exc: NonFiniteOutputError) -> list:
+        """Report each camera whose frame gave NaN/Inf model output; the batch's results.
+
+        The Pipeline fails only the bad frames of a batch: the others' results come with the
+        error (``exc.results``, ``None`` at the bad frames) and are published as usual.
+        """
+        results = list(exc.results) if len(exc.results) == len(cameras) else [None] * len(cameras)
+        bad = exc.bad_frames or dict.fromkeys(range(len(cameras)), [])
+        for i, outputs in sorted(bad.items()):
+            what = ', '.join(outputs) or 'model output'
+            self._bad_frame(cameras[i], 'non-finite output',
+                            f'non-finite model output: NaN or Inf in {what} (fp16 overflow or '
+                            'broken weights?)')
+            results[i] = None
+        return results
 
     def _publish(self, camera: str, header, frame, result, decode_ms: float) -> None:
         started = time.perf_counter()
