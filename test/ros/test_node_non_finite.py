@@ -7,6 +7,7 @@ Nothing in the node knows about the test; the white frame is a plain ``sensor_ms
 
 import types
 
+from bundle_helpers import fp16_overflow_bundle
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import pytest
@@ -21,34 +22,10 @@ from ros_node_helpers import (
     wait_for_subscriber,
 )
 from sensor_msgs.msg import Image
-import torch
 from vision_msgs.msg import Detection2DArray
 
 from mamba_perception.errors import NonFiniteOutputError
-from mamba_perception.models.bundle import create_random_bundle, save_bundle
 from mamba_perception.ros import qos
-
-
-def fp16_overflow_bundle(path, **kwargs):
-    """Random bundle whose fp16 stem overflows on pure white (255) patches only.
-
-    Output channel 0 of the first stem conv sums its 3x3x3 normalised inputs with one weight,
-    set so that a white patch exceeds 65504 (fp16's largest value) and a patch of 254 does not
-    (twin of the helper in test/pipeline/test_non_finite.py).
-    """
-    bundle = create_random_bundle(None, **kwargs)
-    mean = torch.tensor(bundle.input_policy['mean'])
-    std = torch.tensor(bundle.input_policy['std'])
-    white, near_white = (9 * float(((v - mean) / std).sum()) for v in (255.0, 254.0))
-    tensors = dict(bundle.tensors)
-    weight = tensors['backbone.patch_embed.0.weight'].clone()
-    bias = tensors['backbone.patch_embed.0.bias'].clone()
-    weight[0] = 65520.0 / ((white + near_white) / 2)  # 65520: where fp16 rounds to Inf
-    bias[0] = 0.0
-    tensors['backbone.patch_embed.0.weight'] = weight
-    tensors['backbone.patch_embed.0.bias'] = bias
-    meta = {k: v for k, v in bundle.metadata.items() if k != 'content_hash'}
-    return save_bundle(path, tensors, meta).path
 
 
 def stamp_of(ros_node, unique):
@@ -62,7 +39,7 @@ def test_nan_output_is_reported_and_the_next_frame_served(start_node, ros_node,
                                                           video_frames_bgr, tmp_path):
     from conftest import TINY_POLICY
     bundle = fp16_overflow_bundle(tmp_path / 'fp16_overflow.safetensors',
-                                  class_names=CLASS_NAMES, input_policy=TINY_POLICY)
+                                  class_names=CLASS_NAMES, input_policy=TINY_POLICY).path
     node = start_node('perception_node', *node_args(
         bundle, '-p', 'precision:=fp16', '-p', 'cameras:=[cam, other]'))
     diagnostics = Collector(ros_node, DiagnosticArray, '/diagnostics', 50)
