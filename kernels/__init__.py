@@ -10,6 +10,9 @@ Public ops (each has a sequential ``*_ref`` twin with the same signature, the te
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
+All three are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
+impls and registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
+treat each as one node.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ if not hasattr(torch.library, "custom_op"):  # pragma: no cover - torch < 2.4
 @functools.cache
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules['triton'] is None (blocked)
+        return False
 
 
 def triton_version() -> str | None:

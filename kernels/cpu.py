@@ -1,13 +1,16 @@
 """Chunked PyTorch path (any device; used whenever tensors are not on CUDA).
 
-No Python loop over L. The linear recurrence ``h_l = a_l * h_{l-1} + b_l`` is evaluated as a
-two-level associative scan over pairs ``(a, b)`` with the operator
-``(a0, b0) o (a1, b1) = (a0 * a1, a1 * b0 + b1)`` (mamba's ``SSMScanOp``):
+No Python loop over L. The linear recurrence ``h_l = a_l * h_{l-1} + b_l`` is evaluated in two
+levels over pairs ``(a, b)`` with the operator ``(a0, b0) o (a1, b1) = (a0 * a1, a1 * b0 + b1)``
+(mamba's ``SSMScanOp``):
 
-1. the sequence is cut into chunks of ``CHUNK`` steps and each chunk is scanned with a
-   Hillis-Steele scan (log2(CHUNK) vectorised steps over the whole tensor);
-2. the chunk aggregates are scanned the same way (log2(n_chunks) steps) to get the state entering
-   each chunk, which is then applied to the chunk's local result.
+1. the sequence is cut into chunks of T ~ sqrt(L) steps (16..256); all chunks of all sequences
+   are scanned together, T in-place vectorised steps, keeping the running product of a;
+2. the chunk aggregates are combined by a Hillis-Steele scan (log2(n_chunks) vectorised steps)
+   to get the state entering each chunk, which is then applied to the chunk's local result.
+
+So the number of Python-level steps is T + log2(n_chunks) <= ~270 for any L, each one a
+vectorised op over B*D*N*L/T elements.
 
 Only products of ``a = exp(delta * A)`` factors appear, never ``exp(cumsum)`` ratios, so nothing
 overflows that the sequential recurrence would not overflow too; products that underflow to 0
@@ -27,8 +30,6 @@ import torch.nn.functional as F
 
 from .reference import _compute_dtype, cross_scan, route_sequences
 
-CHUNK = 64
-
 
 def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive scan of (a, b) pairs along the last axis; returns (prod a, state)."""
@@ -41,28 +42,50 @@ def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return a, b
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Return h with ``h_l = a_l * h_{l-1} + b_l`` (h_{-1} = 0) along the last axis."""
+def chunk_length(length: int) -> int:
+    """Chunk length ~ sqrt(L) (a power of two in [16, 256]): balances the two levels."""
+    t = 16
+    while t * t < length and t < 256:
+        t *= 2
+    return t
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Return h with ``h_l = a_l * h_{l-1} + b_l`` (h_{-1} = 0) along the last axis.
+
+    Within chunks: ``chunk`` in-place steps, each vectorised over every chunk of every sequence
+    (the chunk axis is made contiguous first); across chunks: a Hillis-Steele scan of the chunk
+    aggregates. Python iterations: chunk + log2(n_chunks), independent of L beyond that.
+    Not differentiable by autograd (in-place); the ops' backward is analytic.
+    """
     length = a.shape[-1]
     if length == 0:
         return b.clone()
+    chunk = chunk or chunk_length(length)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     if pad:
         # Identity elements (a=1, b=0) keep the carried state unchanged.
         a = F.pad(a, (0, pad), value=1.0)
         b = F.pad(b, (0, pad), value=0.0)
-    a = a.reshape(*a.shape[:-1], n_chunks, chunk)
-    b = b.reshape(*b.shape[:-1], n_chunks, chunk)
-    a, b = _hillis_steele(a, b)
+    lead = a.shape[:-1]
+    # (..., T, n_chunks): step t of every chunk is one contiguous row. Always a fresh copy,
+    # so the in-place updates below never touch the caller's tensors.
+    a = a.reshape(*lead, n_chunks, chunk).transpose(-1, -2).clone(
+        memory_format=torch.contiguous_format)
+    b = b.reshape(*lead, n_chunks, chunk).transpose(-1, -2).clone(
+        memory_format=torch.contiguous_format)
+    for t in range(1, chunk):
+        b[..., t, :].addcmul_(a[..., t, :], b[..., t - 1, :])
+        a[..., t, :].mul_(a[..., t - 1, :])   # cumulative product within the chunk
     if n_chunks > 1:
-        _, h_after = _hillis_steele(a[..., -1], b[..., -1])  # state after each chunk
+        _, h_after = _hillis_steele(a[..., -1, :], b[..., -1, :])  # state after each chunk
         h_in = torch.cat([torch.zeros_like(h_after[..., :1]), h_after[..., :-1]], dim=-1)
-        b = b + a * h_in[..., None]
-    return b.reshape(*b.shape[:-2], n_chunks * chunk)[..., :length]
+        b.addcmul_(a, h_in.unsqueeze(-2))
+    return b.transpose(-1, -2).reshape(*lead, n_chunks * chunk)[..., :length]
 
 
-def reverse_linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def reverse_linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None):
     """Return g with ``g_l = a_l * g_{l+1} + b_l`` (g_L = 0) along the last axis."""
     return linear_scan(a.flip(-1), b.flip(-1), chunk).flip(-1)
 

@@ -4,7 +4,9 @@
 ``mamba_perception::ss2d_scan`` and ``mamba_perception::bidir_scan`` as single opaque nodes (what
 AOTInductor / a TensorRT plugin will hang on). Each op's implementation asks the dispatch for the
 device's backend and calls the Triton launcher (CUDA) or the chunked PyTorch path (anything else).
-Backward ops (``*_bwd``) are custom ops too, so a traced training graph also stays opaque.
+Backward ops (``*_bwd``) are custom ops too, so a traced training graph also stays opaque; on
+CUDA they run the Triton backward (``triton/scan_bwd.py``), elsewhere the analytic PyTorch
+backward (``cpu.py``).
 """
 
 from __future__ import annotations

@@ -162,8 +162,3 @@ def run_bwd(mode, K, geo, dim, dstate, groups_dpg, *, u, su, delta, sd, A, sA, B
         MODE=mode, K=K, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, UNROLL_N=unroll_n, num_warps=num_warps)
     return du, ddelta, dA, dB, dC, dD, dbias
-
-
-def seq_strides(t, lead, block_c):
-    """Strides of a (..., L) tensor as (*lead dims, r, c) with rows of ``block_c`` steps."""
-    return (*[t.stride(i) for i in lead], block_c * t.stride(-1), t.stride(-1))

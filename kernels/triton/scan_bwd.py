@@ -88,7 +88,7 @@ def _bwd_agg_route(delta_ptr, A_ptr, Cm_ptr, bias_ptr, dy, agg_a_ptr, agg_h_ptr,
     mask_next = mask & ok
     dt_next = _softplus_delta(delta_ptr, bias_ptr, b, k, ch, rn, cn, mask_next, sd_b, sd_k,
                               sd_c, sd_r, sd_col, sbias_k, sbias_c, HAS_BIAS, SOFTPLUS)
-    seg, _ = _segment_index(rb, cb, rows, cols, R, COLS, BLOCK_R, BLOCK_C, COL)
+    seg, _n_seg = _segment_index(rb, cb, rows, cols, R, COLS, BLOCK_R, BLOCK_C, COL)
     if COL:
         seg_ok = cols < COLS
     else:

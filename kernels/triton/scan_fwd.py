@@ -26,20 +26,16 @@ linear recurrence over a short sequence (one pair per segment). Passes:
    gate with silu(z) and store y once (the SS2D cross-merge is this register sum).
 
 Only the per-segment pairs go through HBM; the O(B*L*D*N) discretised tensors never do.
+Host-side launch (geometry, strides, buffers) is in ``common.py``; ``launch.py``, ``ss2d.py``
+and ``bidir.py`` map each op's tensors onto it. exp uses ``exp2`` with A pre-scaled by log2(e)
+(1.4426950408889634), as mamba's CUDA kernel does.
 The scan operator is mamba's ``SSMScanOp``: (a0, b0) o (a1, b1) = (a0*a1, a1*b0 + b1).
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# Whether this module's kernels were decorated for the Triton interpreter (CPU tensors).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit

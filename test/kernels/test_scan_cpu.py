@@ -1,5 +1,8 @@
 """Reference vs chunked PyTorch path (CPU), gradients, errors, custom-op registration."""
 
+import subprocess
+import sys
+
 import mamba_perception_kernels as K
 from mamba_perception_kernels import cpu
 import pytest
@@ -11,6 +14,30 @@ from torch.autograd import gradcheck
 def _close(actual, expected, dtype):
     rtol, atol = tol(dtype)
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def test_import_without_triton_uses_torch_path():
+    # A fresh interpreter where `import triton` fails: the package imports, never touches
+    # Triton, and picks the PyTorch path even for CUDA devices.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, mamba_perception_kernels as K\n"
+        "assert K.backend_name('cuda') == 'torch-chunked', K.backend_name('cuda')\n"
+        "x = torch.randn(1, 2, 3, 4); d = torch.randn(1, 4, 2, 3, 4)\n"
+        "A = -torch.rand(8, 1); B = torch.randn(1, 4, 1, 3, 4)\n"
+        "torch.testing.assert_close(K.ss2d_scan(x, d, A, B, B), K.ss2d_scan_ref(x, d, A, B, B))\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
+
+
+def test_import_does_not_import_triton():
+    code = ("import sys, mamba_perception_kernels\n"
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'\n")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_backend_name_cpu():

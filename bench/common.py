@@ -1,0 +1,92 @@
+"""Shared benchmark helpers: GPU timing (CUDA graphs or events, always stated) and provenance.
+
+Every bench writes one JSON dict whose ``provenance`` block comes from ``provenance()``; timings
+come from ``time_cuda`` and carry the method used (``timing`` key) next to the numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+
+def provenance(extra: dict | None = None) -> dict:
+    """GPU name, torch / triton / CUDA versions, date, command line, git commit."""
+    import torch
+
+    info = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu_sm_count"] = props.multi_processor_count
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    info.update(extra or {})
+    return info
+
+
+def time_cuda(fn, iters: int = 20, reps: int = 3, warmup: int = 2, graph: bool = True) -> dict:
+    """Time ``fn()`` on the current CUDA stream; returns {'median_us', 'min_us', 'timing'}.
+
+    With ``graph=True`` the call is captured once in a CUDA graph and replayed ``iters`` times
+    per repetition (launch overhead excluded, as in a deployed graph); otherwise CUDA events
+    bracket ``iters`` eager calls. The per-call mean of each repetition is one sample.
+    """
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm the allocator on the capture stream
+            with torch.cuda.graph(g, stream=stream):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        run = g.replay
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / iters)
+    return {"median_us": statistics.median(samples), "min_us": min(samples),
+            "timing": f"cuda-graph replay x{iters}, median of {reps}" if graph
+            else f"cuda events around {iters} eager calls, median of {reps}"}
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as indented JSON, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")

@@ -1,0 +1,382 @@
+"""Benchmark the fused scans against the HBM floor and the unfused alternatives (issue #3).
+
+For VMamba-T/S/B stage shapes (N=1) at 224², 512², 1280x720 and 1920x1080 inputs and Vim-S
+sequence lengths (N=16), batch 1 and 4, fp16 and bf16, times in the same run:
+
+* ``fused``: our op (``ss2d_scan`` / ``bidir_scan``, Triton);
+* ``separate_ours``: VMamba's / Vim's path shape with our scan kernel: materialised cross-scan
+  (or flip) copies, ``selective_scan`` over the stacked routes, cross-merge (or flip + add);
+* ``separate_mamba``: the same path shape with mamba_ssm's CUDA ``selective_scan_fwd`` (a
+  forward-only build of ``csrc/selective_scan``; skipped when it is not importable);
+* ``torch_path``: our chunked PyTorch path on the GPU (the CPU fallback's algorithm), only where
+  its O(B*D*N*L) temporaries fit comfortably.
+
+delta / B / C are given to the separate paths already in route order (as VMamba's projections
+produce them), so those paths pay only for the x cross-scan and the y cross-merge.
+
+HBM floor (../shared/notes/kernels.md §5.1, bytes at 16-bit activations, times batch):
+``SS2D: 2·D·L (x) + 2·K·D·L (Δ) + 2·2·K·N·L (B, C) + 2·D·L (y) + 4·K·D·N + 8·K·D``;
+bidir (same model, K=2 directions with their own u): ``2·K·D·L (u) + 2·K·D·L (Δ) +
+2·2·K·N·L (B, C) + 2·D·L (z) + 2·D·L (y) + params``. Floor time = bytes / 3.35e12 s.
+
+Usage: ``python bench/scan.py --out bench/results/scan_h100.json [--quick] [--tune]``;
+``python bench/scan.py --cpu --out bench/results/scan_cpu.json`` times the chunked PyTorch path
+against the sequential reference on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import provenance, time_cuda, write_json  # noqa: E402
+import mamba_perception_kernels as K  # noqa: E402
+from mamba_perception_kernels import cpu as torch_path  # noqa: E402
+from mamba_perception_kernels.reference import cross_scan, route_sequences  # noqa: E402
+
+HBM_BYTES_PER_S = 3.35e12
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# d_inner per stage (notes/models.md): T[s1l8] ratio 1, S/B[s2l15] ratio 2; d_state 1.
+VMAMBA = {"T": (96, 192, 384, 768), "S": (192, 384, 768, 1536), "B": (256, 512, 1024, 2048)}
+INPUTS = {"224": (224, 224), "512": (512, 512), "1280x720": (720, 1280),
+          "1920x1080": (1080, 1920)}
+VIM_S_DIM, VIM_N = 768, 16
+VIM_SIZES = (224, 448, 512, 736, 1024, 1248)
+TORCH_PATH_MAX_ELEMS = 60e6  # B*K*D*N*L above which the torch path is skipped (memory/time)
+
+
+def stage_hw(h, w):
+    """Feature-map sizes of the 4 stages (stride 4, then three stride-2 convs with padding 1)."""
+    h, w = math.ceil(h / 4), math.ceil(w / 4)
+    out = [(h, w)]
+    for _ in range(3):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        out.append((h, w))
+    return out
+
+
+def ss2d_floor_bytes(batch, dim, length, dstate, k=4):
+    return batch * (2 * dim * length + 2 * k * dim * length + 2 * 2 * k * dstate * length
+                    + 2 * dim * length) + 4 * k * dim * dstate + 8 * k * dim
+
+
+def bidir_floor_bytes(batch, dim, length, dstate, k=2):
+    return batch * (2 * k * dim * length * 2 + 2 * 2 * k * dstate * length
+                    + 2 * dim * length * 2) + 4 * k * dim * dstate + 8 * k * dim
+
+
+def load_mamba():
+    """Import the forward-only mamba_ssm build if present (see the module docstring)."""
+    path = os.environ.get("MAMBA_FWD_PATH")
+    done = os.environ.get("MAMBA_FWD_DONE_FILE")  # a background build touches it when done
+    deadline = time.time() + 400
+    while done and not os.path.exists(done) and time.time() < deadline:
+        time.sleep(2)
+    if path:
+        sys.path.insert(0, path)
+    try:
+        return importlib.import_module("selective_scan_cuda_fwd")
+    except ImportError as exc:
+        print(f"mamba_ssm selective_scan not available: {exc}", flush=True)
+        return None
+
+
+def _t(fn, iters):
+    try:
+        return time_cuda(fn, iters=iters)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+
+
+def ss2d_case(batch, dim, height, width, dtype, mamba, iters):
+    dev = "cuda"
+    length = height * width
+    x = torch.randn(batch, dim, height, width, device=dev, dtype=dtype)
+    delta = (torch.randn(batch, 4, dim, height, width, device=dev) * 0.5 - 2).to(dtype)
+    A = -torch.rand(4 * dim, 1, device=dev) - 0.1
+    B = torch.randn(batch, 4, 1, height, width, device=dev, dtype=dtype)
+    C = torch.randn(batch, 4, 1, height, width, device=dev, dtype=dtype)
+    D = torch.randn(4 * dim, device=dev)
+    bias = torch.randn(4 * dim, device=dev) * 0.1
+    # Route-ordered inputs for the separate paths (produced in route order by VMamba).
+    ds = route_sequences(delta).reshape(batch, 4 * dim, length).contiguous()
+    Bs = route_sequences(B).contiguous()
+    Cs = route_sequences(C).contiguous()
+
+    def fused():
+        return K.ss2d_scan(x, delta, A, B, C, D, bias, True)
+
+    def merge(ys):
+        return torch_path.unroute(ys.view(batch, 4, dim, length), height, width).sum(1)
+
+    def separate_ours():
+        xs = cross_scan(x).reshape(batch, 4 * dim, length)
+        return merge(K.selective_scan(xs, ds, A, Bs, Cs, D, None, bias, True))
+
+    def separate_mamba():
+        xs = cross_scan(x).reshape(batch, 4 * dim, length)
+        out = mamba.fwd(xs, ds, A, Bs, Cs, D, None, bias, True)[0]
+        return merge(out)
+
+    def torch_only():
+        return torch_path.ss2d_fwd(x, delta, A, B, C, D, bias, True, dtype)
+
+    row = {}
+    ref = fused()
+    row["fused"] = _t(fused, iters)
+    row["separate_ours"] = _t(separate_ours, iters)
+    row["max_abs_diff_fused_vs_separate_ours"] = float((ref.float() - separate_ours().float())
+                                                       .abs().max())
+    if mamba is not None:
+        row["separate_mamba"] = _t(separate_mamba, iters)
+        row["max_abs_diff_fused_vs_mamba"] = float((ref.float() - separate_mamba().float())
+                                                   .abs().max())
+    if batch == 1 and 4 * dim * length <= TORCH_PATH_MAX_ELEMS:
+        row["torch_path"] = _t(torch_only, max(2, iters // 10))
+    return row
+
+
+def bidir_case(batch, length, dtype, mamba, iters):
+    dev, dim, n = "cuda", VIM_S_DIM, VIM_N
+    u = torch.randn(batch, 2, dim, length, device=dev, dtype=dtype)
+    delta = (torch.randn(batch, 2, dim, length, device=dev) * 0.5 - 2).to(dtype)
+    A = -torch.rand(2, dim, n, device=dev) - 0.1
+    B = torch.randn(batch, 2, n, length, device=dev, dtype=dtype)
+    C = torch.randn(batch, 2, n, length, device=dev, dtype=dtype)
+    D = torch.randn(2, dim, device=dev)
+    z = torch.randn(batch, dim, length, device=dev, dtype=dtype)
+    bias = torch.randn(2, dim, device=dev) * 0.1
+
+    def fused():
+        return K.bidir_scan(u, delta, A, B, C, D, z, bias, True)
+
+    def separate_ours():  # Vim: scan(x), scan(x.flip) with z.flip, flip back, add
+        y0 = K.selective_scan(u[:, 0], delta[:, 0], A[0], B[:, :1], C[:, :1], D[0], z,
+                              bias[0], True)
+        y1 = K.selective_scan(u[:, 1].flip(-1), delta[:, 1].flip(-1), A[1], B[:, 1:].flip(-1),
+                              C[:, 1:].flip(-1), D[1], z.flip(-1), bias[1], True)
+        return y0 + y1.flip(-1)
+
+    def separate_mamba():
+        y0 = mamba.fwd(u[:, 0], delta[:, 0], A[0], B[:, :1], C[:, :1], D[0], z, bias[0],
+                       True)[-1]
+        y1 = mamba.fwd(u[:, 1].flip(-1), delta[:, 1].flip(-1), A[1], B[:, 1:].flip(-1),
+                       C[:, 1:].flip(-1), D[1], z.flip(-1), bias[1], True)[-1]
+        return y0 + y1.flip(-1)
+
+    def torch_only():
+        return torch_path.bidir_fwd(u, delta, A, B, C, D, z, bias, True)
+
+    row = {}
+    ref = fused()
+    row["fused"] = _t(fused, iters)
+    row["separate_ours"] = _t(separate_ours, iters)
+    row["max_abs_diff_fused_vs_separate_ours"] = float((ref.float() - separate_ours().float())
+                                                       .abs().max())
+    if mamba is not None:
+        row["separate_mamba"] = _t(separate_mamba, iters)
+        row["max_abs_diff_fused_vs_mamba"] = float((ref.float() - separate_mamba().float())
+                                                   .abs().max())
+    if batch == 1 and 2 * dim * n * length <= TORCH_PATH_MAX_ELEMS:
+        row["torch_path"] = _t(torch_only, max(2, iters // 10))
+    return row
+
+
+def summarize(row, floor_bytes):
+    fused = row["fused"].get("median_us")
+    floor_us = floor_bytes / HBM_BYTES_PER_S * 1e6
+    row["hbm_floor_bytes"] = floor_bytes
+    row["hbm_floor_us"] = floor_us
+    if fused:
+        row["fused_achieved_GBps"] = floor_bytes / fused * 1e-3
+        row["fused_over_floor"] = fused / floor_us
+        for other in ("separate_ours", "separate_mamba", "torch_path"):
+            t = row.get(other, {}).get("median_us")
+            if t:
+                row[f"speedup_vs_{other}"] = t / fused
+    return row
+
+
+def tune(dtype):
+    """Sweep launch configs on representative shapes; apply and return the best ones."""
+    from mamba_perception_kernels.triton import common as tc
+
+    results = {"image": [], "sequence": []}
+    image_shapes = [(1, 96, 180, 320), (1, 768, 128, 128), (1, 192, 56, 56)]
+    best = None
+    for block in [(16, 32), (32, 32), (16, 16), (8, 64), (16, 64)]:
+        for warps in (1, 2, 4):
+            tc.TUNING.update(image_block=block, num_warps=warps)
+            total = 0.0
+            for b, d, h, w in image_shapes:
+                x = torch.randn(b, d, h, w, device="cuda", dtype=dtype)
+                delta = torch.randn(b, 4, d, h, w, device="cuda", dtype=dtype)
+                Bm = torch.randn(b, 4, 1, h, w, device="cuda", dtype=dtype)
+                A = -torch.rand(4 * d, 1, device="cuda")
+                total += time_cuda(lambda x=x, delta=delta, Bm=Bm, A=A: K.ss2d_scan(
+                    x, delta, A, Bm, Bm), iters=10, reps=3)["median_us"]
+            results["image"].append({"image_block": block, "num_warps": warps,
+                                     "sum_us": total})
+            if best is None or total < best[0]:
+                best = (total, block, warps)
+    tc.TUNING.update(image_block=best[1], num_warps=best[2])
+    image_best = dict(tc.TUNING)
+    seq_best = None
+    for block_c in (32, 64):
+        for tile in (512, 1024, 2048):
+            tc.TUNING.update(seq_block_c=block_c, seq_tile=tile)
+            total = 0.0
+            for b, length in [(1, 3137), (1, 785)]:
+                u = torch.randn(b, 2, VIM_S_DIM, length, device="cuda", dtype=dtype)
+                Bm = torch.randn(b, 2, VIM_N, length, device="cuda", dtype=dtype)
+                A = -torch.rand(2, VIM_S_DIM, VIM_N, device="cuda")
+                total += time_cuda(lambda u=u, Bm=Bm, A=A: K.bidir_scan(u, u, A, Bm, Bm),
+                                   iters=10, reps=3)["median_us"]
+            results["sequence"].append({"seq_block_c": block_c, "seq_tile": tile,
+                                        "sum_us": total})
+            if seq_best is None or total < seq_best[0]:
+                seq_best = (total, block_c, tile)
+    tc.TUNING.update(seq_block_c=seq_best[1], seq_tile=seq_best[2])
+    results["applied"] = {**image_best, "seq_block_c": seq_best[1], "seq_tile": seq_best[2]}
+    print("tuned:", results["applied"], flush=True)
+    return results
+
+
+def cpu_bench(out_path):
+    """Time the chunked PyTorch path against the sequential reference on this CPU."""
+    import timeit
+
+    torch.manual_seed(0)
+    rows = []
+    cases = [("selective", dict(batch=1, dim=192, length=197, groups=1, dstate=16)),
+             ("selective", dict(batch=1, dim=384, length=3136, groups=4, dstate=1)),
+             ("ss2d", dict(batch=1, dim=96, height=56, width=56, dstate=1)),
+             ("ss2d", dict(batch=1, dim=96, height=180, width=320, dstate=1)),
+             ("bidir", dict(batch=1, dim=384, length=197, dstate=16))]
+    for op, shape in cases:
+        if op == "selective":
+            b, d, n, g, ln = (shape[k] for k in ("batch", "dim", "dstate", "groups", "length"))
+            args = (torch.randn(b, d, ln), torch.randn(b, d, ln), -torch.rand(d, n),
+                    torch.randn(b, g, n, ln), torch.randn(b, g, n, ln))
+            fast = lambda a=args: K.selective_scan(*a, delta_softplus=True)  # noqa: E731
+            ref = lambda a=args: K.selective_scan_ref(*a, delta_softplus=True)  # noqa: E731
+        elif op == "ss2d":
+            b, d, h, w, n = (shape[k] for k in ("batch", "dim", "height", "width", "dstate"))
+            args = (torch.randn(b, d, h, w), torch.randn(b, 4, d, h, w), -torch.rand(4 * d, n),
+                    torch.randn(b, 4, n, h, w), torch.randn(b, 4, n, h, w))
+            fast = lambda a=args: K.ss2d_scan(*a)  # noqa: E731
+            ref = lambda a=args: K.ss2d_scan_ref(*a)  # noqa: E731
+        else:
+            b, d, ln, n = (shape[k] for k in ("batch", "dim", "length", "dstate"))
+            args = (torch.randn(b, 2, d, ln), torch.randn(b, 2, d, ln), -torch.rand(2, d, n),
+                    torch.randn(b, 2, n, ln), torch.randn(b, 2, n, ln))
+            fast = lambda a=args: K.bidir_scan(*a)  # noqa: E731
+            ref = lambda a=args: K.bidir_scan_ref(*a)  # noqa: E731
+        with torch.no_grad():
+            fast()
+            t_fast = min(timeit.repeat(fast, number=1, repeat=3))
+            t_ref = min(timeit.repeat(ref, number=1, repeat=2))
+            err = float((fast() - ref()).abs().max())
+        row = {"op": op, **shape, "torch_chunked_ms": t_fast * 1e3, "reference_ms": t_ref * 1e3,
+               "speedup": t_ref / t_fast, "max_abs_diff": err}
+        rows.append(row)
+        print(row, flush=True)
+    report = {"provenance": provenance({"device": "cpu", "torch_threads":
+                                        torch.get_num_threads()}),
+              "timing": "wall clock, min of repeats (3 for torch-chunked, 2 for reference), "
+                        "fp32, no grad",
+              "cases": rows}
+    write_json(out_path, report)
+    print(f"wrote {out_path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/scan_h100.json")
+    parser.add_argument("--quick", action="store_true", help="batch 1, bf16, fewer shapes")
+    parser.add_argument("--tune", action="store_true", help="sweep launch configs first")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the CPU path vs the reference on the CPU instead")
+    args = parser.parse_args(argv)
+    if args.cpu:
+        cpu_bench(args.out)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench/scan.py needs a CUDA GPU")
+    from mamba_perception_kernels.triton import common as tc
+
+    report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "ss2d": [], "bidir": [],
+              "provenance": provenance({"backend": K.backend_name("cuda")})}
+    dtypes = ["bf16"] if args.quick else ["fp16", "bf16"]
+    batches = [1] if args.quick else [1, 4]
+    if args.tune:
+        report["tuning"] = tune(DTYPES["bf16"])
+    mamba = load_mamba()
+    report["provenance"] = provenance({"backend": K.backend_name("cuda"),
+                                       "mamba_ssm_selective_scan": mamba is not None})
+    report["launch_config"] = dict(tc.TUNING)
+    t_start = time.time()
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for model, dims in VMAMBA.items():
+            for res, (ih, iw) in INPUTS.items():
+                if args.quick and (model != "T" or res not in ("224", "1280x720")):
+                    continue
+                for stage, ((h, w), dim) in enumerate(zip(stage_hw(ih, iw), dims, strict=True)):
+                    for batch in batches:
+                        row = ss2d_case(batch, dim, h, w, dtype, mamba, args.iters)
+                        floor = ss2d_floor_bytes(batch, dim, h * w, 1)
+                        row = {"model": f"VMamba-{model}", "input": res, "stage": stage + 1,
+                               "H": h, "W": w, "D": dim, "N": 1, "batch": batch,
+                               "dtype": dname, **summarize(row, floor)}
+                        report["ss2d"].append(row)
+                        print(_line(row), flush=True)
+                        write_json(args.out, report)  # partial results survive a timeout
+                        gc.collect()
+                        torch.cuda.empty_cache()
+        if args.quick:  # the notes' floor-target shape: 128x128, D=768, N=1
+            row = ss2d_case(1, 768, 128, 128, dtype, mamba, args.iters)
+            row = {"model": "floor-target", "input": "-", "stage": 0, "H": 128, "W": 128,
+                   "D": 768, "N": 1, "batch": 1, "dtype": dname,
+                   **summarize(row, ss2d_floor_bytes(1, 768, 128 * 128, 1))}
+            report["ss2d"].append(row)
+            print(_line(row), flush=True)
+            write_json(args.out, report)
+        for size in VIM_SIZES:
+            length = (size // 16) ** 2 + 1
+            for batch in batches:
+                row = bidir_case(batch, length, dtype, mamba, args.iters)
+                row = {"model": "Vim-S", "input": str(size), "L": length, "D": VIM_S_DIM,
+                       "N": VIM_N, "batch": batch, "dtype": dname,
+                       **summarize(row, bidir_floor_bytes(batch, VIM_S_DIM, length, VIM_N))}
+                report["bidir"].append(row)
+                print(_line(row), flush=True)
+                write_json(args.out, report)
+    report["wall_s"] = time.time() - t_start
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+def _line(row):
+    def us(key):
+        v = row.get(key, {}).get("median_us")
+        return f"{v:9.1f}" if v else "        -"
+    shape = (f"{row['H']}x{row['W']}" if "H" in row else f"L{row['L']}")
+    return (f"{row['model']:9s} {row['input']:>9s} {shape:>9s} D{row['D']:<5d} B{row['batch']} "
+            f"{row['dtype']} fused{us('fused')} sep_ours{us('separate_ours')} "
+            f"sep_mamba{us('separate_mamba')} torch{us('torch_path')} "
+            f"floor{row['hbm_floor_us']:8.1f} x{row.get('fused_over_floor', 0):.1f}")
+
+
+if __name__ == "__main__":
+    main()
