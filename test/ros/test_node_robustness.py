@@ -147,8 +147,11 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     policy = {**TINY_POLICY, 'max_long_side_px': 384, 'max_short_side_px': 384}
     bundle = tmp_path / 'slow.safetensors'
     create_random_bundle(bundle, num_classes=3, input_policy=policy)
+    # Reliable input: every flooded frame reaches the node, so any drop is the node's one-slot
+    # policy at work, never DDS discarding best-effort samples on a loaded machine.
     node = start_node('perception_node', *node_args(bundle, '-p', 'cameras:=[cam]',
-                                                    '-p', 'warmup_size_px:=[288, 384]'))
+                                                    '-p', 'warmup_size_px:=[288, 384]',
+                                                    '-p', 'input_reliability:=reliable'))
     diagnostics = Collector(ros_node, DiagnosticArray, '/diagnostics', 50)
     received = []  # (receive time, stamp)
     ros_node.create_subscription(
