@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from ros_node_helpers import (
     CLASS_NAMES,
+    TINY_POLICY,
     Collector,
     camera_status,
     image_msg,
@@ -37,7 +38,6 @@ def stamp_of(ros_node, unique):
 @pytest.mark.ros
 def test_nan_output_is_reported_and_the_next_frame_served(start_node, ros_node,
                                                           video_frames_bgr, tmp_path):
-    from conftest import TINY_POLICY
     bundle = fp16_overflow_bundle(tmp_path / 'fp16_overflow.safetensors',
                                   class_names=CLASS_NAMES, input_policy=TINY_POLICY).path
     node = start_node('perception_node', *node_args(

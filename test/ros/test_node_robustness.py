@@ -8,6 +8,7 @@ import cv2
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import pytest
 from ros_node_helpers import (
+    TINY_POLICY,
     Collector,
     camera_status,
     image_msg,
@@ -141,8 +142,6 @@ def test_every_bad_input_is_followed_by_a_served_frame(start_node, ros_node, tin
 
 def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bgr, tmp_path):
     """Frames published about 10x faster than inference: drops counted, no backlog."""
-    from conftest import TINY_POLICY
-
     from mamba_perception.models.bundle import create_random_bundle
     policy = {**TINY_POLICY, 'max_long_side_px': 384, 'max_short_side_px': 384}
     bundle = tmp_path / 'slow.safetensors'
