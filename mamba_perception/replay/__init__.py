@@ -8,8 +8,11 @@
   report and plots from that dict.
 * :mod:`~mamba_perception.replay.cli` is the ``replay`` command; :mod:`.demo` is the README's
   main job; :mod:`.sample` builds the sample bag from OpenCV's ``vtest.avi``.
-* :mod:`~mamba_perception.replay.live` plays a bag into a running node; it is the only module
-  here that imports rclpy, and only when called.
+* :mod:`~mamba_perception.replay.live` (``replay BAG --live``) plays a bag's camera topics
+  at recorded rate into a real ``perception_node`` over DDS (started as a process or already
+  running), records its outputs and adds a ``realtime`` section (stamp-to-publish latency,
+  drops, output rate) to the same report; it is the only module here that imports rclpy, and
+  only when called.
 
 Importing this package loads neither rclpy, torch nor matplotlib.
 """

@@ -6,9 +6,18 @@ r"""``replay``: evaluate a model bundle on rosbags: accuracy, latency, drops, in
         [--topics /camera/image_raw] [--gt-detections /camera/gt/detections] \\
         [--gt-masks /camera/gt/mask] [--device cuda] [--workers 2 --devices cuda:0,cuda:1]
 
+    replay BAG --live [--rate 1.0] [--node-already-running] --bundle model.safetensors \\
+        [--gt-detections ...] [--node-param warmup_iterations:=1 ...] [--wall-time]
+
 BAG is a rosbag2 folder (sqlite3 or MCAP), a bare ``.mcap``/``.bag`` file, or a folder of those.
 Frames run through the same :class:`~mamba_perception.pipeline.Pipeline` the node uses, one by
 one, in the bag's order (offline: deterministic, as fast as the device allows).
+
+With --live the bag's camera topics are published at their recorded rate (x --rate) into a real
+perception_node over DDS, started here (its log is OUT/node.log; sim time: /clock is published,
+from the bag's /clock topic or else from its log times) or already running (its use_sim_time
+is asked); the report gets a ``realtime`` section (stamp-to-publish latency, drops, output
+rate) beside the accuracy of the outputs that came back. See mamba_perception.replay.live.
 
 Exit codes: 0 complete; 2 bad arguments; 3 a bag could not be read completely (the report is
 written with everything before the error); 4 setup problem (bundle, device, library), no
@@ -29,14 +38,16 @@ from pathlib import Path
 import sys
 from typing import Any, Optional
 
-from mamba_perception.errors import MambaPerceptionError, ParameterError
-from mamba_perception.replay.bag import find_bags
+from mamba_perception.errors import MambaPerceptionError, ParameterError, SetupError
+from mamba_perception.replay.bag import BagReader, bag_hash, find_bags
 from mamba_perception.replay.evaluate import (
     Evaluation,
     ReplayOptions,
     evaluate_bag,
+    load_bag_truth,
     load_coco_truth,
     new_evaluation,
+    parse_topic_map,
 )
 from mamba_perception.replay.report import build_report, provenance, write_report
 
@@ -114,6 +125,81 @@ def run_replay(bags: Sequence[os.PathLike | str], bundle: Any, out_dir: os.PathL
     report = build_report(evaluation, prov, 'interrupted' if interrupted else None)
     written = write_report(report, out_dir, evaluation.overlays, evaluation.latency.samples)
     code = (EXIT_INTERRUPTED if interrupted else
+            EXIT_BAG_ERROR if report['status'] != 'complete' else EXIT_OK)
+    return ReplayResult(report, written, code, evaluation)
+
+
+def run_live_replay(bag: os.PathLike | str, bundle: Optional[os.PathLike | str],
+                    out_dir: os.PathLike | str, *, topics: Sequence[str] = (),
+                    gt_detections: Sequence[str] = (), gt_masks: Sequence[str] = (),
+                    gt_coco: Optional[str] = None, gt_mask_dir: Optional[str] = None,
+                    gt_key: str = 'index', stamp_tolerance_ms: float = 0.0,
+                    device: Optional[str] = 'cpu', precision: Optional[str] = 'fp32',
+                    node_already_running: bool = False, node_params: Sequence[str] = (),
+                    live_options: Any = None, progress: bool = True, hash_bags: bool = True,
+                    domain_id: Optional[int] = None,
+                    argv: Optional[Sequence[str]] = None) -> ReplayResult:
+    """Live mode: play ``bag`` into a real perception node and write the report into ``out_dir``.
+
+    The node is started here (``bundle`` on ``device`` / ``precision``, plus ``node_params``
+    ``NAME:=VALUE``) unless ``node_already_running``; ``live_options`` is a
+    :class:`~mamba_perception.replay.live.LiveOptions` (rate, clock, node name, cameras). The
+    report is the offline one with a ``realtime`` section; accuracy is scored over the frames
+    whose outputs came back. Node problems raise :class:`~.live.LiveError` (a SetupError).
+    """
+    from mamba_perception.replay import live
+    paths = find_bags([bag])
+    if len(paths) != 1:
+        raise ParameterError(f'--live plays one bag at a time; {bag} holds {len(paths)}')
+    path = paths[0]
+    options = live_options or live.LiveOptions()
+    if not node_already_running:
+        if bundle is None:
+            raise ParameterError('--bundle is needed to start the node (or give '
+                                 '--node-already-running)')
+        if not Path(bundle).expanduser().is_file():
+            raise SetupError(f'{bundle}: no such bundle file')
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gt_topics = [item.split('=', 1)[-1] for item in (*gt_detections, *gt_masks)]
+    with BagReader(path) as reader:  # a missing ground-truth topic fails before the node starts
+        reader.require_topics(gt_topics)
+    start = None
+    if not node_already_running:
+        def start(cameras: Any, transport: str, sim_time: bool) -> Any:
+            argv_node = live.node_argv(bundle, cameras, transport, sim_time, options, device,
+                                       precision, node_params)
+            return live.start_node(argv_node, log_path=out / 'node.log')
+    bar = _progress_bar(progress, 'live', 'frame')
+    try:
+        run = live.play(path, topics, gt_topics, options, start=start, domain_id=domain_id,
+                        on_frame=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    model = live.node_model(run, bundle)
+    cameras = [t for t, _ in run.cameras]
+    tolerance_ns = int(stamp_tolerance_ms * 1e6)
+    if gt_coco or gt_mask_dir:
+        truth = load_coco_truth(gt_coco, model.class_names, gt_mask_dir, gt_key, tolerance_ns)
+    else:
+        with BagReader(path) as reader:
+            truth, error = load_bag_truth(
+                reader, parse_topic_map(gt_detections, cameras, '--gt-detections'),
+                parse_topic_map(gt_masks, cameras, '--gt-masks'), model.class_names,
+                tolerance_ns)
+        if error and not run.bag.get('error'):
+            run.bag.update(error=error, status='partial')
+    run.bag['gt_unknown_class_boxes'] = truth.unknown_class_boxes
+    if hash_bags:
+        run.bag.update(bag_hash(path))
+    evaluation = live.score(run, model, truth if truth else None)
+    prov = provenance(model, str(bundle) if bundle is not None else model.bundle.path,
+                      list(argv) if argv is not None else sys.argv)
+    report = build_report(evaluation, prov, 'interrupted' if run.interrupted else None,
+                          realtime=live.realtime_summary(run))
+    written = write_report(report, out, evaluation.overlays, live.latency_samples(run))
+    code = (EXIT_INTERRUPTED if run.interrupted else
             EXIT_BAG_ERROR if report['status'] != 'complete' else EXIT_OK)
     return ReplayResult(report, written, code, evaluation)
 
@@ -222,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n\n', 2)[2])
     p.add_argument('bags', nargs='+', help='rosbag2 folders, .mcap/.bag files or folders of them')
-    p.add_argument('--bundle', required=True, help='model bundle (.safetensors)')
+    p.add_argument('--bundle', help='model bundle (.safetensors); required unless '
+                   '--live --node-already-running')
     p.add_argument('--out', default='replay_report', help='report folder (default %(default)s)')
     p.add_argument('--topics', nargs='+', default=(), metavar='TOPIC',
                    help='camera topics (default: every Image / CompressedImage topic)')
@@ -246,14 +333,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overlays', type=int, default=6, help='overlay frames per bag in the report')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--no-hash', action='store_true', help='skip hashing the bag files')
+    g = p.add_argument_group('live mode (a real perception_node over DDS)')
+    g.add_argument('--live', action='store_true',
+                   help='publish the camera topics at recorded rate into a running node and '
+                        'report its real-time behaviour with the accuracy of its outputs')
+    g.add_argument('--rate', type=float, default=1.0, help='playback speed factor (default 1)')
+    g.add_argument('--node-already-running', action='store_true',
+                   help='do not start a node: one is running (ROS_DOMAIN_ID of this shell), '
+                        'subscribed to the bag\'s camera topics')
+    g.add_argument('--node-name', default='mamba_perception', help='node name (default '
+                   '%(default)s)')
+    g.add_argument('--node-namespace', default='', help='node namespace (av.launch.py: '
+                   'perception); outputs are <namespace>/<camera>/...')
+    g.add_argument('--cameras', nargs='+', default=(), metavar='[TOPIC=]NAME',
+                   help='node camera names of the topics (default: the launch file rule, '
+                        '/sensing/camera/front/image_raw -> front)')
+    g.add_argument('--input-transport', choices=('raw', 'compressed'),
+                   help='which camera topics to play when the bag has both (default raw)')
+    time_group = g.add_mutually_exclusive_group()
+    time_group.add_argument('--sim-time', dest='sim_time', action='store_true', default=None,
+                            help='the node runs on /clock (default for a node started here)')
+    time_group.add_argument('--wall-time', dest='sim_time', action='store_false',
+                            help='the node runs on the system clock: frames are re-stamped')
+    g.add_argument('--clock-hz', type=float, default=100.0,
+                   help='rate of the /clock generated from the bag log times (default 100)')
+    g.add_argument('--node-param', action='append', default=[], metavar='NAME:=VALUE',
+                   help='extra parameter of the node started here (repeatable)')
+    g.add_argument('--wait-for-node', type=float, metavar='S',
+                   help='how long to wait for the node to be ready (default 120 s for a node '
+                        'started here, 30 s for one already running)')
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``replay`` console script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.bundle is None and not (args.live and args.node_already_running):
+        parser.error('--bundle is required (unless --live --node-already-running)')
+    command = ['replay', *(argv if argv is not None else sys.argv[1:])]
     try:
+        if args.live:
+            if len(args.bags) != 1 or args.workers != 1:
+                raise ParameterError('--live plays one bag, in one process')
+            from mamba_perception.replay.live import LiveOptions
+            options = LiveOptions(
+                rate=args.rate, sim_time=args.sim_time, clock_hz=args.clock_hz,
+                node_name=args.node_name, namespace=args.node_namespace, cameras=args.cameras,
+                input_transport=args.input_transport,
+                wait_for_node_s=args.wait_for_node or (30.0 if args.node_already_running
+                                                       else 120.0),
+                max_frames=args.max_frames, overlays=args.overlays)
+            result = run_live_replay(
+                args.bags[0], args.bundle, args.out, topics=args.topics,
+                gt_detections=args.gt_detections, gt_masks=args.gt_masks, gt_coco=args.gt_coco,
+                gt_mask_dir=args.gt_mask_dir, gt_key=args.gt_key,
+                stamp_tolerance_ms=args.stamp_tolerance_ms, device=args.device,
+                precision=args.precision, node_already_running=args.node_already_running,
+                node_params=args.node_param, live_options=options,
+                progress=not args.no_progress, hash_bags=not args.no_hash, argv=command)
+            print_summary(result)
+            return result.exit_code
         result = run_replay(
             args.bags, args.bundle, args.out, topics=args.topics,
             gt_detections=args.gt_detections, gt_masks=args.gt_masks, gt_coco=args.gt_coco,
@@ -262,8 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             precision=args.precision, score_threshold=args.score_threshold,
             nms_iou=args.nms_iou, max_frames=args.max_frames, overlays=args.overlays,
             workers=args.workers, devices=[d for d in args.devices.split(',') if d],
-            progress=not args.no_progress, hash_bags=not args.no_hash,
-            argv=['replay', *(argv if argv is not None else sys.argv[1:])])
+            progress=not args.no_progress, hash_bags=not args.no_hash, argv=command)
     except ParameterError as err:
         print(f'replay: error: {err}', file=sys.stderr)
         return EXIT_USAGE
@@ -287,10 +427,19 @@ def print_summary(result: ReplayResult, file: Any = None) -> None:
     print(f'status {r["status"]}: {c["frames"]} frames from {c["bags"]} bag(s)', file=file)
     for e in r['errors']:
         print(f'error: {e["error"]}', file=file)
-    total = r['latency_ms']['total_ms']
-    if total['count']:
-        print(f'latency total p50 {total["p50_ms"]:.1f} ms, p99 {total["p99_ms"]:.1f} ms',
-              file=file)
+    if r.get('realtime'):
+        rt = r['realtime']
+        lat = rt['stamp_to_publish_latency_ms']
+        print(f'live: {rt["frames_published"]} frames published, {rt["outputs_received"]} '
+              f'with outputs, {rt["dropped_frames"]} dropped', file=file)
+        if lat['count']:
+            print(f'stamp-to-publish latency p50 {lat["p50_ms"]:.1f} ms, p99 '
+                  f'{lat["p99_ms"]:.1f} ms', file=file)
+    else:
+        total = r['latency_ms']['total_ms']
+        if total['count']:
+            print(f'latency total p50 {total["p50_ms"]:.1f} ms, p99 {total["p99_ms"]:.1f} ms',
+                  file=file)
     if r.get('detection'):
         print(f'detection mAP {r["detection"]["mAP"]}', file=file)
     if r.get('segmentation'):

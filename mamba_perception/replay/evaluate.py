@@ -388,7 +388,7 @@ def _replay(reader: BagReader, predictor: Predictor, options: ReplayOptions,
         result.times.decode_ms = decode_ms
         key = f'{Path(info["path"]).name} {m.topic} #{m.index}'
         frame_truth = truth.lookup(m.topic, stamp, m.index) if truth else FrameTruth()
-        _score(evaluation, predictor, result, frame_truth, key)
+        score_frame(evaluation, predictor, result, frame_truth, key)
         evaluation.latency.add(result.times)
         stream = f'{info["path"]} {m.topic}'
         arr = evaluation.arrivals.setdefault(stream, ([], []))
@@ -408,8 +408,9 @@ def _replay(reader: BagReader, predictor: Predictor, options: ReplayOptions,
         info['error'] = truth_error
 
 
-def _score(evaluation: Evaluation, predictor: Predictor, result: FrameResult,
-           truth: FrameTruth, key: str) -> None:
+def score_frame(evaluation: Evaluation, predictor: Any, result: FrameResult,
+                truth: FrameTruth, key: str) -> None:
+    """Add one frame's result and ground truth to the accumulators (offline and live)."""
     if 'detection' in predictor.tasks and truth.boxes_xyxy_px is not None:
         evaluation.detection.add(result.height_px, result.width_px, truth.boxes_xyxy_px,
                                  truth.class_ids, result.detections, key)
@@ -472,4 +473,4 @@ def evaluate_bags(paths: Iterable[os.PathLike | str], predictor: Predictor,
 
 __all__ = ['Evaluation', 'FrameTruth', 'GroundTruth', 'Predictor', 'ReplayOptions',
            'evaluate_bag', 'evaluate_bags', 'load_bag_truth', 'load_coco_truth',
-           'new_evaluation', 'overlay_png', 'parse_topic_map']
+           'new_evaluation', 'overlay_png', 'parse_topic_map', 'score_frame']

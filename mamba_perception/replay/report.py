@@ -5,6 +5,11 @@ hashes), counts come before scores, units sit in the keys, and "not defined" is 
 When the bundle has random weights, the first key of the JSON and the first line of the
 Markdown say so, and scores are labelled as agreement with the ground truth of untrained
 weights, never as accuracy.
+
+In live mode (``replay --live``) the report has ``"mode": "live"`` and a ``realtime`` section
+(frames published / outputs received / dropped, the node's own counters, stamp-to-publish and
+input-to-output latency, input and output rate); the offline-only ``latency_ms``,
+``throughput`` and ``realtime_simulation`` are then null.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from mamba_perception.replay.evaluate import Evaluation
 RANDOM_WARNING = ('RANDOM-INITIALISED WEIGHTS: this bundle is not a trained model. The scores '
                   'below only exercise the evaluation; they are NOT accuracy.')
 STAGE_KEYS = ('decode_ms', 'preprocess_ms', 'inference_ms', 'postprocess_ms', 'total_ms')
+LIVE_KEYS = ('stamp_to_publish_ms', 'input_to_output_ms')  # live.latency_samples()
 
 
 def _versions() -> dict:
@@ -87,8 +93,14 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = None) -> dict:
-    """Build the report dict (what ``report.json`` holds)."""
+def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = None,
+                 realtime: Optional[dict] = None) -> dict:
+    """Build the report dict (what ``report.json`` holds).
+
+    ``realtime`` (live mode, :func:`mamba_perception.replay.live.realtime_summary`) becomes the
+    ``realtime`` section; the offline latency, throughput and simulated drops are then null
+    (nothing ran here: the node's latencies are in ``realtime``).
+    """
     random_init = bool(prov.get('bundle', {}).get('random_init'))
     bags = evaluation.bags
     if status is None:
@@ -100,12 +112,14 @@ def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = Non
            and evaluation.frames_with_box_truth else None)
     seg = (evaluation.segmentation.summary(evaluation.class_names)
            if 'segmentation' in evaluation.tasks and evaluation.frames_with_mask_truth else None)
-    latency = evaluation.latency.summary()
+    live = realtime is not None
+    latency = None if live else evaluation.latency.summary()
     report: dict = {}
     if random_init:
         report['WARNING'] = RANDOM_WARNING
     report.update({
         'report': 'mamba_perception replay evaluation',
+        'mode': 'live' if live else 'offline',
         'status': status,
         'scores_are_accuracy': not random_init,
         'counts': {
@@ -124,11 +138,13 @@ def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = Non
         'errors': [{'bag': b['path'], 'error': b['error']} for b in bags if b.get('error')],
         'detection': det,
         'segmentation': seg,
+        'realtime': realtime,
         'latency_ms': latency,
-        'throughput': {'frames': evaluation.frames, 'wall_s': evaluation.wall_s,
-                       'frames_per_s': (evaluation.frames / evaluation.wall_s
-                                        if evaluation.wall_s > 0 else None)},
-        'realtime_simulation': {
+        'throughput': None if live else {
+            'frames': evaluation.frames, 'wall_s': evaluation.wall_s,
+            'frames_per_s': (evaluation.frames / evaluation.wall_s
+                             if evaluation.wall_s > 0 else None)},
+        'realtime_simulation': None if live else {
             'what': 'frames a one-slot latest-frame buffer (as in the node) would drop had the '
                     'frames arrived at their recorded times, with the latency measured here',
             **evaluation.drops()},
@@ -233,18 +249,19 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
         lines.append('')
         if 'iou' in plots:
             lines += [f'![per-class IoU]({plots["iou"]})', '']
-    lines += ['## Latency (ms per frame)', '',
-              '| stage | frames | mean | p50 | p90 | p99 | max |', '|---|---|---|---|---|---|---|']
-    for key in STAGE_KEYS:
-        s = report['latency_ms'].get(key, {})
-        lines.append(f'| {key[:-3]} | {s.get("count", 0)} | ' + ' | '.join(
-            _fmt(s.get(k), 2) for k in ('mean_ms', 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms'))
-            + ' |')
-    tp, rt = report['throughput'], report['realtime_simulation']
-    lines += ['', f'Throughput: {_fmt(tp["frames_per_s"], 2)} frames/s ({tp["frames"]} frames '
-              f'in {_fmt(tp["wall_s"], 1)} s, reading and decoding included).', '',
-              f'Real-time simulation: {rt["dropped_frames"]} of {rt["frames"]} frames would be '
-              f'dropped (rate {_fmt(rt["drop_rate"])}): {rt["what"]}.', '']
+    if report.get('realtime') is not None:
+        lines += _realtime_markdown(report['realtime'])
+    else:
+        lines += ['## Latency (ms per frame)', '',
+                  '| stage | frames | mean | p50 | p90 | p99 | max |',
+                  '|---|---|---|---|---|---|---|']
+        for key in STAGE_KEYS:
+            lines.append(_latency_row(key[:-3], report['latency_ms'].get(key, {})))
+        tp, rt = report['throughput'], report['realtime_simulation']
+        lines += ['', f'Throughput: {_fmt(tp["frames_per_s"], 2)} frames/s ({tp["frames"]} '
+                  f'frames in {_fmt(tp["wall_s"], 1)} s, reading and decoding included).', '',
+                  f'Real-time simulation: {rt["dropped_frames"]} of {rt["frames"]} frames would '
+                  f'be dropped (rate {_fmt(rt["drop_rate"])}): {rt["what"]}.', '']
     if 'latency' in plots:
         lines += [f'![latency CDF]({plots["latency"]})', '']
     if 'overlays' in plots:
@@ -270,6 +287,45 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
     return '\n'.join(lines) + '\n'
 
 
+def _latency_row(name: str, s: dict) -> str:
+    return f'| {name} | {s.get("count", 0)} | ' + ' | '.join(
+        _fmt(s.get(k), 2) for k in ('mean_ms', 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')) + ' |'
+
+
+def _realtime_markdown(rt: dict) -> list:
+    node, clock, nr = rt['node'], rt['clock'], rt.get('node_reported')
+    cams = ', '.join(f'`{t}` -> {c}' for t, c in node['cameras'].items())
+    how = 'started by this command' if node.get('started_here') else 'already running'
+    lines = ['## Real-time behaviour (live mode)', '',
+             f'Node `{node["name"]}` ({how}), cameras {cams}, '
+             f'{node["input_transport"]} input. Clock: {clock["mode"]}, /clock '
+             f'{clock["clock_published"]}, rate x{_fmt(clock["rate"], 2)}; frames carry '
+             f'{clock["stamps"]}.', '',
+             '| what | count |', '|---|---|',
+             f'| frames published into the node | {rt["frames_published"]} |',
+             f'| frames with outputs received | {rt["outputs_received"]} |',
+             f'| dropped (no output) | {rt["dropped_frames"]} (rate {_fmt(rt["drop_rate"])}) |',
+             f'| outputs with a stamp never published | {rt["outputs_with_unknown_stamp"]} |',
+             f'| outputs with another frame_id | {rt["frame_id_mismatches"]} |']
+    if nr:
+        lines += [f'| node: frames received | {nr["frames_received"]} |',
+                  f'| node: frames published | {nr["frames_published"]} |',
+                  f'| node: dropped by its one-slot buffer | {nr["frames_dropped"]} |',
+                  f'| node: bad inputs | {nr["bad_inputs"]} |',
+                  f'| lost before the node (DDS) | {nr["frames_lost_before_node"]} |']
+    lines += ['', f'Output rate {_fmt(rt["output_rate_hz"], 2)} Hz, input rate '
+              f'{_fmt(rt["input_rate_hz"], 2)} Hz, over {_fmt(rt["playback_s"], 1)} s of '
+              'playback.' + ('' if nr else ' The node\'s diagnostics were not received.')
+              + (f' Node counters baseline: {nr["baseline"]}.' if nr else ''), '',
+              '| latency (ms) | frames | mean | p50 | p90 | p99 | max |',
+              '|---|---|---|---|---|---|---|',
+              _latency_row(f'stamp to publish ({clock["latency_units"]})',
+                           rt['stamp_to_publish_latency_ms']),
+              _latency_row('input publish to output publish (wall)',
+                           rt['input_to_output_latency_ms']), '']
+    return lines
+
+
 def render_plots(report: dict, out_dir: Path, overlays: list, latency_samples: dict
                  ) -> dict[str, Path]:
     """Latency CDF per stage, per-class AP / IoU bars, overlay grid; returns name -> path."""
@@ -281,16 +337,17 @@ def render_plots(report: dict, out_dir: Path, overlays: list, latency_samples: d
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     note = ' (random weights: not accuracy)' if not report.get('scores_are_accuracy') else ''
-    if any(latency_samples.get(k) for k in STAGE_KEYS):
+    keys = LIVE_KEYS if report.get('realtime') is not None else STAGE_KEYS
+    if any(latency_samples.get(k) for k in keys):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in STAGE_KEYS:
+        for key in keys:
             v = np.sort(np.asarray(latency_samples.get(key, []), np.float64))
             if v.size and v.max() > 0:
                 ax.step(v, np.arange(1, v.size + 1) / v.size, where='post', label=key[:-3])
         ax.set_xscale('symlog', linthresh=1.0)
         ax.set_xlabel('latency (ms)')
         ax.set_ylabel('fraction of frames')
-        ax.set_title('Latency CDF per stage')
+        ax.set_title('Live latency CDF' if keys == LIVE_KEYS else 'Latency CDF per stage')
         ax.grid(True, alpha=0.3)
         ax.legend()
         paths['latency'] = _save(fig, out_dir / 'latency_cdf.png')
