@@ -15,6 +15,8 @@ Everything the launch does is data in this module (``LAUNCH_ARGUMENTS``, ``camer
 into launch_ros actions and has no side effects.
 """
 
+from mamba_perception.ros.topics import camera_name_from_topic
+
 PACKAGE = 'mamba_perception'
 EXECUTABLE = 'perception_node'
 NODE_NAME = 'mamba_perception'
@@ -46,16 +48,6 @@ def parse_list(text: str) -> list:
     if text.startswith('[') and text.endswith(']'):
         text = text[1:-1]
     return [item.strip().strip('\'"') for item in text.split(',') if item.strip().strip('\'"')]
-
-
-def camera_name_from_topic(topic: str, index: int) -> str:
-    """``/sensing/camera/front/image_raw`` -> ``front``; ``.../front/image_raw/compressed`` too."""
-    parts = [p for p in topic.split('/') if p]
-    if parts and parts[-1] == 'compressed':
-        parts = parts[:-1]
-    name = parts[-2] if len(parts) >= 2 else f'camera{index}'
-    name = ''.join(c if c.isalnum() or c == '_' else '_' for c in name)
-    return name if name[:1].isalpha() else f'camera{index}'
 
 
 def camera_setup(topics: list, names: list) -> tuple:

@@ -83,6 +83,7 @@ from mamba_perception.replay.evaluate import (
 )
 from mamba_perception.replay.metrics import latency_stats
 from mamba_perception.results import Detections, FrameResult
+from mamba_perception.ros.topics import camera_name_from_topic
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +134,6 @@ class LiveOptions:
 
 # --------------------------------------------------------------------------------------------
 # Cameras and topics
-
-def camera_name_from_topic(topic: str, index: int) -> str:
-    """Camera name the launch file gives a topic: ``/sensing/camera/front/image_raw`` -> front.
-
-    The same rule as ``camera_name_from_topic`` in ``launch/av.launch.py`` (which is not an
-    importable module).
-    """
-    parts = [p for p in topic.split('/') if p]
-    if parts and parts[-1] == 'compressed':
-        parts = parts[:-1]
-    name = parts[-2] if len(parts) >= 2 else f'camera{index}'
-    name = ''.join(c if c.isalnum() or c == '_' else '_' for c in name)
-    return name if name[:1].isalpha() else f'camera{index}'
-
 
 def _join(*parts: str) -> str:
     return '/' + '/'.join(p.strip('/') for p in parts if p.strip('/'))

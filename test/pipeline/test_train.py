@@ -120,6 +120,7 @@ def test_torchrun_two_processes_on_cpu(dataset, tmp_path):
     """DistributedDataParallel over Gloo: two CPU processes, one bundle written by rank 0."""
     import os
     import shutil
+    import signal
     import subprocess
     import sys
     torchrun = shutil.which('torchrun') or os.path.join(os.path.dirname(sys.executable),
@@ -130,8 +131,17 @@ def test_torchrun_two_processes_on_cpu(dataset, tmp_path):
            *_argv(dataset, out)]
     cmd[cmd.index('--steps') + 1] = '4'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Own process group: on a timeout the worker processes go too, not only torchrun (orphaned
+    # workers would wait on their Gloo peers forever).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f'torchrun did not finish in 240 s:\n{stderr[-3000:]}')
+    assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['steps'] == 4 and len(list(csv.reader(open(out / 'log.csv')))) == 5
     load_bundle(out / 'model.safetensors')
