@@ -88,6 +88,8 @@ def run_replay(bags: Sequence[os.PathLike | str], bundle: Any, out_dir: os.PathL
                score_threshold: float = 0.3, nms_iou: float = 0.5, max_detections: int = 100,
                max_frames: Optional[int] = None, overlays: int = 6, workers: int = 1,
                devices: Sequence[str] = (), progress: bool = True, hash_bags: bool = True,
+               warmup_iterations: int = 2, write_bag: Optional[os.PathLike | str] = None,
+               write_bag_storage: Optional[str] = None,
                predictor_factory: Optional[Callable[..., Any]] = None,
                argv: Optional[Sequence[str]] = None) -> ReplayResult:
     """Replay ``bags`` through the bundle and write the report into ``out_dir``.
@@ -95,17 +97,30 @@ def run_replay(bags: Sequence[os.PathLike | str], bundle: Any, out_dir: os.PathL
     ``predictor_factory(device)`` replaces the Pipeline (tests use an oracle); it must be
     picklable when ``workers`` > 1. Bag errors do not raise: they are recorded in the report
     and give exit code 3. Setup errors (bundle, device) raise.
+
+    ``write_bag``: write the camera topics and the predictions into a new bag there (a folder of
+    one bag per input bag when there are several), in ``write_bag_storage`` (default: the
+    input's storage); see :class:`~mamba_perception.replay.evaluate.PredictionBag`.
     """
     paths_in = find_bags(bags)
     if workers < 1:
         raise ParameterError(f'--workers must be >= 1, got {workers}')
+    if write_bag is not None and len(paths_in) == 1 and Path(write_bag).exists():
+        raise ParameterError(f'--write-bag {write_bag}: exists already, not overwriting')
+    if write_bag_storage not in (None, 'mcap', 'sqlite3'):
+        raise ParameterError(f"--write-bag-storage must be 'mcap' or 'sqlite3', got "
+                             f'{write_bag_storage!r}')
     factory = predictor_factory or functools.partial(
         make_pipeline, bundle, precision=precision, score_threshold=score_threshold,
         nms_iou=nms_iou, max_detections=max_detections)
     options = ReplayOptions(camera_topics=tuple(topics), gt_detections=tuple(gt_detections),
                             gt_masks=tuple(gt_masks), stamp_tolerance_ns=int(
                                 stamp_tolerance_ms * 1e6), max_frames=max_frames,
-                            overlays=overlays, hash_bags=hash_bags)
+                            overlays=overlays, hash_bags=hash_bags,
+                            warmup_iterations=warmup_iterations,
+                            write_bag=None if write_bag is None else str(write_bag),
+                            write_bag_storage=write_bag_storage,
+                            write_bag_per_input=len(paths_in) > 1)
     device_list = list(devices) or [device]
     argv = list(argv) if argv is not None else sys.argv
     if workers > 1 and len(paths_in) > 1:
@@ -333,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overlays', type=int, default=6, help='overlay frames per bag in the report')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--no-hash', action='store_true', help='skip hashing the bag files')
+    p.add_argument('--warmup-iterations', type=int, default=2, metavar='N',
+                   help='Pipeline warm-up runs on each new frame size before it is timed, as the '
+                        'node does at configure (default %(default)s; 0: none)')
+    p.add_argument('--write-bag', metavar='OUT_BAG',
+                   help='also write a new bag with the camera topics and the predictions '
+                        '(<camera base>/detections, <camera base>/segmentation/mask) for '
+                        'Foxglove / RViz; with several bags a folder of one bag per input')
+    p.add_argument('--write-bag-storage', choices=('mcap', 'sqlite3'),
+                   help='storage of --write-bag (default: that of the input bag)')
     g = p.add_argument_group('live mode (a real perception_node over DDS)')
     g.add_argument('--live', action='store_true',
                    help='publish the camera topics at recorded rate into a running node and '
@@ -377,6 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.live:
             if len(args.bags) != 1 or args.workers != 1:
                 raise ParameterError('--live plays one bag, in one process')
+            if args.write_bag:
+                raise ParameterError('--write-bag is for offline replay (in live mode record '
+                                     "the node's outputs with ros2 bag record)")
             from mamba_perception.replay.live import LiveOptions
             options = LiveOptions(
                 rate=args.rate, sim_time=args.sim_time, clock_hz=args.clock_hz,
@@ -403,7 +430,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             precision=args.precision, score_threshold=args.score_threshold,
             nms_iou=args.nms_iou, max_frames=args.max_frames, overlays=args.overlays,
             workers=args.workers, devices=[d for d in args.devices.split(',') if d],
-            progress=not args.no_progress, hash_bags=not args.no_hash, argv=command)
+            progress=not args.no_progress, hash_bags=not args.no_hash,
+            warmup_iterations=args.warmup_iterations, write_bag=args.write_bag,
+            write_bag_storage=args.write_bag_storage, argv=command)
     except ParameterError as err:
         print(f'replay: error: {err}', file=sys.stderr)
         return EXIT_USAGE
@@ -427,6 +456,8 @@ def print_summary(result: ReplayResult, file: Any = None) -> None:
     print(f'status {r["status"]}: {c["frames"]} frames from {c["bags"]} bag(s)', file=file)
     for e in r['errors']:
         print(f'error: {e["error"]}', file=file)
+    for w in r.get('warnings', ()):
+        print(f'warning: {w["bag"]}: {w["warning"]}', file=file)
     if r.get('realtime'):
         rt = r['realtime']
         lat = rt['stamp_to_publish_latency_ms']
@@ -444,6 +475,9 @@ def print_summary(result: ReplayResult, file: Any = None) -> None:
         print(f'detection mAP {r["detection"]["mAP"]}', file=file)
     if r.get('segmentation'):
         print(f'segmentation mIoU {r["segmentation"]["mIoU"]}', file=file)
+    for b in r['bags']:
+        if b.get('predictions_bag'):
+            print(f'predictions bag: {b["predictions_bag"]["path"]}', file=file)
     print(f'report: {result.paths["markdown"]}', file=file)
     print(f'report.json: {result.paths["json"]}', file=file)
 

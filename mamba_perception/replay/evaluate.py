@@ -28,11 +28,14 @@ from mamba_perception.replay.bag import (
     DETECTIONS_TYPE,
     IMAGE_TYPE,
     BagReader,
+    BagWriter,
     bag_hash,
     decode_detections,
     decode_image,
     decode_mask,
+    detections_msg,
     header_stamp_ns,
+    image_msg,
 )
 from mamba_perception.replay.metrics import (
     ConfusionMatrix,
@@ -225,6 +228,9 @@ def load_coco_truth(path: os.PathLike | str, class_names: Sequence[str],
             if cid is None:
                 gt.unknown_class_boxes += 1
                 continue
+            if ann.get('image_id') not in images:
+                raise ParameterError(f'{path}: annotation {ann.get("id")} refers to image id '
+                                     f'{ann.get("image_id")!r}, which is not in "images"')
             x, y, w, h = ann['bbox']
             per_image.setdefault(images[ann['image_id']], []).append((x, y, x + w, y + h, cid))
         for k, rows in per_image.items():
@@ -232,6 +238,11 @@ def load_coco_truth(path: os.PathLike | str, class_names: Sequence[str],
             gt.boxes[k] = (arr[:, :4], arr[:, 4].astype(np.int64))
     if mask_dir is not None:
         import cv2
+        if not Path(mask_dir).is_dir():
+            raise ParameterError(f'{mask_dir}: ground-truth mask folder does not exist')
+        if not any(f.stem.isdigit() for f in Path(mask_dir).glob('*.png')):
+            raise ParameterError(f'{mask_dir}: no <{"stamp_ns" if key == "stamp" else "index"}>'
+                                 '.png ground-truth masks in this folder')
         for f in sorted(Path(mask_dir).glob('*.png')):
             if not f.stem.isdigit():
                 continue
@@ -262,8 +273,10 @@ class Evaluation:
     frames_with_mask_truth: int = 0
     arrivals: dict = field(default_factory=dict)  # 'bag topic' -> ([log ns], [total ms])
     overlays: list = field(default_factory=list)  # (caption, PNG bytes)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # replay time, warm-up excluded
     interrupted: bool = False
+    # warm-up done before timing: {'iterations': n, 'sizes_hw_px': [[h, w], ...], 'seconds': s}
+    warmup: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.detection = DetectionAccumulator(self.class_names)
@@ -284,6 +297,13 @@ class Evaluation:
         self.overlays += other.overlays
         self.wall_s += other.wall_s
         self.interrupted |= other.interrupted
+        if other.warmup:
+            mine = self.warmup or {'iterations': other.warmup['iterations'],
+                                   'sizes_hw_px': [], 'seconds': 0.0}
+            mine['sizes_hw_px'] += [s for s in other.warmup['sizes_hw_px']
+                                    if s not in mine['sizes_hw_px']]
+            mine['seconds'] += other.warmup['seconds']
+            self.warmup = mine
 
     def drops(self) -> dict:
         """Return simulated one-slot drops per camera stream, and in total."""
@@ -306,6 +326,17 @@ class ReplayOptions:
     max_frames: Optional[int] = None  # per bag
     overlays: int = 6  # per bag
     hash_bags: bool = True
+    # Pipeline.warmup(iterations) on each new input size before its first timed frame (0: off)
+    warmup_iterations: int = 2
+    # (height, width) sizes this process's predictor has been warmed up on: the predictor and
+    # these options live together (one run_replay, or one worker process), so a size is warmed
+    # once however many bags follow
+    warmed_sizes: set = field(default_factory=set)
+    # a new bag with the camera topics and the predictions (None: none); with several input
+    # bags (write_bag_per_input) it is a folder holding one output bag per input bag, by name
+    write_bag: Optional[str] = None
+    write_bag_storage: Optional[str] = None  # 'mcap' | 'sqlite3'; None: the input's storage
+    write_bag_per_input: bool = False
 
 
 def evaluate_bag(path: os.PathLike | str, predictor: Predictor, options: ReplayOptions,
@@ -321,6 +352,7 @@ def evaluate_bag(path: os.PathLike | str, predictor: Predictor, options: ReplayO
     info: dict = {'path': str(path), 'status': 'running', 'error': None, 'frames': 0}
     evaluation.bags.append(info)
     start = time.perf_counter()
+    warmup_s_before = evaluation.warmup.get('seconds', 0.0)
     try:
         if options.hash_bags:
             info.update(bag_hash(path))
@@ -340,7 +372,36 @@ def evaluate_bag(path: os.PathLike | str, predictor: Predictor, options: ReplayO
         info['error'] = str(err)
         info['status'] = 'partial' if info['frames'] else 'failed'
     finally:
-        evaluation.wall_s += time.perf_counter() - start
+        evaluation.wall_s += (time.perf_counter() - start
+                              - (evaluation.warmup.get('seconds', 0.0) - warmup_s_before))
+
+
+def warm_up(predictor: Any, size_hw: tuple, options: ReplayOptions, evaluation: Evaluation,
+            info: Optional[dict] = None) -> None:
+    """Warm ``predictor`` up on frames of ``size_hw`` unless done already (outside timing).
+
+    As the node does at configure (``warmup_size_px``), one-off costs (allocation, kernel
+    selection, compilation, CUDA graph capture) are paid by ``Pipeline.warmup`` on dummy
+    frames of the size about to be timed, so they do not land in the latency distribution.
+    Predictors without a ``warmup`` method (test oracles) are left alone.
+    """
+    size = (int(size_hw[0]), int(size_hw[1]))
+    warm = getattr(predictor, 'warmup', None)
+    if options.warmup_iterations <= 0 or warm is None or size in options.warmed_sizes:
+        return
+    t0 = time.perf_counter()
+    warm([size], iterations=options.warmup_iterations)
+    seconds = time.perf_counter() - t0
+    options.warmed_sizes.add(size)
+    record = evaluation.warmup or {'iterations': options.warmup_iterations, 'sizes_hw_px': [],
+                                   'seconds': 0.0}
+    if list(size) not in record['sizes_hw_px']:
+        record['sizes_hw_px'].append(list(size))
+    record['seconds'] += seconds
+    evaluation.warmup = record
+    if info is not None:
+        info.setdefault('warmup_sizes_hw_px', []).append(list(size))
+    log.info('warmed up on %dx%d frames in %.2f s', size[1], size[0], seconds)
 
 
 def _replay(reader: BagReader, predictor: Predictor, options: ReplayOptions,
@@ -373,39 +434,130 @@ def _replay(reader: BagReader, predictor: Predictor, options: ReplayOptions,
     if on_total is not None:
         on_total(total)
     every = max(1, (total or 60) // max(1, options.overlays)) if options.overlays else 0
-    for m in reader.messages(cameras):
-        if options.max_frames and info['frames'] >= options.max_frames:
-            break
-        t0 = time.perf_counter()
-        rgb = decode_image(m.msg, m.msgtype, m.topic, m.index)
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        stamp = header_stamp_ns(m.msg, m.log_time_ns)
-        try:
-            result = predictor(rgb)
-        except MambaPerceptionError as err:
-            raise BagError(f'topic {m.topic!r} message {m.index}: the pipeline refused the '
-                           f'frame: {err}') from None
-        result.times.decode_ms = decode_ms
-        key = f'{Path(info["path"]).name} {m.topic} #{m.index}'
-        frame_truth = truth.lookup(m.topic, stamp, m.index) if truth else FrameTruth()
-        score_frame(evaluation, predictor, result, frame_truth, key)
-        evaluation.latency.add(result.times)
-        stream = f'{info["path"]} {m.topic}'
-        arr = evaluation.arrivals.setdefault(stream, ([], []))
-        arr[0].append(m.log_time_ns)
-        arr[1].append(result.times.total_ms)
-        evaluation.frames += 1
-        evaluation.frames_per_topic[m.topic] = evaluation.frames_per_topic.get(m.topic, 0) + 1
-        info['frames'] += 1
-        if every and (info['frames'] - 1) % every == 0 and \
-                info.get('overlays', 0) < options.overlays:
-            info['overlays'] = info.get('overlays', 0) + 1
-            evaluation.overlays.append((key, overlay_png(rgb, result, frame_truth,
-                                                         predictor.class_colors)))
-        if progress is not None:
-            progress(1)
+    out = (PredictionBag.open(reader, options, info, cameras) if options.write_bag
+           else None)
+    try:
+        for m in reader.messages(cameras):
+            if options.max_frames and info['frames'] >= options.max_frames:
+                break
+            t0 = time.perf_counter()
+            rgb = decode_image(m.msg, m.msgtype, m.topic, m.index)
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            stamp = header_stamp_ns(m.msg, m.log_time_ns)
+            try:
+                warm_up(predictor, rgb.shape[:2], options, evaluation, info)
+                result = predictor(rgb)
+            except MambaPerceptionError as err:
+                raise BagError(f'topic {m.topic!r} message {m.index}: the pipeline refused the '
+                               f'frame: {err}') from None
+            result.times.decode_ms = decode_ms
+            key = f'{Path(info["path"]).name} {m.topic} #{m.index}'
+            frame_truth = truth.lookup(m.topic, stamp, m.index) if truth else FrameTruth()
+            if frame_truth.boxes_xyxy_px is not None or frame_truth.mask is not None:
+                info['frames_with_truth'] = info.get('frames_with_truth', 0) + 1
+            score_frame(evaluation, predictor, result, frame_truth, key)
+            evaluation.latency.add(result.times)
+            stream = f'{info["path"]} {m.topic}'
+            arr = evaluation.arrivals.setdefault(stream, ([], []))
+            arr[0].append(m.log_time_ns)
+            arr[1].append(result.times.total_ms)
+            evaluation.frames += 1
+            evaluation.frames_per_topic[m.topic] = evaluation.frames_per_topic.get(m.topic, 0) + 1
+            info['frames'] += 1
+            if every and (info['frames'] - 1) % every == 0 and \
+                    info.get('overlays', 0) < options.overlays:
+                info['overlays'] = info.get('overlays', 0) + 1
+                evaluation.overlays.append((key, overlay_png(rgb, result, frame_truth,
+                                                             predictor.class_colors)))
+            if out is not None:
+                out.write(m, result)
+            if progress is not None:
+                progress(1)
+    finally:
+        if out is not None:
+            out.close()
     if truth_error and info['error'] is None:
         info['error'] = truth_error
+    if truth and info['frames'] and not info.get('frames_with_truth'):
+        how = ('header stamp (ns)' if truth.key == 'stamp' else
+               'frame index (0-based, per camera topic)')
+        warning = (f'ground truth was given but none of the {info["frames"]} frames of this bag '
+                   f'matched it by {how}: check --gt-key (index|stamp), the COCO '
+                   f'frame_index/stamp_ns fields, the mask file names or --stamp-tolerance-ms')
+        info.setdefault('warnings', []).append(warning)
+        log.warning('%s: %s', info['path'], warning)
+
+
+def prediction_topics(camera_topic: str) -> tuple[str, str]:
+    """``/camera/image_raw`` -> (``/camera/detections``, ``/camera/segmentation/mask``)."""
+    base = camera_topic.rstrip('/')
+    if base.endswith('/compressed'):
+        base = base[:-len('/compressed')]
+    head = base.rsplit('/', 1)[0] if base.count('/') > 1 else base
+    return f'{head}/detections', f'{head}/segmentation/mask'
+
+
+class PredictionBag:
+    """A new bag: the camera topics as read, plus each frame's predictions beside them.
+
+    Per camera topic ``<base>/detections`` (vision_msgs/Detection2DArray, class ids as the node
+    writes them: the class index as a string) and ``<base>/segmentation/mask`` (mono8 class
+    ids); both carry the source image's header and log time, so Foxglove / RViz show them with
+    their frame. The bag is closed (and readable) however the replay ends.
+    """
+
+    def __init__(self, writer: BagWriter, info: dict, cameras: Sequence[str]) -> None:
+        self.writer = writer
+        self.info = info
+        self.topics = {c: prediction_topics(c) for c in cameras}
+
+    @classmethod
+    def open(cls, reader: BagReader, options: ReplayOptions, info: dict,
+             cameras: Sequence[str]) -> PredictionBag:
+        """Create the output bag for ``reader``'s bag (BagError when it exists)."""
+        target = Path(options.write_bag)
+        if options.write_bag_per_input:
+            target = target / Path(reader.path).stem
+            target.parent.mkdir(parents=True, exist_ok=True)
+        storage = options.write_bag_storage or (reader.storage if reader.storage in
+                                                ('mcap', 'sqlite3') else 'mcap')
+        topics = {c: prediction_topics(c) for c in cameras}
+        clash = sorted({t for pair in topics.values() for t in pair} & set(cameras))
+        if clash:
+            raise BagError(f'{target}: prediction topic(s) {clash} would overwrite camera topics')
+        writer = BagWriter(target, storage)
+        writer.__enter__()
+        info['predictions_bag'] = {
+            'path': str(target), 'storage': storage,
+            'topics': {c: {'detections': d, 'mask': m} for c, (d, m) in topics.items()},
+            'messages': {}}
+        return cls(writer, info, cameras)
+
+    def _put(self, topic: str, msgtype: str, msg: Any, log_time_ns: int) -> None:
+        self.writer.write(topic, msgtype, msg, log_time_ns)
+        counts = self.info['predictions_bag']['messages']
+        counts[topic] = counts.get(topic, 0) + 1
+
+    def write(self, m: Any, result: FrameResult) -> None:
+        """Write camera message ``m`` and the predictions ``result`` made from it."""
+        det_topic, mask_topic = self.topics[m.topic]
+        self._put(m.topic, m.msgtype, m.msg, m.log_time_ns)
+        stamp = header_stamp_ns(m.msg, m.log_time_ns)
+        frame_id = str(getattr(getattr(m.msg, 'header', None), 'frame_id', ''))
+        store = self.writer.store
+        d = result.detections
+        if d is not None:
+            self._put(det_topic, DETECTIONS_TYPE, detections_msg(
+                store, stamp, d.boxes_xyxy_px, [str(int(c)) for c in d.class_ids],
+                [float(s) for s in d.scores], frame_id=frame_id), m.log_time_ns)
+        if result.class_mask is not None:
+            self._put(mask_topic, IMAGE_TYPE, image_msg(
+                store, np.asarray(result.class_mask).astype(np.uint8), stamp, frame_id,
+                'mono8'), m.log_time_ns)
+
+    def close(self) -> None:
+        """Finish the bag (its metadata / summary)."""
+        self.writer.__exit__(None, None, None)
 
 
 def score_frame(evaluation: Evaluation, predictor: Any, result: FrameResult,
@@ -471,6 +623,7 @@ def evaluate_bags(paths: Iterable[os.PathLike | str], predictor: Predictor,
     return evaluation
 
 
-__all__ = ['Evaluation', 'FrameTruth', 'GroundTruth', 'Predictor', 'ReplayOptions',
+__all__ = ['Evaluation', 'FrameTruth', 'GroundTruth', 'PredictionBag', 'Predictor',
+           'ReplayOptions', 'prediction_topics',
            'evaluate_bag', 'evaluate_bags', 'load_bag_truth', 'load_coco_truth',
-           'new_evaluation', 'overlay_png', 'parse_topic_map', 'score_frame']
+           'new_evaluation', 'overlay_png', 'parse_topic_map', 'score_frame', 'warm_up']

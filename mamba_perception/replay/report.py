@@ -130,12 +130,16 @@ def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = Non
             'frames_per_topic': dict(evaluation.frames_per_topic),
             'frames_with_box_truth': evaluation.frames_with_box_truth,
             'frames_with_mask_truth': evaluation.frames_with_mask_truth,
+            'frames_without_box_truth': evaluation.frames - evaluation.frames_with_box_truth,
+            'frames_without_mask_truth': evaluation.frames - evaluation.frames_with_mask_truth,
             'gt_boxes': det['gt_boxes'] if det else 0,
             'predicted_boxes_on_annotated_frames': det['predicted_boxes'] if det else 0,
             'gt_boxes_of_unknown_classes': sum(b.get('gt_unknown_class_boxes', 0)
                                                for b in bags),
         },
         'errors': [{'bag': b['path'], 'error': b['error']} for b in bags if b.get('error')],
+        'warnings': [{'bag': b['path'], 'warning': w} for b in bags
+                     for w in b.get('warnings', ())],
         'detection': det,
         'segmentation': seg,
         'realtime': realtime,
@@ -149,9 +153,22 @@ def build_report(evaluation: Evaluation, prov: dict, status: Optional[str] = Non
                     'frames arrived at their recorded times, with the latency measured here',
             **evaluation.drops()},
         'bags': bags,
-        'provenance': prov,
+        'provenance': {**prov, 'warmup': _warmup_provenance(evaluation, live)},
     })
     return _clean(report)
+
+
+def _warmup_provenance(evaluation: Evaluation, live: bool) -> dict:
+    """How one-off costs were kept out of the timings."""
+    if live:
+        return {'policy': 'done by the node at configure (parameters warmup_size_px, '
+                          'warmup_iterations)'}
+    if not evaluation.warmup:
+        return {'policy': 'none (the predictor has no warmup method, or warm-up was off)',
+                'iterations': 0, 'sizes_hw_px': [], 'seconds': 0.0}
+    return {'policy': "Pipeline.warmup on each distinct input size before that size's first "
+                      'timed frame, outside the timed region (latency and throughput exclude it)',
+            **evaluation.warmup}
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +223,8 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
               f'`{report["provenance"]["device_name"]}`.', '',
               '## Counts', '', '| what | count |', '|---|---|']
     for key in ('bags', 'bags_complete', 'frames', 'frames_expected', 'frames_with_box_truth',
-                'frames_with_mask_truth', 'gt_boxes', 'predicted_boxes_on_annotated_frames',
+                'frames_with_mask_truth', 'frames_without_box_truth', 'frames_without_mask_truth',
+                'gt_boxes', 'predicted_boxes_on_annotated_frames',
                 'gt_boxes_of_unknown_classes'):
         lines.append(f'| {key} | {_fmt(counts.get(key))} |')
     for topic, n in counts['frames_per_topic'].items():
@@ -215,6 +233,10 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
     if report['errors']:
         lines += ['## Errors (results above the error are kept)', '']
         lines += [f'- `{e["bag"]}`: {e["error"]}' for e in report['errors']]
+        lines.append('')
+    if report.get('warnings'):
+        lines += ['## Warnings', '']
+        lines += [f'- `{w["bag"]}`: {w["warning"]}' for w in report['warnings']]
         lines.append('')
     det, seg = report.get('detection'), report.get('segmentation')
     if det is None and seg is None:
@@ -277,7 +299,8 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
               f'- bundle {prov["bundle"]["path"]} {prov["bundle"]["content_hash"]}; trained on: '
               f'{prov["bundle"]["trained_on"]}',
               '- versions: ' + ', '.join(f'{k} {v}' for k, v in prov['versions'].items()),
-              '- command: `' + ' '.join(str(a) for a in prov['command']) + '`', '',
+              '- command: `' + ' '.join(str(a) for a in prov['command']) + '`',
+              _warmup_line(prov.get('warmup') or {}), '',
               '| bag | storage | status | frames | sha256 | size (bytes) |',
               '|---|---|---|---|---|---|']
     for b in report['bags']:
@@ -285,6 +308,14 @@ def render_markdown(report: dict, plots: Optional[dict] = None,
                      f'{b["frames"]} | {str(b.get("sha256", "n/a"))[:19]} | '
                      f'{b.get("size_bytes", "n/a")} |')
     return '\n'.join(lines) + '\n'
+
+
+def _warmup_line(w: dict) -> str:
+    if w.get('sizes_hw_px'):
+        sizes = ', '.join(f'{wd}x{h}' for h, wd in w['sizes_hw_px'])
+        return (f'- warm-up before timing: {w["iterations"]} run(s) on each frame size ({sizes}),'
+                f' {w["seconds"]:.2f} s, excluded from latency and throughput')
+    return f'- warm-up before timing: {w.get("policy", "none")}'
 
 
 def _latency_row(name: str, s: dict) -> str:
