@@ -16,6 +16,21 @@ __all__ = ["bidir_bwd", "bidir_fwd", "selective_scan_bwd", "selective_scan_fwd",
            "ss2d_fwd"]
 
 
+def _selective_operands(u, delta, A, B, C, D, delta_bias, bc):
+    """Tensors and strides the forward and backward launches share (one route: k stride 0)."""
+    def seq(t):  # (batch, dim, L)
+        return (t.stride(0), 0, t.stride(1), bc * t.stride(2), t.stride(2))
+
+    def groups(t):  # (batch, G, N, L)
+        return (t.stride(0), 0, t.stride(1), t.stride(2), bc * t.stride(3), t.stride(3))
+
+    return dict(
+        u=u, su=seq(u), delta=delta, sd=seq(delta),
+        A=A, sA=(0, A.stride(0), A.stride(1)), B=B, sB=groups(B), C=C, sC=groups(C),
+        D=D, sD=(0, D.stride(0) if D is not None else 0),
+        bias=delta_bias, sbias=(0, delta_bias.stride(0) if delta_bias is not None else 0))
+
+
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype=None):
     """Return (out (batch, dim, L) in u.dtype, last_state (batch, dim, N) fp32)."""
     batch, dim, length = u.shape
@@ -26,19 +41,11 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_
     if length == 0:
         return out, last
     bc = geo.block_c
-
-    def seq(t):  # (batch, dim, L): k stride 0 (one route)
-        return (t.stride(0), 0, t.stride(1), bc * t.stride(2), t.stride(2))
-
     common.run(
         common.MODE_SELECTIVE, 1, geo, dim, dstate, dim // groups,
-        u=u, su=seq(u), delta=delta, sd=seq(delta),
-        A=A, sA=(0, A.stride(0), A.stride(1)),
-        B=B, sB=(B.stride(0), 0, B.stride(1), B.stride(2), bc * B.stride(3), B.stride(3)),
-        C=C, sC=(C.stride(0), 0, C.stride(1), C.stride(2), bc * C.stride(3), C.stride(3)),
-        D=D, sD=(0, D.stride(0) if D is not None else 0),
-        z=z, sz=(seq(z)[0], seq(z)[2], seq(z)[3], seq(z)[4]) if z is not None else (0,) * 4,
-        bias=delta_bias, sbias=(0, delta_bias.stride(0) if delta_bias is not None else 0),
+        **_selective_operands(u, delta, A, B, C, D, delta_bias, bc),
+        z=z, sz=(z.stride(0), z.stride(1), bc * z.stride(2), z.stride(2)) if z is not None
+        else (0,) * 4,
         out=out, so=(out.stride(0), out.stride(1), bc * out.stride(2), out.stride(2)),
         softplus=delta_softplus, last_state=last)
     return out, last
@@ -69,18 +76,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
         dy = dout
     geo = common.sequence_geometry(length, dstate)
     bc = geo.block_c
-
-    def seq(t):
-        return (t.stride(0), 0, t.stride(1), bc * t.stride(2), t.stride(2))
-
     du, dd, dA, dB, dC, dD, dbias = common.run_bwd(
         common.MODE_SELECTIVE, 1, geo, dim, dstate, dim // groups,
-        u=u, su=seq(u), delta=delta, sd=seq(delta),
-        A=A, sA=(0, A.stride(0), A.stride(1)),
-        B=B, sB=(B.stride(0), 0, B.stride(1), B.stride(2), bc * B.stride(3), B.stride(3)),
-        C=C, sC=(C.stride(0), 0, C.stride(1), C.stride(2), bc * C.stride(3), C.stride(3)),
-        D=D, sD=(0, D.stride(0) if D is not None else 0),
-        bias=delta_bias, sbias=(0, delta_bias.stride(0) if delta_bias is not None else 0),
+        **_selective_operands(u, delta, A, B, C, D, delta_bias, bc),
         dy=dy, sy=(dy.stride(0), dy.stride(1), bc * dy.stride(2), dy.stride(2)),
         softplus=delta_softplus)
     return (du.view(batch, dim, length).to(u.dtype), dd.view(batch, dim, length).to(delta.dtype),

@@ -17,6 +17,27 @@ import torch
 from . import common
 
 
+def _ss2d_operands(x, delta, A, B, C, D, delta_bias):
+    """Tensors and strides the forward and backward launches share.
+
+    A, D and delta_bias are route-major (row ``k * dim + c``), hence the ``dim *`` route strides.
+    """
+    dim = x.shape[1]
+
+    def per_route(t):  # (batch, 4, N, H, W); one group per route
+        return (t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3), t.stride(4))
+
+    return dict(
+        u=x, su=(x.stride(0), 0, x.stride(1), x.stride(2), x.stride(3)),
+        delta=delta, sd=tuple(delta.stride()),
+        A=A, sA=(dim * A.stride(0), A.stride(0), A.stride(1)),
+        B=B, sB=per_route(B), C=C, sC=per_route(C),
+        D=D, sD=(dim * D.stride(0), D.stride(0)) if D is not None else (0, 0),
+        bias=delta_bias,
+        sbias=((dim * delta_bias.stride(0), delta_bias.stride(0)) if delta_bias is not None
+               else (0, 0)))
+
+
 def ss2d_fwd(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
     """Return y (batch, dim, H, W) in ``out_dtype``: the sum of the four routes' outputs."""
     batch, dim, height, width = x.shape
@@ -25,21 +46,10 @@ def ss2d_fwd(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
     if height * width == 0:
         return out
     geo = common.image_geometry(height, width, dstate)
-    sA = (dim * A.stride(0), A.stride(0), A.stride(1))  # route-major rows k*dim + c
-
-    def bc_strides(t):  # (batch, 4, N, H, W); one group per route
-        return (t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3), t.stride(4))
-
     common.run(
         common.MODE_SS2D, 4, geo, dim, dstate, dim,
-        u=x, su=(x.stride(0), 0, x.stride(1), x.stride(2), x.stride(3)),
-        delta=delta, sd=tuple(delta.stride()),
-        A=A, sA=sA, B=B, sB=bc_strides(B), C=C, sC=bc_strides(C),
-        D=D, sD=(dim * D.stride(0), D.stride(0)) if D is not None else (0, 0),
+        **_ss2d_operands(x, delta, A, B, C, D, delta_bias),
         z=None, sz=(0, 0, 0, 0),
-        bias=delta_bias,
-        sbias=((dim * delta_bias.stride(0), delta_bias.stride(0)) if delta_bias is not None
-               else (0, 0)),
         out=out, so=tuple(out.stride()), softplus=delta_softplus)
     return out
 
@@ -49,20 +59,9 @@ def ss2d_bwd(dy, x, delta, A, B, C, D, delta_bias, delta_softplus):
     batch, dim, height, width = x.shape
     dstate = A.shape[1]
     geo = common.image_geometry(height, width, dstate)
-
-    def bc_strides(t):
-        return (t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3), t.stride(4))
-
     du, dd, dA, dB, dC, dD, dbias = common.run_bwd(
         common.MODE_SS2D, 4, geo, dim, dstate, dim,
-        u=x, su=(x.stride(0), 0, x.stride(1), x.stride(2), x.stride(3)),
-        delta=delta, sd=tuple(delta.stride()),
-        A=A, sA=(dim * A.stride(0), A.stride(0), A.stride(1)),
-        B=B, sB=bc_strides(B), C=C, sC=bc_strides(C),
-        D=D, sD=(dim * D.stride(0), D.stride(0)) if D is not None else (0, 0),
-        bias=delta_bias,
-        sbias=((dim * delta_bias.stride(0), delta_bias.stride(0)) if delta_bias is not None
-               else (0, 0)),
+        **_ss2d_operands(x, delta, A, B, C, D, delta_bias),
         dy=dy, sy=tuple(dy.stride()), softplus=delta_softplus)
     return (du.view(x.shape).to(x.dtype), dd.view(delta.shape).to(delta.dtype), dA.to(A.dtype),
             dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
