@@ -130,17 +130,21 @@ def ss2d_case(batch, dim, height, width, dtype, mamba, iters):
     def torch_only():
         return torch_path.ss2d_fwd(x, delta, A, B, C, D, bias, True, dtype)
 
-    row = {}
-    ref = fused()
-    row["fused"] = _t(fused, iters)
-    row["separate_ours"] = _t(separate_ours, iters)
-    row["max_abs_diff_fused_vs_separate_ours"] = float((ref.float() - separate_ours().float())
-                                                       .abs().max())
-    if mamba is not None:
+    torch_ok = batch == 1 and 4 * dim * length <= TORCH_PATH_MAX_ELEMS
+    return _compare(fused, separate_ours, separate_mamba if mamba else None,
+                    torch_only if torch_ok else None, iters)
+
+
+def _compare(fused, separate_ours, separate_mamba, torch_only, iters):
+    """Time each path (None: not available) and check the fused output against the others."""
+    ref = fused().float()
+    row = {"fused": _t(fused, iters), "separate_ours": _t(separate_ours, iters)}
+    row["max_abs_diff_fused_vs_separate_ours"] = float(
+        (ref - separate_ours().float()).abs().max())
+    if separate_mamba is not None:
         row["separate_mamba"] = _t(separate_mamba, iters)
-        row["max_abs_diff_fused_vs_mamba"] = float((ref.float() - separate_mamba().float())
-                                                   .abs().max())
-    if batch == 1 and 4 * dim * length <= TORCH_PATH_MAX_ELEMS:
+        row["max_abs_diff_fused_vs_mamba"] = float((ref - separate_mamba().float()).abs().max())
+    if torch_only is not None:
         row["torch_path"] = _t(torch_only, max(2, iters // 10))
     return row
 
@@ -176,19 +180,9 @@ def bidir_case(batch, length, dtype, mamba, iters):
     def torch_only():
         return torch_path.bidir_fwd(u, delta, A, B, C, D, z, bias, True)
 
-    row = {}
-    ref = fused()
-    row["fused"] = _t(fused, iters)
-    row["separate_ours"] = _t(separate_ours, iters)
-    row["max_abs_diff_fused_vs_separate_ours"] = float((ref.float() - separate_ours().float())
-                                                       .abs().max())
-    if mamba is not None:
-        row["separate_mamba"] = _t(separate_mamba, iters)
-        row["max_abs_diff_fused_vs_mamba"] = float((ref.float() - separate_mamba().float())
-                                                   .abs().max())
-    if batch == 1 and 2 * dim * n * length <= TORCH_PATH_MAX_ELEMS:
-        row["torch_path"] = _t(torch_only, max(2, iters // 10))
-    return row
+    torch_ok = batch == 1 and 2 * dim * n * length <= TORCH_PATH_MAX_ELEMS
+    return _compare(fused, separate_ours, separate_mamba if mamba else None,
+                    torch_only if torch_ok else None, iters)
 
 
 def summarize(row, floor_bytes):

@@ -49,17 +49,12 @@ def bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype=Non
 
 def bidir_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """Return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' dtypes."""
-    from .launch import gate_grads
+    from .launch import ungate
 
     batch, _, dim, length = u.shape
     dstate = A.shape[2]
-    dz = None
-    if z is not None:
-        y = bidir_fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus,
-                      out_dtype=torch.float32)
-        dy, dz = gate_grads(dout, y, z)
-    else:
-        dy = dout
+    dy, dz = ungate(dout, z, lambda: bidir_fwd(
+        u, delta, A, B, C, D, None, delta_bias, delta_softplus, out_dtype=torch.float32))
     geo = common.sequence_geometry(length, dstate)
     bc = geo.block_c
     du, dd, dA, dB, dC, dD, dbias = common.run_bwd(

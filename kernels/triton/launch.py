@@ -59,6 +59,13 @@ def gate_grads(dout, y, z):
     return dout * zf * sig, dout * y * sig * (1 + zf * (1 - sig))
 
 
+def ungate(dout, z, ungated_forward):
+    """(dy, dz) for out = y * silu(z); y is recomputed (fp32) only when there is a gate."""
+    if z is None:
+        return dout, None
+    return gate_grads(dout, ungated_forward(), z)
+
+
 def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """Return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' dtypes.
 
@@ -67,13 +74,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus
     """
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], A.shape[1]
-    dz = None
-    if z is not None:
-        y, _ = selective_scan_fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus,
-                                  out_dtype=torch.float32)
-        dy, dz = gate_grads(dout, y, z)
-    else:
-        dy = dout
+    dy, dz = ungate(dout, z, lambda: selective_scan_fwd(
+        u, delta, A, B, C, D, None, delta_bias, delta_softplus, out_dtype=torch.float32)[0])
     geo = common.sequence_geometry(length, dstate)
     bc = geo.block_c
     du, dd, dA, dB, dC, dD, dbias = common.run_bwd(
