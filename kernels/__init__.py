@@ -6,11 +6,15 @@ Public ops (each has a sequential ``*_ref`` twin with the same signature, the te
 
 * ``selective_scan``: Mamba-1 selective scan, grouped B/C (mamba_ssm's convention).
 * ``ss2d_scan``: VMamba's cross-scan + 4-route scan + cross-merge as one op.
+* ``ss2d_scan_lowrank``: the same for channels-last maps with Δ given as its low-rank factors
+  (VMamba's x_proj output and dt_projs weight): the Δ projection runs inside the kernel.
 * ``bidir_scan``: Vim's forward + backward scan as one op.
+* ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
+  before the scan (``dwconv.py``).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
-All three are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
+All four are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
 impls and registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
 treat each as one node.
 """
@@ -19,9 +23,16 @@ from __future__ import annotations
 
 from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
+from .dwconv import dwconv2d_nhwc
 from .errors import ScanInputError
-from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_op
-from .reference import bidir_scan_ref, selective_scan_ref, ss2d_scan_ref
+from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
+from .reference import (
+    bidir_scan_ref,
+    expand_lowrank,
+    selective_scan_ref,
+    ss2d_scan_lowrank_ref,
+    ss2d_scan_ref,
+)
 
 __all__ = [
     "MAX_DSTATE",
@@ -29,9 +40,13 @@ __all__ = [
     "backend_name",
     "bidir_scan",
     "bidir_scan_ref",
+    "dwconv2d_nhwc",
     "selective_scan",
     "selective_scan_ref",
+    "expand_lowrank",
     "ss2d_scan",
+    "ss2d_scan_lowrank",
+    "ss2d_scan_lowrank_ref",
     "ss2d_scan_ref",
 ]
 
@@ -78,6 +93,30 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
     return ss2d_scan_op(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype)
+
+
+def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
+                      out_dtype=None):
+    """VMamba SS2D on a channels-last map with the Δ projection fused into the scan.
+
+    Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
+
+        x:          (batch, H, W, dim)          channels-last (channel stride 1 is the fast case)
+        x_proj:     (batch, H, W, 4*(R + 2N))   per pixel, route k's [dt (R), B (N), C (N)]
+                                                at channel k*(R+2N): VMamba's x_proj output
+        dt_weight:  (4, dim, R)                 Δ_k[c] = sum_r dt_k[r] * dt_weight[k, c, r]
+        A:          (4*dim, N) fp32             route-major, as in ``ss2d_scan``
+        D, dt_bias: (4*dim,) fp32
+        returns     y (batch, H, W, dim) contiguous, in out_dtype (default x.dtype)
+
+    On CUDA one Triton kernel set rebuilds Δ in registers (never (batch, 4, dim, H, W) in
+    memory); elsewhere Δ is expanded and the chunked PyTorch path runs.
+    """
+    _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _dispatch.check_out_dtype(out_dtype)
+    return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
+                                out_dtype)
 
 
 def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

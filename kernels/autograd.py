@@ -63,8 +63,39 @@ def _bidir_backward(ctx, dout):
     return (*_select(grads, ctx.needs_input_grad[:8], ctx.present), None)
 
 
-def register(selective_scan_op, ss2d_scan_op, bidir_scan_op):
-    """Attach the backward formulas to the three forward ops."""
+def _lowrank_setup(ctx, inputs, output):
+    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _ = inputs
+    ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
+    ctx.present = tuple(t is not None for t in inputs[:6])
+    ctx.delta_softplus = delta_softplus
+
+
+def _lowrank_backward(ctx, dy):
+    # Expand Δ again (the fused forward never stored it), run the SS2D backward op, then chain
+    # through the projection: d x_proj[dt part] = dΔ · W, d W = dΔ^T · x_proj[dt part].
+    from .reference import expand_lowrank
+
+    x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
+    dstate = A.shape[1]
+    xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, dstate)
+    dx, ddelta, dA, dB, dC, dD, dbias = torch.ops.mamba_perception.ss2d_scan_bwd(
+        dy.permute(0, 3, 1, 2), xc, delta, A, B, C, D, dt_bias, ctx.delta_softplus)
+    batch, height, width, _ = x.shape
+    rank = dt_weight.shape[2]
+    cdt = ddelta.dtype
+    parts = x_proj.reshape(batch, height, width, 4, rank + 2 * dstate)
+    d_dts = torch.einsum('bkchw,kcr->bhwkr', ddelta, dt_weight.to(cdt))
+    d_proj = torch.cat([d_dts, dB.permute(0, 3, 4, 1, 2).to(cdt),
+                        dC.permute(0, 3, 4, 1, 2).to(cdt)], dim=-1)
+    d_weight = torch.einsum('bkchw,bhwkr->kcr', ddelta, parts[..., :rank].to(cdt))
+    grads = (dx.permute(0, 2, 3, 1).to(x.dtype), d_proj.reshape(x_proj.shape).to(x_proj.dtype),
+             d_weight.to(dt_weight.dtype), dA, dD, dbias)
+    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None)
+
+
+def register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op):
+    """Attach the backward formulas to the forward ops."""
     selective_scan_op.register_autograd(_ss_backward, setup_context=_ss_setup)
     ss2d_scan_op.register_autograd(_ss2d_backward, setup_context=_ss2d_setup)
     bidir_scan_op.register_autograd(_bidir_backward, setup_context=_bidir_setup)
+    ss2d_scan_lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)

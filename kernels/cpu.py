@@ -224,7 +224,8 @@ def ss2d_fwd(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
     ys, _ = scan_core_fwd(xs, ds, A, route_sequences(B), route_sequences(C), D, delta_bias,
                           delta_softplus, cdt)
     y = unroute(ys.reshape(batch, 4, dim, length), height, width).sum(1)
-    return y.to(out_dtype)
+    out = torch.empty_like(x, dtype=out_dtype)  # x's memory format, as the Triton path does
+    return out.copy_(y)
 
 
 def ss2d_bwd(dy, x, delta, A, B, C, D, delta_bias, delta_softplus):

@@ -115,6 +115,27 @@ def check_ss2d(x, delta, A, B, C, D, delta_bias):
     return batch, dim, height, width, dstate
 
 
+def check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias):
+    """Validate ``ss2d_scan_lowrank`` arguments; returns (batch, H, W, dim, R, N)."""
+    check_tensor("x", x, (None, None, None, None), ACT_DTYPES, None)
+    batch, height, width, dim = x.shape
+    dev = x.device
+    check_tensor("A", A, (4 * dim, None), PARAM_DTYPES, dev)
+    dstate = A.shape[1]
+    _check_dstate("A", dstate)
+    check_tensor("dt_weight", dt_weight, (4, dim, None), ACT_DTYPES, dev)
+    rank = dt_weight.shape[2]
+    if rank < 1:
+        raise ScanInputError(f"dt_weight: rank R must be >= 1; got {_desc(dt_weight)}")
+    check_tensor("x_proj", x_proj, (batch, height, width, 4 * (rank + 2 * dstate)), ACT_DTYPES,
+                 dev)
+    if D is not None:
+        check_tensor("D", D, (4 * dim,), PARAM_DTYPES, dev)
+    if dt_bias is not None:
+        check_tensor("dt_bias", dt_bias, (4 * dim,), PARAM_DTYPES, dev)
+    return batch, height, width, dim, rank, dstate
+
+
 def check_bidir(u, delta, A, B, C, D, z, delta_bias):
     """Validate ``bidir_scan`` arguments; returns (batch, dim, L, N)."""
     check_tensor("u", u, (None, 2, None, None), ACT_DTYPES, None)

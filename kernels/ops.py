@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import cpu
 from .dispatch import backend_name
+from .reference import expand_lowrank
 
 LIB = "mamba_perception"
 
@@ -99,7 +100,9 @@ def ss2d_scan_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 @ss2d_scan_op.register_fake
 def _(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
+    # Same rule as both implementations: y keeps x's memory format (channels_last included);
+    # inductor asserts the real strides against these.
+    return torch.empty_like(x, dtype=out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::ss2d_scan_bwd", mutates_args=())
@@ -118,6 +121,28 @@ def ss2d_scan_bwd_op(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
 def _(dy, x, delta, A, B, C, D, delta_bias, delta_softplus):
     outs = [x, delta, A, B, C, D, delta_bias]
     return [torch.empty_like(t) if t is not None else _empty(x) for t in outs]
+
+
+# ---------------------------------------------------------------------------- ss2d_scan_lowrank
+
+
+@torch.library.custom_op(f"{LIB}::ss2d_scan_lowrank", mutates_args=())
+def ss2d_scan_lowrank_op(x: Tensor, x_proj: Tensor, dt_weight: Tensor, A: Tensor,
+                         D: Optional[Tensor], dt_bias: Optional[Tensor], delta_softplus: bool,
+                         out_dtype: torch.dtype) -> Tensor:
+    """Return y (batch, H, W, dim) contiguous in ``out_dtype``."""
+    if backend_name(x.device) == "triton":
+        from .triton.ss2d_lowrank import ss2d_lowrank_fwd
+
+        return ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
+    xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, A.shape[1])
+    y = cpu.ss2d_fwd(xc, delta, A, B, C, D, dt_bias, delta_softplus, out_dtype)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+@ss2d_scan_lowrank_op.register_fake
+def _(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)  # contiguous NHWC, as both paths return
 
 
 # ---------------------------------------------------------------------------- bidir_scan
@@ -159,4 +184,4 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 from . import autograd as _autograd  # noqa: E402  (registers the backward formulas)
 
-_autograd.register(selective_scan_op, ss2d_scan_op, bidir_scan_op)
+_autograd.register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op)

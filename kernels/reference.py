@@ -127,6 +127,39 @@ def ss2d_scan_ref(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tru
     return y.to(out_dtype or x.dtype)
 
 
+def expand_lowrank(x, x_proj, dt_weight, d_state):
+    """Operands of ``ss2d_scan`` from the low-rank form of ``ss2d_scan_lowrank``.
+
+    Args:
+        x: (batch, H, W, dim) channels-last activations.
+        x_proj: (batch, H, W, 4 * (R + 2N)); route k's [dt (R), B (N), C (N)] start at k*(R+2N).
+        dt_weight: (4, dim, R), VMamba's ``dt_projs_weight``.
+        d_state: N.
+
+    Returns:
+        (x (batch, dim, H, W) view, delta (batch, 4, dim, H, W), B, C (batch, 4, N, H, W)
+        views into x_proj), with delta = the per-route projection of the dt factors, in the
+        promoted dtype of x_proj and dt_weight.
+    """
+    batch, height, width, _ = x.shape
+    rank = dt_weight.shape[2]
+    parts = x_proj.reshape(batch, height, width, 4, rank + 2 * d_state)
+    dts = parts[..., :rank]
+    cdt = torch.promote_types(x_proj.dtype, dt_weight.dtype)
+    delta = torch.einsum('bhwkr,kcr->bkchw', dts.to(cdt), dt_weight.to(cdt))
+    B = parts[..., rank:rank + d_state].permute(0, 3, 4, 1, 2)
+    C = parts[..., rank + d_state:].permute(0, 3, 4, 1, 2)
+    return x.permute(0, 3, 1, 2), delta, B, C
+
+
+def ss2d_scan_lowrank_ref(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
+                          out_dtype=None):
+    """``ss2d_scan_lowrank`` by its definition: expand Δ, run ``ss2d_scan_ref``, go NHWC."""
+    xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, A.shape[1])
+    y = ss2d_scan_ref(xc, delta, A, B, C, D, dt_bias, delta_softplus, out_dtype or x.dtype)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
 def bidir_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
     """Vim bidirectional scan: forward scan + scan of the flipped sequence, flipped back.
 

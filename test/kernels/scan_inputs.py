@@ -41,6 +41,20 @@ def make_ss2d(batch, dim, height, width, dstate, dtype=torch.float32, device='cp
     )
 
 
+def make_ss2d_lowrank(batch, height, width, dim, rank, dstate, dtype=torch.float32,
+                      device='cpu', with_d=True, with_bias=True):
+    """Arguments of ``ss2d_scan_lowrank``: NHWC x, packed x_proj, (4, dim, R) dt weight."""
+    return dict(
+        x=rand(batch, height, width, dim, dtype=dtype, device=device),
+        x_proj=rand(batch, height, width, 4 * (rank + 2 * dstate), dtype=dtype, device=device,
+                    scale=0.5),
+        dt_weight=rand(4, dim, rank, device=device, scale=rank ** -0.5),
+        A=neg_a(4 * dim, dstate, device=device),
+        D=rand(4 * dim, device=device) if with_d else None,
+        dt_bias=rand(4 * dim, device=device, scale=0.5) if with_bias else None,
+    )
+
+
 def make_bidir(batch, dim, length, dstate, dtype=torch.float32, device='cpu', with_d=True,
                with_z=True, with_bias=True, param_dtype=torch.float32):
     return dict(

@@ -6,7 +6,14 @@ import sys
 import mamba_perception_kernels as K
 from mamba_perception_kernels import cpu
 import pytest
-from scan_inputs import make_bidir, make_selective, make_ss2d, non_contiguous, tol
+from scan_inputs import (
+    make_bidir,
+    make_selective,
+    make_ss2d,
+    make_ss2d_lowrank,
+    non_contiguous,
+    tol,
+)
 import torch
 from torch.autograd import gradcheck
 
@@ -290,6 +297,70 @@ class _SS2DBlock(torch.nn.Module):
     def forward(self, x, delta):
         p = self.params
         return K.ss2d_scan(x * 2, delta, p['A'], p['B'], p['C'], p['D'], p['delta_bias']) + 1
+
+
+def test_ss2d_lowrank_equals_ss2d_on_expanded_delta():
+    args = make_ss2d_lowrank(2, 6, 9, 8, 3, 2)
+    out = K.ss2d_scan_lowrank(**args)
+    assert out.shape == (2, 6, 9, 8) and out.is_contiguous()
+    # Independent check of the packing convention: build Δ, B, C by hand from x_proj.
+    x, p, w = args['x'], args['x_proj'], args['dt_weight']
+    parts = p.reshape(2, 6, 9, 4, 3 + 4)
+    delta = torch.stack([parts[..., k, :3] @ w[k].T for k in range(4)], 1)  # b,h,w,dim per k
+    want = K.ss2d_scan_ref(x.permute(0, 3, 1, 2), delta.permute(0, 1, 4, 2, 3), args['A'],
+                           parts[..., 3:5].permute(0, 3, 4, 1, 2),
+                           parts[..., 5:7].permute(0, 3, 4, 1, 2), args['D'], args['dt_bias'])
+    torch.testing.assert_close(out, want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_ss2d_lowrank_gradcheck_f64():
+    args = _f64(make_ss2d_lowrank(1, 3, 4, 2, 2, 1))
+    names = list(args)
+    assert gradcheck(lambda *ts: K.ss2d_scan_lowrank(**dict(zip(names, ts, strict=True))),
+                     tuple(args.values()))
+
+
+def test_ss2d_lowrank_errors_name_the_tensor():
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    with pytest.raises(K.ScanInputError, match='x_proj'):
+        K.ss2d_scan_lowrank(**dict(args, x_proj=args['x_proj'][..., :-1]))
+    with pytest.raises(K.ScanInputError, match='dt_weight'):
+        K.ss2d_scan_lowrank(**dict(args, dt_weight=args['dt_weight'][:3]))
+    with pytest.raises(K.ScanInputError, match='A'):
+        K.ss2d_scan_lowrank(**dict(args, A=args['A'][:8]))
+
+
+def test_fake_impls_give_the_real_output_strides():
+    # Regression: ss2d_scan's fake impl once said "contiguous NCHW" for a channels-last x while
+    # the kernel returns x's memory format; inductor's assert_size_stride then failed on GPU.
+    p = make_ss2d(1, 4, 5, 6, 1)
+    x = torch.randn(1, 5, 6, 4).permute(0, 3, 1, 2)  # channels-last view, as in the models
+    lr = make_ss2d_lowrank(1, 5, 6, 4, 2, 1)
+    real = (K.ss2d_scan(x, **{k: v for k, v in p.items() if k != 'x'}),
+            K.ss2d_scan_lowrank(**lr))
+    with torch._subclasses.FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fp = {k: mode.from_tensor(v) for k, v in p.items() if k != 'x'}
+        flr = {k: mode.from_tensor(v) for k, v in lr.items()}
+        fake = (K.ss2d_scan(fx, **fp), K.ss2d_scan_lowrank(**flr))
+    assert real[0].stride() == x.stride()
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
+def test_ss2d_lowrank_compiles_as_one_op():
+    args = make_ss2d_lowrank(1, 5, 6, 8, 2, 1)
+
+    def f(x, x_proj):
+        y = K.ss2d_scan_lowrank(x, x_proj, args['dt_weight'], args['A'], args['D'],
+                                args['dt_bias'], out_dtype=torch.float32)
+        return torch.nn.functional.layer_norm(y, (8,))
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(args['x'], args['x_proj']), f(args['x'], args['x_proj']))
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(args['x'], args['x_proj'])
+    ours = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith('mamba_perception')]
+    assert ours == ['mamba_perception.ss2d_scan_lowrank.default'], ours
 
 
 def test_torch_compile_sees_one_op():

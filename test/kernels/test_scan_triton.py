@@ -11,7 +11,14 @@ import os
 
 import mamba_perception_kernels as K
 import pytest
-from scan_inputs import make_bidir, make_selective, make_ss2d, non_contiguous, tol
+from scan_inputs import (
+    make_bidir,
+    make_selective,
+    make_ss2d,
+    make_ss2d_lowrank,
+    non_contiguous,
+    tol,
+)
 import torch
 
 if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
@@ -185,6 +192,43 @@ def test_bidir_bwd(triton_device, length, dstate):
     want = cpu.bidir_bwd(dy, *args.values(), True)
     got = launch.bidir_bwd(dy.to(device), *_on(args, device).values(), True)
     _grads_close(got, want, 'bidir')
+
+
+@pytest.mark.parametrize('batch,height,width,dim,rank,dstate,dtype,block', [
+    (1, 1, 1, 16, 1, 1, torch.float32, (8, 16, 32)),
+    # 3x3 tiles x 2 channel blocks (the second partial): rows and columns cross tiles
+    (2, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16)),
+    (1, 6, 11, 24, 2, 2, torch.float16, (4, 8, 16)),   # N=2, channels split 16 + 8
+    (1, 5, 9, 16, 2, 1, torch.bfloat16, (8, 16, 32)),  # one tile bigger than the map
+])
+def test_ss2d_lowrank_fwd(batch, height, width, dim, rank, dstate, dtype, block, monkeypatch):
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'block', block)
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'fused')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(batch, height, width, dim, rank, dstate, dtype=dtype)
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
+    assert out.shape == ref.shape and out.is_contiguous()
+    _close(out, ref, torch.float32 if dtype == torch.float32 else dtype)
+
+
+@pytest.mark.parametrize('impl', ['fused', 'expanded'])
+def test_ss2d_lowrank_fwd_strided_inputs_no_optionals(impl, monkeypatch):
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', impl)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(1, 7, 10, 16, 2, 1, with_d=False, with_bias=False)
+    ref = K.ss2d_scan_lowrank_ref(**args, delta_softplus=False)
+    # x as a channel slice of a wider map, x_proj as the even channels of a wider one
+    x_wide = torch.zeros(1, 7, 10, 24)
+    x_wide[..., 4:20] = args['x']
+    nc = dict(_on(args, device), x=x_wide.to(device)[..., 4:20],
+              x_proj=non_contiguous(args['x_proj'].to(device)))
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*nc.values(), False, torch.float32)
+    _close(out, ref, torch.float32)
 
 
 # ------------------------------------------------------------------ public ops on the GPU

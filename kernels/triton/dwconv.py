@@ -1,0 +1,156 @@
+"""Depthwise k x k convolution (stride 1, 'same' zero padding) over channels-last (NHWC) maps.
+
+VMamba's SS2D block runs ``in_proj -> depthwise conv 3x3 -> SiLU`` on a (B, H, W, C) activation.
+cuDNN handles that layout with a generic kernel plus layout transposes; the op is memory bound
+(k*k multiply-adds per element), so one pass that reads x once and writes y once is the goal.
+
+One program owns a (BLOCK_H x BLOCK_W) tile of pixels times BLOCK_C channels of one image.
+Channels are the contiguous axis, so every load and store is a row of BLOCK_C consecutive
+elements per pixel (coalesced, vectorised when the channel stride is 1). For each of the k*k
+taps the program loads the shifted tile with the out-of-image pixels masked to zero (the 'same'
+zero padding) and accumulates ``x * w`` in fp32. The k*k shifted tiles overlap, so apart from
+the first one they are served by L1/L2: HBM traffic stays close to one read of x (plus a halo
+per tile) and one write of y. Bias and SiLU are applied in fp32 before the single store in the
+input dtype.
+
+Launch order: axis 0 walks the pixel tiles of one (channel block, image), row-major, so tiles
+running at the same time are spatial neighbours and share their halos in L2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch configuration, read at every call (bench/dwconv.py --tune sweeps and sets it). Tile
+# sizes must be powers of two; each is clamped to the next power of two of the map's size, and
+# block_c is an upper bound (see launch_config). Defaults not yet tuned on a GPU.
+TUNING = {
+    "block_h": 4,      # pixel rows per tile
+    "block_w": 16,     # pixel columns per tile
+    "block_c": 64,     # channels per program (64 fp16 = 128 bytes per pixel row)
+    "num_warps": 4,
+}
+
+# Offsets inside one image are computed in int32 (the batch offset is int64).
+_MAX_IMAGE_SPAN = 2**31 - 1
+
+
+@triton.jit
+def _dwconv_nhwc_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr,
+        H, W, C, n_tiles_w,
+        sx_b, sx_h, sx_w, sx_c, sw_c, sw_h, sw_w, s_bias,
+        KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+        C_CONTIG: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    PAD: tl.constexpr = KSIZE // 2
+
+    offs_p = tl.arange(0, BLOCK_H * BLOCK_W)
+    hh = (pid_t // n_tiles_w) * BLOCK_H + offs_p // BLOCK_W
+    ww = (pid_t % n_tiles_w) * BLOCK_W + offs_p % BLOCK_W
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cc < C
+    # A constexpr unit stride lets the compiler vectorise the channel loads (the fast path).
+    if C_CONTIG:
+        x_c = cc
+    else:
+        x_c = cc * sx_c
+    x_img = x_ptr + pid_b.to(tl.int64) * sx_b
+    pix = hh * sx_h + ww * sx_w
+
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(KSIZE):
+        h_in = hh + (i - PAD)
+        row_ok = (h_in >= 0) & (h_in < H)
+        for j in tl.static_range(KSIZE):
+            w_in = ww + (j - PAD)
+            ok = row_ok & (w_in >= 0) & (w_in < W)
+            tap = tl.load(w_ptr + cc * sw_c + i * sw_h + j * sw_w, mask=mask_c,
+                          other=0.0).to(tl.float32)
+            # Masked lanes are the zero padding (and never dereferenced, so negative or
+            # past-the-end offsets are harmless).
+            xv = tl.load(x_img + (pix + ((i - PAD) * sx_h + (j - PAD) * sx_w))[:, None]
+                         + x_c[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+            acc += xv.to(tl.float32) * tap[None, :]
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cc * s_bias, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))  # exp overflow -> inf -> -0.0: the right limit
+
+    # The output is a fresh contiguous (B, H, W, C) tensor.
+    out_off = (hh * W + ww) * C
+    out_img = out_ptr + pid_b.to(tl.int64) * H * W * C
+    out_ok = (hh < H) & (ww < W)
+    tl.store(out_img + out_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_ok[:, None] & mask_c[None, :])
+
+
+def _pow2(name: str, value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"dwconv TUNING[{name!r}]={value} must be a power of two >= 1")
+    return value
+
+
+def launch_config(height: int, width: int, channels: int, config: dict | None = None) -> dict:
+    """Return the tile sizes and num_warps used for one map size (TUNING + ``config``)."""
+    cfg = {**TUNING, **(config or {})}
+    unknown = set(cfg) - set(TUNING)
+    if unknown:
+        raise ValueError(f"unknown dwconv launch options {sorted(unknown)}; "
+                         f"expected {sorted(TUNING)}")
+    block_c = min(_pow2("block_c", cfg["block_c"]), triton.next_power_of_2(max(channels, 1)))
+    # Halve the channel block (down to 16) until it divides C, so no program runs a partly
+    # masked block: C=96 with block_c 64 would leave half of every second block idle.
+    while block_c > 16 and channels % block_c:
+        block_c //= 2
+    return dict(
+        block_h=min(_pow2("block_h", cfg["block_h"]), triton.next_power_of_2(max(height, 1))),
+        block_w=min(_pow2("block_w", cfg["block_w"]), triton.next_power_of_2(max(width, 1))),
+        block_c=block_c,
+        num_warps=_pow2("num_warps", cfg["num_warps"]))
+
+
+def fits_int32(x: torch.Tensor, out_channels: int) -> bool:
+    """Whether one image's input and output offsets fit the kernel's int32 arithmetic."""
+    _, height, width, _ = x.shape
+    span = sum(abs(s) * max(n - 1, 0) for s, n in zip(x.stride()[1:], x.shape[1:], strict=True))
+    return max(span, height * width * out_channels) <= _MAX_IMAGE_SPAN
+
+
+def dwconv2d_nhwc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      silu: bool, config: dict | None = None) -> torch.Tensor:
+    """Return conv(x) [+ bias] [-> SiLU] as a new contiguous (B, H, W, C) tensor in x.dtype.
+
+    ``x`` (B, H, W, C) with any strides (channel stride 1 is the fast path), ``weight``
+    (C, 1, k, k) with odd k, ``bias`` (C,) or None, validated by the caller. ``config``
+    overrides :data:`TUNING` entries for this call.
+    """
+    batch, height, width, channels = x.shape
+    ksize = weight.shape[-1]
+    out = torch.empty((batch, height, width, channels), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    cfg = launch_config(height, width, channels, config)
+    bh, bw, bc = cfg["block_h"], cfg["block_w"], cfg["block_c"]
+    n_tiles_w = triton.cdiv(width, bw)
+    grid = (triton.cdiv(height, bh) * n_tiles_w, triton.cdiv(channels, bc), batch)
+    c_contig = x.stride(3) == 1 or channels == 1
+    # Triton launches on the current CUDA device; x may live on another one.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _dwconv_nhwc_kernel[grid](
+            x, weight, bias if bias is not None else weight, out,
+            height, width, channels, n_tiles_w,
+            *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+            bias.stride(0) if bias is not None else 0,
+            KSIZE=ksize, HAS_BIAS=bias is not None, SILU=bool(silu), C_CONTIG=c_contig,
+            BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=cfg["num_warps"])
+    return out
+
