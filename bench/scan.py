@@ -185,6 +185,111 @@ def bidir_case(batch, length, dtype, mamba, iters):
                     torch_only if torch_ok else None, iters)
 
 
+def lowrank_floor_bytes(batch, dim, length, rank, dstate, out_bytes=4, k=4):
+    """Bytes of the low-rank SS2D: x, x_proj read and y written once, weights once."""
+    return (batch * length * (2 * dim + 2 * k * (rank + 2 * dstate) + out_bytes * dim)
+            + 4 * k * dim * (rank + dstate + 2))
+
+
+def lowrank_case(batch, dim, height, width, dtype, iters):
+    """SS2D as VMamba's block feeds it: NHWC x, x_proj GEMM output, dt weight (issue #8).
+
+    ``lowrank``: ``ss2d_scan_lowrank`` (Δ built in-kernel, NHWC, fp32 out, as the model uses it);
+    ``expanded``: Δ expanded by a GEMM (einsum) into NCHW, then ``ss2d_scan`` on contiguous
+    NCHW x (the unfused kernel at its best layout); ``previous_model``: what the model ran
+    before: Δ by grouped 1x1 conv and ``ss2d_scan`` on the channels-last view.
+    """
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+    impl = lr.TUNING["impl"]
+    dev, rank, n = "cuda", math.ceil(dim / 16), 1
+    x = torch.randn(batch, height, width, dim, device=dev, dtype=dtype)
+    x_proj = torch.randn(batch, height, width, 4 * (rank + 2 * n), device=dev, dtype=dtype)
+    dt_w = torch.randn(4, dim, rank, device=dev) * rank ** -0.5
+    A = -torch.rand(4 * dim, n, device=dev) - 0.1
+    D = torch.randn(4 * dim, device=dev)
+    bias = torch.randn(4 * dim, device=dev) * 0.1 - 2
+
+    def lowrank():
+        return K.ss2d_scan_lowrank(x, x_proj, dt_w, A, D, bias, True, torch.float32)
+
+    def lowrank_expanded():
+        lr.TUNING["impl"] = "expanded"
+        try:
+            return lowrank()
+        finally:
+            lr.TUNING["impl"] = impl
+
+    def expanded():
+        xc, delta, B, C = K.expand_lowrank(x, x_proj, dt_w.to(dtype), n)
+        return K.ss2d_scan(xc.contiguous(), delta, A, B.contiguous(), C.contiguous(), D, bias,
+                           True, torch.float32)
+
+    def previous_model():
+        xc = x.permute(0, 3, 1, 2)
+        parts = x_proj.permute(0, 3, 1, 2).reshape(batch, 4, rank + 2 * n, height, width)
+        dts = torch.nn.functional.conv2d(
+            parts[:, :, :rank].reshape(batch, 4 * rank, height, width),
+            dt_w.to(dtype).reshape(4 * dim, rank, 1, 1), groups=4)
+        return K.ss2d_scan(xc, dts.reshape(batch, 4, dim, height, width), A,
+                           parts[:, :, rank:rank + n].contiguous(),
+                           parts[:, :, rank + n:].contiguous(), D, bias, True, torch.float32)
+
+    ref = expanded()
+    row = {"lowrank": _t(lowrank, iters), "lowrank_expanded_impl": _t(lowrank_expanded, iters),
+           "expanded": _t(expanded, iters), "previous_model": _t(previous_model, iters)}
+    row["max_abs_diff_lowrank_vs_expanded"] = float(
+        (lowrank().permute(0, 3, 1, 2) - ref).abs().max())
+    row["max_abs_diff_expanded_impl"] = float(
+        (lowrank_expanded().permute(0, 3, 1, 2) - ref).abs().max())
+    row["ref_max_abs"] = float(ref.abs().max())
+    floor = lowrank_floor_bytes(batch, dim, height * width, rank, n)
+    row["hbm_floor_us"] = floor / HBM_BYTES_PER_S * 1e6
+    t = row["lowrank"].get("median_us")
+    if t:
+        row["lowrank_over_floor"] = t / row["hbm_floor_us"]
+        for other in ("lowrank_expanded_impl", "expanded", "previous_model"):
+            if row[other].get("median_us"):
+                row[f"speedup_vs_{other}"] = row[other]["median_us"] / t
+    return row
+
+
+def tune_lowrank(dtype):
+    """Sweep (tile rows, cols, channels) x warps of the low-rank kernel; apply the best."""
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+    shapes = [(1, 96, 180, 320), (1, 192, 90, 160), (1, 384, 45, 80), (1, 768, 128, 128)]
+    results, best = [], None
+    for block in [(8, 16, 32), (8, 16, 16), (16, 16, 16), (4, 16, 32), (8, 32, 16),
+                  (4, 32, 32), (16, 16, 32), (8, 8, 32)]:
+        for warps in (4, 8):
+            lr.TUNING.update(block=block, num_warps=warps)
+            per_shape = []
+            try:
+                for b, d, h, w in shapes:
+                    rank = math.ceil(d / 16)
+                    x = torch.randn(b, h, w, d, device="cuda", dtype=dtype)
+                    p = torch.randn(b, h, w, 4 * (rank + 2), device="cuda", dtype=dtype)
+                    wt = torch.randn(4, d, rank, device="cuda")
+                    A = -torch.rand(4 * d, 1, device="cuda")
+                    per_shape.append(time_cuda(
+                        lambda x=x, p=p, wt=wt, A=A: K.ss2d_scan_lowrank(
+                            x, p, wt, A, out_dtype=torch.float32), iters=10, reps=3)["median_us"])
+            except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
+                results.append({"block": block, "num_warps": warps, "error": str(exc)[:200]})
+                continue
+            total = sum(per_shape)
+            results.append({"block": block, "num_warps": warps, "per_shape_us": per_shape,
+                            "sum_us": total})
+            print(f"lowrank tune {block} w{warps}: {[round(v, 1) for v in per_shape]}",
+                  flush=True)
+            if best is None or total < best[0]:
+                best = (total, block, warps)
+    lr.TUNING.update(block=best[1], num_warps=best[2])
+    print("lowrank tuned:", lr.TUNING, flush=True)
+    return {"sweep": results, "applied": dict(lr.TUNING)}
+
+
 def summarize(row, floor_bytes):
     fused = row["fused"].get("median_us")
     floor_us = floor_bytes / HBM_BYTES_PER_S * 1e6
@@ -299,6 +404,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="batch 1, bf16, fewer shapes")
     parser.add_argument("--tune", action="store_true", help="sweep launch configs first")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--lowrank", action="store_true",
+                        help="only the low-rank (model) SS2D cases, VMamba-T/S/B stages")
+    parser.add_argument("--tune-lowrank", action="store_true",
+                        help="sweep the low-rank kernel's tiles first")
     parser.add_argument("--cpu", action="store_true",
                         help="time the CPU path vs the reference on the CPU instead")
     args = parser.parse_args(argv)
@@ -320,6 +429,11 @@ def main(argv=None):
                                        "mamba_ssm_selective_scan": mamba is not None})
     report["launch_config"] = dict(tc.TUNING)
     t_start = time.time()
+    if args.tune_lowrank:
+        report["lowrank_tuning"] = tune_lowrank(DTYPES["fp16"])
+    if args.lowrank:
+        lowrank_rows(report, args, dtypes, batches)
+        return
     for dname in dtypes:
         dtype = DTYPES[dname]
         for model, dims in VMAMBA.items():
@@ -359,6 +473,37 @@ def main(argv=None):
     report["wall_s"] = time.time() - t_start
     write_json(args.out, report)
     print(f"wrote {args.out}")
+
+
+def lowrank_rows(report, args, dtypes, batches):
+    """Run the --lowrank benchmark: every VMamba stage shape at 1280x720 and 2048x2048."""
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+    report["lowrank_launch_config"] = dict(lr.TUNING)
+    report["lowrank"] = []
+    inputs = {"1280x720": (720, 1280), "2048x2048": (2048, 2048)}
+    for dname in dtypes:
+        for model, dims in VMAMBA.items():
+            if args.quick and model != "T":
+                continue
+            for res, (ih, iw) in inputs.items():
+                for stage, ((h, w), dim) in enumerate(zip(stage_hw(ih, iw), dims, strict=True)):
+                    for batch in batches:
+                        row = {"model": f"VMamba-{model}", "input": res, "stage": stage + 1,
+                               "H": h, "W": w, "D": dim, "batch": batch, "dtype": dname,
+                               **lowrank_case(batch, dim, h, w, DTYPES[dname], args.iters)}
+                        report["lowrank"].append(row)
+                        med = {k: row[k].get("median_us") for k in
+                               ("lowrank", "lowrank_expanded_impl", "expanded",
+                                "previous_model")}
+                        print(f"lowrank {row['model']} {res} s{stage + 1} {h}x{w} D{dim} "
+                              f"B{batch} {dname}: " + " ".join(
+                                  f"{k} {v:.1f}" if v else f"{k} -" for k, v in med.items())
+                              + f" floor {row['hbm_floor_us']:.1f} us "
+                              f"diff {row['max_abs_diff_lowrank_vs_expanded']:.2e}", flush=True)
+                        write_json(args.out, report)
+                        torch.cuda.empty_cache()
+    write_json(args.out, report)
 
 
 def _line(row):

@@ -12,14 +12,14 @@ shapes are those of the official canonical file, so ``vssm1_tiny_0230s``, ``vssm
 
 Layout: the official v2 checkpoints were trained channel-first (``ln2d``, 1x1 convs); parameter
 names and shapes are identical channel-last (``ln``, ``nn.Linear``), and this file runs
-channel-last (NHWC) between the scans, where Linear and LayerNorm are plain GEMM / row kernels.
-The depthwise conv and the scan read NCHW *views* of the same memory. Feature maps handed out
+channel-last (NHWC) throughout, where Linear and LayerNorm are plain GEMM / row kernels and the
+depthwise conv and the scan read the map in place. Feature maps handed out
 by :meth:`VSSM.forward_intermediates` are NCHW and contiguous.
 
-The cross-scan, the four selective scans and the cross-merge are one op,
-``mamba_perception_kernels.ss2d_scan`` (Triton on CUDA, chunked PyTorch on CPU). Its output is
-fp32 and goes through the fp32 out-norm before it is cast, as the official "oflex" path does
-against fp16 overflow.
+The dt projection, the cross-scan, the four selective scans and the cross-merge are one op,
+``mamba_perception_kernels.ss2d_scan_lowrank`` (Triton on CUDA, chunked PyTorch on CPU), fed
+straight from the NHWC map and the x_proj GEMM. Its output is fp32 and goes through the fp32
+out-norm before it is cast, as the official "oflex" path does against fp16 overflow.
 """
 
 from collections import OrderedDict
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
 
 
-def _ss2d_scan(*args, **kwargs):
+def _kernels():
     # Imported on first use so that building a model (e.g. to count parameters) needs no kernels.
-    from mamba_perception_kernels import ss2d_scan
+    import mamba_perception_kernels
 
-    return ss2d_scan(*args, **kwargs)
+    return mamba_perception_kernels
 
 
 class SS2D(nn.Module):
@@ -92,28 +92,23 @@ class SS2D(nn.Module):
         """Mix ``x`` (B, H, W, C) -> (B, H, W, C)."""
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
-        x = x.permute(0, 3, 1, 2)  # [B, Di, H, W] view with channels-last strides
-        x = self.act(self.conv2d(x))
-        b, _, h, w = x.shape
-        # The route projections are 1x1 per route, so they are applied in the native layout and
+        # Depthwise conv + SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW around it).
+        x = _kernels().dwconv2d_nhwc(x, self.conv2d.weight, self.conv2d.bias, silu=True)
+        # The route projections are per pixel, so they run as one GEMM in the native layout and
         # the kernel does the routing: identical to projecting the cross-scanned sequences.
-        x_dbl = F.conv2d(x, self.x_proj_weight.reshape(k * (r + 2 * n), di, 1, 1).to(x.dtype))
-        x_dbl = x_dbl.reshape(b, k, r + 2 * n, h, w)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = F.conv2d(dts.reshape(b, k * r, h, w),
-                       self.dt_projs_weight.reshape(k * di, r, 1, 1).to(x.dtype), groups=k)
-        y = _ss2d_scan(
+        x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
+        # dt_proj (rank r -> Di per route) runs inside the scan kernel: Δ never exists in memory.
+        y = _kernels().ss2d_scan_lowrank(
             x,
-            dts.reshape(b, k, di, h, w),
+            x_proj,
+            self.dt_projs_weight,
             -torch.exp(self.A_logs.float()),
-            bs.contiguous(),
-            cs.contiguous(),
             D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            dt_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
             out_dtype=torch.float32,
-        )  # [B, Di, H, W] fp32, sum of the 4 routes
-        y = self.out_norm(y.permute(0, 2, 3, 1))  # [B, H, W, Di], LayerNorm on the fp32 sum
+        )  # [B, H, W, Di] fp32, sum of the 4 routes
+        y = self.out_norm(y)  # LayerNorm on the fp32 sum
         return self.out_proj(y.to(x.dtype))
 
 

@@ -1,0 +1,149 @@
+"""Where does a backbone forward spend its GPU time? Kernel-level profile, grouped by kind.
+
+Runs one backbone (batch 1, autocast) under ``torch.profiler`` after warm-up, sums the CUDA
+kernel time per kernel name and per kind (GEMM, convolution, selective scan, normalisation,
+elementwise / copies, other), and writes the table as JSON. Kernel times do not include launch
+gaps, so their sum is what a CUDA-graph replay approaches; the graph-replay time of the same
+forward is measured in the same run for comparison.
+
+    python bench/profile_backbone.py --model vmamba_tiny --size 720x1280 --dtype fp16 \
+        --out $OUT/profile_vmamba_tiny_720p.json
+
+``--compile`` also profiles ``torch.compile`` of the same forward (inductor, default mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import provenance, time_cuda, write_json  # noqa: E402
+
+KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
+    ('scan', re.compile(r'segment_agg|state_pass|output_kernel|ss2d|selective_scan|bidir')),
+    ('gemm', re.compile(r'gemm|sm90_xmma|cutlass|cublas|nvjet|wgmma|matmul|mm_')),
+    ('conv', re.compile(r'conv|cudnn|implicit|winograd|depthwise|dgrad|wgrad')),
+    ('norm', re.compile(r'layer_norm|layernorm|rms_norm|welford|norm')),
+    ('copy/layout', re.compile(r'copy|transpose|permute|cat|contiguous|memcpy|memset')),
+    ('elementwise', re.compile(r'elementwise|vectorized|unrolled|triton_poi|triton_red|act|'
+                               r'silu|gelu|exp|softplus|add|mul')),
+]
+
+
+def kind_of(name: str) -> str:
+    """Kind of a CUDA kernel from its name."""
+    low = name.lower()
+    for kind, pat in KINDS:
+        if pat.search(low):
+            return kind
+    return 'other'
+
+
+def build(name: str):
+    """Model and the forward to profile (dense features for ours, forward_features for timm)."""
+    if name.startswith('timm:'):
+        import timm
+
+        model = timm.create_model(name[5:], pretrained=False, num_classes=0,
+                                  dynamic_img_size=True)
+        return model, model.forward_features
+    from mamba_perception.models import create_model
+
+    model = create_model(name)
+    return model, model.forward_intermediates
+
+
+def profile(fn, iters: int) -> dict:
+    """Per-kernel CUDA time (µs per forward) of ``fn`` over ``iters`` calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = collections.Counter()
+    launches = collections.Counter()
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name] += evt.device_time / iters
+            launches[evt.name] += 1 / iters
+    per_kind = collections.Counter()
+    for name, us in per_kernel.items():
+        per_kind[kind_of(name)] += us
+    total = sum(per_kernel.values())
+    top = [{'kernel': n[:160], 'kind': kind_of(n), 'us': round(us, 1),
+            'launches': round(launches[n], 1)} for n, us in per_kernel.most_common(40)]
+    return {'kernel_sum_us': round(total, 1),
+            'launches_per_forward': round(sum(launches.values()), 1),
+            'per_kind_us': {k: round(v, 1) for k, v in per_kind.most_common()},
+            'top_kernels': top}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='vmamba_tiny')
+    parser.add_argument('--size', default='720x1280', help='HxW')
+    parser.add_argument('--dtype', default='fp16', choices=['fp16', 'bf16'])
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--lowrank-impl', choices=['fused', 'expanded'],
+                        help="CUDA implementation of ss2d_scan_lowrank (default: the module's)")
+    parser.add_argument('--out', required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print('profile needs CUDA', file=sys.stderr)
+        return 2
+    if args.lowrank_impl:
+        from mamba_perception_kernels.triton import ss2d_lowrank
+
+        ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
+    h, w = (int(v) for v in args.size.split('x'))
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model, fwd = build(args.model)
+    model = model.cuda().eval()
+    x = torch.randn(1, 3, h, w, device='cuda')
+
+    def runner(f):
+        def step():
+            with torch.no_grad(), torch.autocast('cuda', dtype=dtype):
+                return f(x)
+        return step
+
+    result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl}),
+              'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
+    variants = [('eager', fwd)]
+    if args.compile:
+        variants.append(('compiled', torch.compile(fwd)))
+    for label, f in variants:
+        step = runner(f)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        for _ in range(3):
+            step()
+        row = profile(step, args.iters)
+        row['first_call_s'] = round(first_s, 2)
+        row['graph_replay_ms'] = round(time_cuda(step, iters=20, reps=5)['median_us'] / 1e3, 3)
+        result['variants'][label] = row
+        print(f'== {args.model} {h}x{w} {args.dtype} {label}: graph {row["graph_replay_ms"]} ms, '
+              f'kernel sum {row["kernel_sum_us"]} us, {row["launches_per_forward"]} launches, '
+              f'first call {first_s:.1f} s', flush=True)
+        print('   per kind (us):', row['per_kind_us'], flush=True)
+        for k in row['top_kernels'][:15]:
+            print(f"   {k['us']:8.1f} us x{k['launches']:5.1f} {k['kind']:12s} {k['kernel'][:90]}")
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
