@@ -1,7 +1,8 @@
 """Shared benchmark helpers: GPU timing (CUDA graphs or events, always stated) and provenance.
 
 Every bench writes one JSON dict whose ``provenance`` block comes from ``provenance()``; timings
-come from ``time_cuda`` and carry the method used (``timing`` key) next to the numbers.
+come from ``time_cuda`` (per-repetition means) or ``sample_cuda`` (one sample per call, for
+percentiles) and carry the method used (``timing`` key) next to the numbers.
 """
 
 from __future__ import annotations
@@ -59,17 +60,7 @@ def time_cuda(fn, iters: int = 20, reps: int = 3, warmup: int = 2, graph: bool =
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    run = fn
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm the allocator on the capture stream
-            with torch.cuda.graph(g, stream=stream):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        run = g.replay
+    run = capture_graph(fn).replay if graph else fn
     samples = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -82,6 +73,64 @@ def time_cuda(fn, iters: int = 20, reps: int = 3, warmup: int = 2, graph: bool =
     return {"median_us": statistics.median(samples), "min_us": min(samples),
             "timing": f"cuda-graph replay x{iters}, median of {reps}" if graph
             else f"cuda events around {iters} eager calls, median of {reps}"}
+
+
+def capture_graph(fn):
+    """Capture one call of ``fn()`` in a CUDA graph and return it (``.replay()`` reruns it).
+
+    ``fn`` must already be warm (lazy initialisation, autotuning and compilation done): it is
+    called once more on the capture stream to warm the allocator there, then captured. The
+    graph keeps its own memory pool; outputs of the captured call are overwritten per replay.
+    """
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm the allocator on the capture stream
+        with torch.cuda.graph(g, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return g
+
+
+def percentile(samples, q: float) -> float:
+    """``q``-th percentile (0-100) of ``samples``, linear between order statistics (numpy's)."""
+    xs = sorted(samples)
+    if not xs:
+        raise ValueError("percentile of no samples")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def sample_cuda(run, iters: int = 50, warmup: int = 2) -> dict:
+    """Per-call GPU times (ms) of ``run()``: each call between its own pair of CUDA events.
+
+    ``run`` is whatever is deployed: an eager forward (the span then includes the GPU idling
+    while the CPU launches kernels) or a captured graph's ``replay`` (see ``capture_graph``).
+    ``iters`` calls are issued back to back and synchronised once at the end, so a sample is
+    the time the GPU stream spent from one call's start to its end. Returns ``{"samples_ms",
+    "p50_ms", "p90_ms", "mean_ms", "min_ms", "iters"}``.
+    """
+    import torch
+
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    samples = [start.elapsed_time(end) for start, end in events]
+    return {"samples_ms": samples, "p50_ms": percentile(samples, 50),
+            "p90_ms": percentile(samples, 90), "mean_ms": statistics.fmean(samples),
+            "min_ms": min(samples), "iters": iters}
 
 
 def write_json(path: str, data: dict) -> None:
