@@ -480,15 +480,28 @@ def main(args=None) -> int:
         print(f'[{NODE_NAME}] cannot start: {type(exc).__name__}: {exc}', file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    code = 0
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    outcome = {'code': 0}
+    if node.get_parameter('autostart').value:
+        # Configure (bundle load, warm-up, torch.compile: seconds to a minute) runs beside the
+        # executor, so parameter and lifecycle services (`ros2 param get`, `ros2 lifecycle
+        # get`, a lifecycle manager's get_state) answer meanwhile. All node callbacks stay on
+        # the one executor thread (a multi-threaded executor took frames off DDS too slowly).
+        def autostart():
+            try:
+                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                    node.get_logger().fatal('configure failed (see above); exiting')
+                    outcome['code'] = 1
+                    rclpy.try_shutdown()  # ends spin() below
+                    return
+                node.trigger_activate()
+            except Exception:  # noqa: BLE001 - shut down mid-configure: nothing left to do
+                if rclpy.ok():
+                    raise
+
+        threading.Thread(target=autostart, name='autostart', daemon=True).start()
     try:
-        if node.get_parameter('autostart').value:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal('configure failed (see above); exiting')
-                return 1
-            node.trigger_activate()
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -497,7 +510,7 @@ def main(args=None) -> int:
         node._release()
         node.destroy_node()
         rclpy.try_shutdown()
-    return code
+    return outcome['code']
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """Lifecycle transitions, the enabled switch, and parameter rejection (real processes)."""
 
+import time
+
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 import pytest
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from ros_node_helpers import Collector, image_msg, node_args, publish_until, spin_for
 from sensor_msgs.msg import Image
 from vision_msgs.msg import Detection2DArray
@@ -116,3 +118,30 @@ def test_lifecycle_enabled_and_parameters(start_node, ros_node, tiny_bundle, vid
         proc.proc.wait(60)
         assert proc.proc.returncode not in (0, None), proc.output()
         assert words in proc.output(), proc.output()
+
+
+def test_services_answer_while_autostart_configures(start_node, ros_node, tiny_bundle):
+    # A long warm-up (20 batches of 16 cameras, ~6 s on CI's CPU) stands in for a slow
+    # configure (bundle load, torch.compile on a GPU).
+    cameras = '[' + ','.join(f'c{i}' for i in range(16)) + ']'
+    node = start_node('perception_node', *node_args(tiny_bundle, '-r', '__ns:=/slow',
+                                                    '-p', 'warmup_iterations:=20',
+                                                    '-p', f'cameras:={cameras}'))
+    get_state = ros_node.create_client(GetState, f'/slow{NODE}/get_state')
+    get_params = ros_node.create_client(GetParameters, f'/slow{NODE}/get_parameters')
+
+    def state(timeout_s=60.0):
+        return call(ros_node, get_state, GetState.Request(), timeout_s).current_state.id
+
+    first = state()
+    while first == State.PRIMARY_STATE_UNCONFIGURED:  # asked before autostart began
+        first = state()
+    # Answered during configure, not once configure and activate are over.
+    assert first == State.TRANSITION_STATE_CONFIGURING, first
+    reply = call(ros_node, get_params, GetParameters.Request(names=['precision']))
+    assert [v.string_value for v in reply.values] == ['fp32']
+    deadline = time.monotonic() + 180.0
+    while state() != State.PRIMARY_STATE_ACTIVE:
+        assert time.monotonic() < deadline, 'the node did not finish configuring and activate'
+        spin_for(ros_node, 0.2)
+    assert node.stop() == 0, node.output()
