@@ -94,7 +94,8 @@ def main() -> int:
     parser.add_argument('--dtype', default='fp16', choices=['fp16', 'bf16'])
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--compile', action='store_true')
-    parser.add_argument('--lowrank-impl', choices=['fused', 'expanded'],
+    parser.add_argument('--no-eager', action='store_true', help='compiled forward only')
+    parser.add_argument('--lowrank-impl', choices=['fused', 'expanded', 'expanded-inplace'],
                         help="CUDA implementation of ss2d_scan_lowrank (default: the module's)")
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -120,7 +121,7 @@ def main() -> int:
 
     result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
-    variants = [('eager', fwd)]
+    variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
         variants.append(('compiled', torch.compile(fwd)))
     for label, f in variants:

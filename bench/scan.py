@@ -191,17 +191,19 @@ def lowrank_floor_bytes(batch, dim, length, rank, dstate, out_bytes=4, k=4):
             + 4 * k * dim * (rank + dstate + 2))
 
 
-def lowrank_case(batch, dim, height, width, dtype, iters):
+LOWRANK_IMPLS = ("fused", "expanded", "expanded-inplace")
+
+
+def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):
     """SS2D as VMamba's block feeds it: NHWC x, x_proj GEMM output, dt weight (issue #8).
 
-    ``lowrank``: ``ss2d_scan_lowrank`` (Δ built in-kernel, NHWC, fp32 out, as the model uses it);
-    ``expanded``: Δ expanded by a GEMM (einsum) into NCHW, then ``ss2d_scan`` on contiguous
-    NCHW x (the unfused kernel at its best layout); ``previous_model``: what the model ran
-    before: Δ by grouped 1x1 conv and ``ss2d_scan`` on the channels-last view.
+    ``lowrank:<impl>``: ``ss2d_scan_lowrank`` (fp32 NHWC out, as the model uses it) with each
+    CUDA implementation of ``triton/ss2d_lowrank.py``; ``expanded``: Δ expanded by a GEMM
+    (einsum), then ``ss2d_scan`` on contiguous NCHW x, y left NCHW; ``previous_model``: what the
+    model ran before: Δ by grouped 1x1 conv and ``ss2d_scan`` on the channels-last view.
     """
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
-    impl = lr.TUNING["impl"]
     dev, rank, n = "cuda", math.ceil(dim / 16), 1
     x = torch.randn(batch, height, width, dim, device=dev, dtype=dtype)
     x_proj = torch.randn(batch, height, width, 4 * (rank + 2 * n), device=dev, dtype=dtype)
@@ -210,15 +212,15 @@ def lowrank_case(batch, dim, height, width, dtype, iters):
     D = torch.randn(4 * dim, device=dev)
     bias = torch.randn(4 * dim, device=dev) * 0.1 - 2
 
-    def lowrank():
-        return K.ss2d_scan_lowrank(x, x_proj, dt_w, A, D, bias, True, torch.float32)
-
-    def lowrank_expanded():
-        lr.TUNING["impl"] = "expanded"
-        try:
-            return lowrank()
-        finally:
-            lr.TUNING["impl"] = impl
+    def with_impl(name):
+        def run():
+            saved = lr.TUNING["impl"]
+            lr.TUNING["impl"] = name
+            try:
+                return K.ss2d_scan_lowrank(x, x_proj, dt_w, A, D, bias, True, torch.float32)
+            finally:
+                lr.TUNING["impl"] = saved
+        return run
 
     def expanded():
         xc, delta, B, C = K.expand_lowrank(x, x_proj, dt_w.to(dtype), n)
@@ -236,21 +238,18 @@ def lowrank_case(batch, dim, height, width, dtype, iters):
                            parts[:, :, rank + n:].contiguous(), D, bias, True, torch.float32)
 
     ref = expanded()
-    row = {"lowrank": _t(lowrank, iters), "lowrank_expanded_impl": _t(lowrank_expanded, iters),
-           "expanded": _t(expanded, iters), "previous_model": _t(previous_model, iters)}
-    row["max_abs_diff_lowrank_vs_expanded"] = float(
-        (lowrank().permute(0, 3, 1, 2) - ref).abs().max())
-    row["max_abs_diff_expanded_impl"] = float(
-        (lowrank_expanded().permute(0, 3, 1, 2) - ref).abs().max())
-    row["ref_max_abs"] = float(ref.abs().max())
+    row = {"expanded": _t(expanded, iters), "previous_model": _t(previous_model, iters),
+           "ref_max_abs": float(ref.abs().max())}
     floor = lowrank_floor_bytes(batch, dim, height * width, rank, n)
     row["hbm_floor_us"] = floor / HBM_BYTES_PER_S * 1e6
-    t = row["lowrank"].get("median_us")
-    if t:
-        row["lowrank_over_floor"] = t / row["hbm_floor_us"]
-        for other in ("lowrank_expanded_impl", "expanded", "previous_model"):
-            if row[other].get("median_us"):
-                row[f"speedup_vs_{other}"] = row[other]["median_us"] / t
+    for name in impls:
+        run = with_impl(name)
+        row[f"lowrank:{name}"] = _t(run, iters)
+        row[f"max_abs_diff_lowrank:{name}_vs_expanded"] = float(
+            (run().permute(0, 3, 1, 2) - ref).abs().max())
+        t = row[f"lowrank:{name}"].get("median_us")
+        if t:
+            row[f"lowrank:{name}_over_floor"] = t / row["hbm_floor_us"]
     return row
 
 
@@ -406,6 +405,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--lowrank", action="store_true",
                         help="only the low-rank (model) SS2D cases, VMamba-T/S/B stages")
+    parser.add_argument("--lowrank-impls", nargs="+", default=list(LOWRANK_IMPLS),
+                        choices=LOWRANK_IMPLS, help="CUDA implementations to time (--lowrank)")
     parser.add_argument("--tune-lowrank", action="store_true",
                         help="sweep the low-rank kernel's tiles first")
     parser.add_argument("--cpu", action="store_true",
@@ -482,6 +483,8 @@ def lowrank_rows(report, args, dtypes, batches):
     report["lowrank_launch_config"] = dict(lr.TUNING)
     report["lowrank"] = []
     inputs = {"1280x720": (720, 1280), "2048x2048": (2048, 2048)}
+    if args.quick:
+        inputs.pop("2048x2048")
     for dname in dtypes:
         for model, dims in VMAMBA.items():
             if args.quick and model != "T":
@@ -491,16 +494,16 @@ def lowrank_rows(report, args, dtypes, batches):
                     for batch in batches:
                         row = {"model": f"VMamba-{model}", "input": res, "stage": stage + 1,
                                "H": h, "W": w, "D": dim, "batch": batch, "dtype": dname,
-                               **lowrank_case(batch, dim, h, w, DTYPES[dname], args.iters)}
+                               **lowrank_case(batch, dim, h, w, DTYPES[dname], args.iters,
+                                              args.lowrank_impls)}
                         report["lowrank"].append(row)
                         med = {k: row[k].get("median_us") for k in
-                               ("lowrank", "lowrank_expanded_impl", "expanded",
-                                "previous_model")}
+                               [f"lowrank:{i}" for i in args.lowrank_impls]
+                               + ["expanded", "previous_model"]}
                         print(f"lowrank {row['model']} {res} s{stage + 1} {h}x{w} D{dim} "
                               f"B{batch} {dname}: " + " ".join(
                                   f"{k} {v:.1f}" if v else f"{k} -" for k, v in med.items())
-                              + f" floor {row['hbm_floor_us']:.1f} us "
-                              f"diff {row['max_abs_diff_lowrank_vs_expanded']:.2e}", flush=True)
+                              + f" floor {row['hbm_floor_us']:.1f} us", flush=True)
                         write_json(args.out, report)
                         torch.cuda.empty_cache()
     write_json(args.out, report)

@@ -288,6 +288,12 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
     from .ss2d import ss2d_fwd
 
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight.to(x_proj.dtype), A.shape[1])
+    if TUNING["impl"] == "expanded-inplace":
+        # x, B, C read where they are (NHWC, x_proj) and y written NHWC: no layout copies.
+        out = torch.empty(*x.shape, device=x.device, dtype=out_dtype)
+        ss2d_fwd(xc, delta, A, B, C, D, dt_bias, delta_softplus, out_dtype,
+                 out=out.permute(0, 3, 1, 2))
+        return out
     y = ss2d_fwd(xc.contiguous(), delta, A, B.contiguous(), C.contiguous(), D, dt_bias,
                  delta_softplus, out_dtype)
     return y.permute(0, 2, 3, 1).contiguous()
@@ -295,7 +301,7 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``."""
-    if TUNING["impl"] == "expanded":
+    if TUNING["impl"] in ("expanded", "expanded-inplace"):
         return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
     batch, height, width, dim = x.shape
     dstate = A.shape[1]
