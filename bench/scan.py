@@ -191,7 +191,7 @@ def lowrank_floor_bytes(batch, dim, length, rank, dstate, out_bytes=4, k=4):
             + 4 * k * dim * (rank + dstate + 2))
 
 
-LOWRANK_IMPLS = ("fused", "expanded", "expanded-inplace")
+LOWRANK_IMPLS = ("fused", "expanded")
 
 
 def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):

@@ -38,15 +38,11 @@ def _ss2d_operands(x, delta, A, B, C, D, delta_bias):
                else (0, 0)))
 
 
-def ss2d_fwd(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, out=None):
-    """Return y (batch, dim, H, W) in ``out_dtype``: the sum of the four routes' outputs.
-
-    ``out``: optional (batch, dim, H, W) tensor of any strides to write y into.
-    """
+def ss2d_fwd(x, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
+    """Return y (batch, dim, H, W) in ``out_dtype``: the sum of the four routes' outputs."""
     batch, dim, height, width = x.shape
     dstate = A.shape[1]
-    if out is None:
-        out = torch.empty_like(x, dtype=out_dtype)  # keeps x's memory format (channels_last)
+    out = torch.empty_like(x, dtype=out_dtype)  # keeps x's memory format (channels_last too)
     if height * width == 0:
         return out
     geo = common.image_geometry(height, width, dstate)

@@ -27,6 +27,8 @@ from .scan_fwd import _ssm_combine
 # "expanded" (Δ by one GEMM, then the channel-first kernels of scan_fwd.py on a contiguous x)
 # or "fused" (these kernels). Measured on an H100 the fused kernels are still 2.4x slower
 # (bench/results/scan_lowrank_h100.json), so "expanded" is the default until they are tuned.
+# Reading x / B / C in place and writing y NHWC instead of the layout copies was slower still
+# (bench/results/scan_lowrank_inplace_h100.json): the scan_fwd.py kernels want channel-first.
 TUNING = {"block": (8, 16, 16), "num_warps": 4, "state_block_s": 32, "state_block_m": 128,
           "impl": "expanded"}
 
@@ -288,12 +290,6 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
     from .ss2d import ss2d_fwd
 
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight.to(x_proj.dtype), A.shape[1])
-    if TUNING["impl"] == "expanded-inplace":
-        # x, B, C read where they are (NHWC, x_proj) and y written NHWC: no layout copies.
-        out = torch.empty(*x.shape, device=x.device, dtype=out_dtype)
-        ss2d_fwd(xc, delta, A, B, C, D, dt_bias, delta_softplus, out_dtype,
-                 out=out.permute(0, 3, 1, 2))
-        return out
     y = ss2d_fwd(xc.contiguous(), delta, A, B.contiguous(), C.contiguous(), D, dt_bias,
                  delta_softplus, out_dtype)
     return y.permute(0, 2, 3, 1).contiguous()
@@ -301,7 +297,7 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``."""
-    if TUNING["impl"] in ("expanded", "expanded-inplace"):
+    if TUNING["impl"] == "expanded":
         return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
     batch, height, width, dim = x.shape
     dstate = A.shape[1]
