@@ -9,11 +9,30 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+
+# H100 SXM HBM3 bandwidth used for every "HBM floor" (bytes / this).
+HBM_BYTES_PER_S = 3.35e12
+# VMamba d_inner per stage (= C of the depthwise conv and of the scan; notes/models.md:
+# T[s1l8] ssm_ratio 1, S/B[s2l15] ratio 2, d_state 1) and blocks per stage.
+VMAMBA_STAGE_DIMS = {"T": (96, 192, 384, 768), "S": (192, 384, 768, 1536),
+                     "B": (256, 512, 1024, 2048)}
+VMAMBA_DEPTHS = {"T": (2, 2, 8, 2), "S": (2, 2, 15, 2), "B": (2, 2, 15, 2)}
+
+
+def stage_hw(h: int, w: int) -> list:
+    """VMamba feature-map sizes of the 4 stages (stride 4, then three stride-2 convs, pad 1)."""
+    h, w = math.ceil(h / 4), math.ceil(w / 4)
+    out = [(h, w)]
+    for _ in range(3):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        out.append((h, w))
+    return out
 
 
 def provenance(extra: dict | None = None) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 import time
@@ -38,28 +37,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    HBM_BYTES_PER_S,
+    VMAMBA_DEPTHS,
+    VMAMBA_STAGE_DIMS,
+    provenance,
+    stage_hw,
+    time_cuda,
+    write_json,
+)
 import mamba_perception_kernels as K  # noqa: E402
 from mamba_perception_kernels.dwconv import dwconv2d_nhwc  # noqa: E402
 
-HBM_BYTES_PER_S = 3.35e12
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INPUT_HW = (720, 1280)
-# d_inner per stage (C of the depthwise conv) and blocks per stage.
-MODELS = {"T": ((96, 192, 384, 768), (2, 2, 8, 2)),
-          "S": ((192, 384, 768, 1536), (2, 2, 15, 2)),
-          "B": ((256, 512, 1024, 2048), (2, 2, 15, 2))}
+MODELS = {m: (VMAMBA_STAGE_DIMS[m], VMAMBA_DEPTHS[m]) for m in VMAMBA_STAGE_DIMS}
 KSIZE = 3
 
-
-def stage_hw(h, w):
-    """Feature-map sizes of the 4 stages (stride 4, then three stride-2 convs with padding 1)."""
-    h, w = math.ceil(h / 4), math.ceil(w / 4)
-    out = [(h, w)]
-    for _ in range(3):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        out.append((h, w))
-    return out
 
 
 def cases(quick):

@@ -37,30 +37,24 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    HBM_BYTES_PER_S,
+    VMAMBA_STAGE_DIMS,
+    provenance,
+    stage_hw,
+    time_cuda,
+    write_json,
+)
 import mamba_perception_kernels as K  # noqa: E402
 from mamba_perception_kernels import cpu as torch_path  # noqa: E402
 from mamba_perception_kernels.reference import cross_scan, route_sequences  # noqa: E402
 
-HBM_BYTES_PER_S = 3.35e12
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# d_inner per stage (notes/models.md): T[s1l8] ratio 1, S/B[s2l15] ratio 2; d_state 1.
-VMAMBA = {"T": (96, 192, 384, 768), "S": (192, 384, 768, 1536), "B": (256, 512, 1024, 2048)}
 INPUTS = {"224": (224, 224), "512": (512, 512), "1280x720": (720, 1280),
           "1920x1080": (1080, 1920)}
 VIM_S_DIM, VIM_N = 768, 16
 VIM_SIZES = (224, 448, 512, 736, 1024, 1248)
 TORCH_PATH_MAX_ELEMS = 60e6  # B*K*D*N*L above which the torch path is skipped (memory/time)
-
-
-def stage_hw(h, w):
-    """Feature-map sizes of the 4 stages (stride 4, then three stride-2 convs with padding 1)."""
-    h, w = math.ceil(h / 4), math.ceil(w / 4)
-    out = [(h, w)]
-    for _ in range(3):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        out.append((h, w))
-    return out
 
 
 def ss2d_floor_bytes(batch, dim, length, dstate, k=4):
@@ -437,7 +431,7 @@ def main(argv=None):
         return
     for dname in dtypes:
         dtype = DTYPES[dname]
-        for model, dims in VMAMBA.items():
+        for model, dims in VMAMBA_STAGE_DIMS.items():
             for res, (ih, iw) in INPUTS.items():
                 if args.quick and (model != "T" or res not in ("224", "1280x720")):
                     continue
@@ -486,7 +480,7 @@ def lowrank_rows(report, args, dtypes, batches):
     if args.quick:
         inputs.pop("2048x2048")
     for dname in dtypes:
-        for model, dims in VMAMBA.items():
+        for model, dims in VMAMBA_STAGE_DIMS.items():
             if args.quick and model != "T":
                 continue
             for res, (ih, iw) in inputs.items():
