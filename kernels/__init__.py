@@ -2,19 +2,20 @@
 
 Installed as ``mamba_perception_kernels`` (``import mamba_perception_kernels``).
 
-Public ops (each has a sequential ``*_ref`` twin with the same signature, the test oracle):
+Public ops (each scan has a sequential ``*_ref`` twin with the same signature, the test oracle;
+the conv's oracle is ``F.conv2d``):
 
 * ``selective_scan``: Mamba-1 selective scan, grouped B/C (mamba_ssm's convention).
 * ``ss2d_scan``: VMamba's cross-scan + 4-route scan + cross-merge as one op.
 * ``ss2d_scan_lowrank``: the same for channels-last maps with Δ given as its low-rank factors
-  (VMamba's x_proj output and dt_projs weight): the Δ projection runs inside the kernel.
+  (VMamba's x_proj output and dt_projs weight): the Δ projection is part of the op.
 * ``bidir_scan``: Vim's forward + backward scan as one op.
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
   before the scan (``dwconv.py``).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
-All four are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
+All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
 impls and registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
 treat each as one node.
 """
@@ -41,9 +42,9 @@ __all__ = [
     "bidir_scan",
     "bidir_scan_ref",
     "dwconv2d_nhwc",
+    "expand_lowrank",
     "selective_scan",
     "selective_scan_ref",
-    "expand_lowrank",
     "ss2d_scan",
     "ss2d_scan_lowrank",
     "ss2d_scan_lowrank_ref",
@@ -109,8 +110,10 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
         D, dt_bias: (4*dim,) fp32
         returns     y (batch, H, W, dim) contiguous, in out_dtype (default x.dtype)
 
-    On CUDA one Triton kernel set rebuilds Δ in registers (never (batch, 4, dim, H, W) in
-    memory); elsewhere Δ is expanded and the chunked PyTorch path runs.
+    On CUDA ``triton.ss2d_lowrank.TUNING['impl']`` picks how: "expanded" (default, faster on
+    an H100 today) expands Δ with one GEMM and runs the ``ss2d_scan`` kernels on channel-first
+    copies; "fused" rebuilds Δ in registers and never stores it. Elsewhere Δ is expanded and
+    the chunked PyTorch path runs.
     """
     _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import expand_lowrank
+
 
 def _select(grads, needs, present):
     """None for inputs that were absent (empty placeholder) or need no gradient."""
@@ -73,8 +75,6 @@ def _lowrank_setup(ctx, inputs, output):
 def _lowrank_backward(ctx, dy):
     # Expand Δ again (the fused forward never stored it), run the SS2D backward op, then chain
     # through the projection: d x_proj[dt part] = dΔ · W, d W = dΔ^T · x_proj[dt part].
-    from .reference import expand_lowrank
-
     x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
     dstate = A.shape[1]
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, dstate)

@@ -70,7 +70,6 @@ class SS2D(nn.Module):
         k = self.k_group
 
         self.in_proj = nn.Linear(d_model, d_inner, bias=False)
-        self.act = nn.SiLU()
         self.conv2d = nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
                                 groups=d_inner, bias=conv_bias)
         # One (dt_rank + 2N, d_inner) projection per route, stacked as the official file does.
@@ -92,12 +91,13 @@ class SS2D(nn.Module):
         """Mix ``x`` (B, H, W, C) -> (B, H, W, C)."""
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
-        # Depthwise conv + SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW around it).
+        # Depthwise conv + the block's SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW
+        # around it).
         x = _kernels().dwconv2d_nhwc(x, self.conv2d.weight, self.conv2d.bias, silu=True)
         # The route projections are per pixel, so they run as one GEMM in the native layout and
         # the kernel does the routing: identical to projecting the cross-scanned sequences.
         x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
-        # dt_proj (rank r -> Di per route) runs inside the scan kernel: Δ never exists in memory.
+        # dt_proj (rank r -> Di per route) is part of the scan op, fed the rank-r factors.
         y = _kernels().ss2d_scan_lowrank(
             x,
             x_proj,

@@ -488,17 +488,20 @@ def main(args=None) -> int:
         # executor, so parameter and lifecycle services (`ros2 param get`, `ros2 lifecycle
         # get`, a lifecycle manager's get_state) answer meanwhile. All node callbacks stay on
         # the one executor thread (a multi-threaded executor took frames off DDS too slowly).
+        def fail(reason):
+            node.get_logger().fatal(f'{reason}; exiting')
+            outcome['code'] = 1
+            rclpy.try_shutdown()  # ends spin() below
+
         def autostart():
             try:
                 if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                    node.get_logger().fatal('configure failed (see above); exiting')
-                    outcome['code'] = 1
-                    rclpy.try_shutdown()  # ends spin() below
+                    fail('configure failed (see above)')
                     return
                 node.trigger_activate()
-            except Exception:  # noqa: BLE001 - shut down mid-configure: nothing left to do
-                if rclpy.ok():
-                    raise
+            except Exception as exc:  # noqa: BLE001 - never leave a half-started node running
+                if rclpy.ok():  # not merely shut down mid-configure
+                    fail(f'autostart failed: {type(exc).__name__}: {exc}')
 
         threading.Thread(target=autostart, name='autostart', daemon=True).start()
     try:
