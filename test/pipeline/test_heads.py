@@ -98,6 +98,33 @@ def test_maskrcnn_inference_parts():
         assert masks[0].shape == (4, 1, 28, 28)
 
 
+@pytest.mark.parametrize('pre_nms_top_n', [1000, 40])
+def test_proposals_equal_torchvision_filter_proposals(pre_nms_top_n):
+    """Per-level NMS gives torchvision's batched-over-levels result, boxes and order."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    torch.manual_seed(0)
+    head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
+                        mask_channels=16, rpn_pre_nms_top_n_test=pre_nms_top_n,
+                        rpn_post_nms_top_n_test=300).eval()
+    sizes = [(64, 96), (50, 70)]
+    with torch.no_grad():
+        pyramid, objectness, deltas = head.dense(feature_maps())
+        # spread the deltas so that boxes overlap in many ways and NMS removes a good share
+        deltas = [d * 20 for d in deltas]
+        ours = head.proposals(pyramid, objectness, deltas, sizes)
+        rpn = head.rpn
+        anchors = rpn.anchor_generator(ImageList(pyramid[0], sizes), list(pyramid))
+        obj, reg = concat_box_prediction_layers(objectness, deltas)
+        boxes = rpn.box_coder.decode(reg.float(), anchors).view(2, -1, 4)
+        per_level = [o[0].numel() for o in objectness]
+        want, _ = rpn.filter_proposals(boxes, obj.float(), sizes, per_level)
+    for got, ref in zip(ours, want, strict=True):
+        assert 0 < got.shape[0] < sum(min(pre_nms_top_n, n) for n in per_level)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_maskrcnn_training_losses_backprop():
     head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
                         mask_channels=16).train()

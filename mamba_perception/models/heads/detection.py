@@ -59,6 +59,8 @@ from torchvision.ops import (
     FeaturePyramidNetwork,
     MultiScaleRoIAlign,
     clip_boxes_to_image,
+    nms,
+    remove_small_boxes,
     roi_align,
 )
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -185,17 +187,49 @@ class MaskRCNNHead(nn.Module):
     def proposals(self, pyramid: Sequence[torch.Tensor], objectness: list[torch.Tensor],
                   deltas: list[torch.Tensor],
                   image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """RPN proposals per image, (N_i, 4) xyxy in padded-input pixels (eval mode)."""
+        """RPN proposals per image, (N_i, 4) xyxy in padded-input pixels (eval mode).
+
+        torchvision's ``RegionProposalNetwork.filter_proposals`` with one change: the NMS
+        "independently per level" runs as one ``torchvision.ops.nms`` per level instead of one
+        ``batched_nms`` over all levels. The result is the same set in the same order (boxes of
+        different levels never suppress each other either way), but torchvision's NMS kernel
+        ends in a single-block pass that is quadratic in the box count: ~4700 boxes at
+        1280x720 cost ~1.5 ms on an H100, five calls of <= 1000 boxes about a fifth of that.
+        """
+        rpn = self.rpn
         images = ImageList(pyramid[0], image_sizes)
-        anchors = self.rpn.anchor_generator(images, list(pyramid))
+        anchors = rpn.anchor_generator(images, list(pyramid))
         num_images = len(anchors)
         per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         obj, reg = concat_box_prediction_layers(objectness, deltas)
         # decode in float32: BoxCoder casts the anchors to the deltas' dtype
-        boxes = self.rpn.box_coder.decode(reg.float(), anchors).view(num_images, -1, 4)
-        obj = obj.float()
-        proposals, _ = self.rpn.filter_proposals(boxes, obj, image_sizes, per_level)
-        return proposals
+        boxes = rpn.box_coder.decode(reg.float(), anchors).view(num_images, -1, 4)
+        obj = obj.float().reshape(num_images, -1)
+        top_n_idx = rpn._get_top_n_idx(obj, per_level)  # level-major, so levels stay contiguous
+        kept_per_level = [min(rpn.pre_nms_top_n(), n) for n in per_level]
+        levels = torch.repeat_interleave(
+            torch.arange(len(per_level), device=obj.device),
+            torch.tensor(kept_per_level, device=obj.device))
+        batch_idx = torch.arange(num_images, device=obj.device)[:, None]
+        scores_all = torch.sigmoid(obj[batch_idx, top_n_idx])
+        boxes_all = boxes[batch_idx, top_n_idx]
+        out = []
+        for boxes_i, scores_i, size in zip(boxes_all, scores_all, image_sizes, strict=True):
+            boxes_i = clip_boxes_to_image(boxes_i, size)
+            keep = remove_small_boxes(boxes_i, rpn.min_size)
+            keep = keep[scores_i[keep] >= rpn.score_thresh]  # >= as torchvision
+            boxes_i, scores_i, lvl = boxes_i[keep], scores_i[keep], levels[keep]
+            counts = torch.bincount(lvl, minlength=len(per_level)).tolist()
+            kept, start = [], 0
+            for n in counts:
+                if n:
+                    kept.append(nms(boxes_i[start:start + n], scores_i[start:start + n],
+                                    rpn.nms_thresh) + start)
+                start += n
+            keep = torch.cat(kept) if kept else lvl.new_zeros(0)
+            keep = keep[scores_i[keep].argsort(descending=True, stable=True)]
+            out.append(boxes_i[keep[:rpn.post_nms_top_n()]])
+        return out
 
     def candidates(self, pyramid: Sequence[torch.Tensor], proposals: list[torch.Tensor],
                    image_sizes: list[tuple[int, int]]
