@@ -48,6 +48,18 @@ NODE_NAME = 'mamba_perception'
 DYNAMIC_PIPELINE_ATTRIBUTES = {'score_threshold': float, 'nms_iou': float, 'max_detections': int}
 
 
+def warmup_batches(num_cameras: int, shape_specialized: bool) -> list[int]:
+    """Batch sizes to warm up: every size the worker can form when a size costs a one-off.
+
+    The worker batches the frames that are ready together: 1 to ``num_cameras`` of them. With
+    ``compile`` or ``cuda_graphs`` each batch size is a new shape (a compile or a graph
+    capture: seconds), so all are warmed at configure, not met live; eager needs only one.
+    """
+    if shape_specialized:
+        return list(range(1, num_cameras + 1))
+    return [num_cameras]
+
+
 def _transition(method):
     """Log an exception escaping a transition (rclpy would swallow it) and return ERROR."""
     @functools.wraps(method)
@@ -176,9 +188,11 @@ class PerceptionNode(LifecycleNode):
             height, width = config['warmup_size_px']
             if config['warmup_iterations'] > 0 and height > 0 and width > 0:
                 started = time.perf_counter()
-                pipeline.warmup([(len(config['cameras']), height, width)],
+                batches = warmup_batches(len(config['cameras']),
+                                         config['compile'] or config['cuda_graphs'])
+                pipeline.warmup([(b, height, width) for b in batches],
                                 iterations=config['warmup_iterations'])
-                log.info(f'warmed up at {height}x{width} x{len(config["cameras"])} in '
+                log.info(f'warmed up at {height}x{width}, batches {batches}, in '
                          f'{time.perf_counter() - started:.1f} s')
             _check_model_output_finite(pipeline)
         except (MambaPerceptionError, RuntimeError, OSError) as exc:
@@ -498,7 +512,8 @@ def main(args=None) -> int:
                 if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     fail('configure failed (see above)')
                     return
-                node.trigger_activate()
+                if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                    fail('activate failed (see above)')
             except Exception as exc:  # noqa: BLE001 - never leave a half-started node running
                 if rclpy.ok():  # not merely shut down mid-configure
                     fail(f'autostart failed: {type(exc).__name__}: {exc}')

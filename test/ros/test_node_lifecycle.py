@@ -145,3 +145,13 @@ def test_services_answer_while_autostart_configures(start_node, ros_node, tiny_b
         assert time.monotonic() < deadline, 'the node did not finish configuring and activate'
         spin_for(ros_node, 0.2)
     assert node.stop() == 0, node.output()
+
+
+def test_warmup_covers_every_batch_size_the_worker_can_form_when_shapes_cost():
+    from mamba_perception.ros.node import warmup_batches
+
+    # compile / CUDA graphs: a batch of 1..n ready frames each has its own compiled graph
+    assert warmup_batches(4, shape_specialized=True) == [1, 2, 3, 4]
+    assert warmup_batches(1, shape_specialized=True) == [1]
+    # eager: one size is enough (no per-shape one-off worth a longer configure)
+    assert warmup_batches(4, shape_specialized=False) == [4]
