@@ -247,16 +247,35 @@ def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):
     return row
 
 
-def tune_lowrank(dtype):
-    """Sweep (tile rows, cols, channels) x warps of the low-rank kernel; apply the best."""
+def tune_lowrank(dtype, what=("state", "tiles")):
+    """Sweep the fused low-rank kernels' launch parameters and apply the best.
+
+    ``state``: channels per program (``state_block_m``) x segments per step (``state_block_s``)
+    of the state pass, whose parallelism is only routes x batch x dim / state_block_m programs;
+    ``tiles``: (tile rows, cols, channels) x warps of the aggregate and output kernels. Times
+    the whole op with ``impl='fused'`` over four stage shapes.
+    """
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     shapes = [(1, 96, 180, 320), (1, 192, 90, 160), (1, 384, 45, 80), (1, 768, 128, 128)]
-    results, best = [], None
-    for block in [(8, 16, 32), (8, 16, 16), (16, 16, 16), (4, 16, 32), (8, 32, 16),
-                  (4, 32, 32), (16, 16, 32), (8, 8, 32)]:
-        for warps in (4, 8):
-            lr.TUNING.update(block=block, num_warps=warps)
+    candidates = []
+    if "state" in what:
+        candidates += [{"state_block_m": m, "state_block_s": s}
+                       for m in (2, 4, 8, 16, 32, 128) for s in (32, 128, 512)]
+    if "tiles" in what:
+        candidates += [{"block": block, "num_warps": warps}
+                       for block in [(8, 16, 32), (8, 16, 16), (16, 16, 16), (4, 16, 32),
+                                     (8, 32, 16), (4, 32, 32), (16, 16, 32), (8, 8, 32)]
+                       for warps in (4, 8)]
+    saved_impl = lr.TUNING["impl"]
+    lr.TUNING["impl"] = "fused"
+    results = []
+    for group in ("state", "tiles"):
+        best = None
+        for cand in candidates:
+            if ("state_block_m" in cand) != (group == "state"):
+                continue
+            lr.TUNING.update(cand)
             per_shape = []
             try:
                 for b, d, h, w in shapes:
@@ -269,16 +288,16 @@ def tune_lowrank(dtype):
                         lambda x=x, p=p, wt=wt, A=A: K.ss2d_scan_lowrank(
                             x, p, wt, A, out_dtype=torch.float32), iters=10, reps=3)["median_us"])
             except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
-                results.append({"block": block, "num_warps": warps, "error": str(exc)[:200]})
+                results.append({**cand, "error": str(exc)[:200]})
                 continue
             total = sum(per_shape)
-            results.append({"block": block, "num_warps": warps, "per_shape_us": per_shape,
-                            "sum_us": total})
-            print(f"lowrank tune {block} w{warps}: {[round(v, 1) for v in per_shape]}",
-                  flush=True)
+            results.append({**cand, "per_shape_us": per_shape, "sum_us": total})
+            print(f"lowrank tune {cand}: {[round(v, 1) for v in per_shape]}", flush=True)
             if best is None or total < best[0]:
-                best = (total, block, warps)
-    lr.TUNING.update(block=best[1], num_warps=best[2])
+                best = (total, cand)
+        if best is not None:
+            lr.TUNING.update(best[1])
+    lr.TUNING["impl"] = saved_impl
     print("lowrank tuned:", lr.TUNING, flush=True)
     return {"sweep": results, "applied": dict(lr.TUNING)}
 
@@ -401,16 +420,24 @@ def main(argv=None):
                         help="only the low-rank (model) SS2D cases, VMamba-T/S/B stages")
     parser.add_argument("--lowrank-impls", nargs="+", default=list(LOWRANK_IMPLS),
                         choices=LOWRANK_IMPLS, help="CUDA implementations to time (--lowrank)")
-    parser.add_argument("--tune-lowrank", action="store_true",
-                        help="sweep the low-rank kernel's tiles first")
+    parser.add_argument("--tune-lowrank", nargs="*", choices=("state", "tiles"),
+                        help="sweep the fused low-rank kernels' state pass and/or tiles first "
+                             "(no value: both)")
     parser.add_argument("--cpu", action="store_true",
                         help="time the CPU path vs the reference on the CPU instead")
+    parser.add_argument("--profile-one", nargs=6,
+                        metavar=("OP", "BATCH", "DIM", "H", "W", "DTYPE"),
+                        help="only run one op (ss2d | lowrank-fused | lowrank-expanded) a few "
+                             "times, for a profiler such as ncu")
     args = parser.parse_args(argv)
     if args.cpu:
         cpu_bench(args.out)
         return
     if not torch.cuda.is_available():
         sys.exit("bench/scan.py needs a CUDA GPU")
+    if args.profile_one:
+        profile_one(*args.profile_one)
+        return
     from mamba_perception_kernels.triton import common as tc
 
     report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "ss2d": [], "bidir": [],
@@ -424,8 +451,9 @@ def main(argv=None):
                                        "mamba_ssm_selective_scan": mamba is not None})
     report["launch_config"] = dict(tc.TUNING)
     t_start = time.time()
-    if args.tune_lowrank:
-        report["lowrank_tuning"] = tune_lowrank(DTYPES["fp16"])
+    if args.tune_lowrank is not None:
+        report["lowrank_tuning"] = tune_lowrank(DTYPES["fp16"],
+                                                tuple(args.tune_lowrank or ("state", "tiles")))
     if args.lowrank:
         lowrank_rows(report, args, dtypes, batches)
         return
@@ -447,14 +475,14 @@ def main(argv=None):
                         write_json(args.out, report)  # partial results survive a timeout
                         gc.collect()
                         torch.cuda.empty_cache()
-        if args.quick:  # the notes' floor-target shape: 128x128, D=768, N=1
-            row = ss2d_case(1, 768, 128, 128, dtype, mamba, args.iters)
-            row = {"model": "floor-target", "input": "-", "stage": 0, "H": 128, "W": 128,
-                   "D": 768, "N": 1, "batch": 1, "dtype": dname,
-                   **summarize(row, ss2d_floor_bytes(1, 768, 128 * 128, 1))}
-            report["ss2d"].append(row)
-            print(_line(row), flush=True)
-            write_json(args.out, report)
+        # the notes' floor-target shape: 128x128, D=768, N=1
+        row = ss2d_case(1, 768, 128, 128, dtype, mamba, args.iters)
+        row = {"model": "floor-target", "input": "-", "stage": 0, "H": 128, "W": 128,
+               "D": 768, "N": 1, "batch": 1, "dtype": dname,
+               **summarize(row, ss2d_floor_bytes(1, 768, 128 * 128, 1))}
+        report["ss2d"].append(row)
+        print(_line(row), flush=True)
+        write_json(args.out, report)
         for size in VIM_SIZES:
             length = (size // 16) ** 2 + 1
             for batch in batches:
@@ -468,6 +496,41 @@ def main(argv=None):
     report["wall_s"] = time.time() - t_start
     write_json(args.out, report)
     print(f"wrote {args.out}")
+
+
+def profile_one(op, batch, dim, height, width, dtype, calls=5):
+    """Run one op ``calls`` times (after one warm-up call) on random data, nothing else.
+
+    For ``ncu --kernel-name regex:... --launch-skip/--launch-count``: the warm-up call compiles
+    the Triton kernels, so profile the launches after the first.
+    """
+    batch, dim, height, width = int(batch), int(dim), int(height), int(width)
+    dt, dev = DTYPES[dtype], "cuda"
+    if op == "ss2d":
+        x = torch.randn(batch, dim, height, width, device=dev, dtype=dt)
+        delta = (torch.randn(batch, 4, dim, height, width, device=dev) * 0.5 - 2).to(dt)
+        A = -torch.rand(4 * dim, 1, device=dev) - 0.1
+        Bm = torch.randn(batch, 4, 1, height, width, device=dev, dtype=dt)
+        D = torch.randn(4 * dim, device=dev)
+        bias = torch.randn(4 * dim, device=dev) * 0.1
+        run = lambda: K.ss2d_scan(x, delta, A, Bm, Bm, D, bias, True)  # noqa: E731
+    elif op.startswith("lowrank-"):
+        from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+        lr.TUNING["impl"] = op.split("-", 1)[1]
+        rank = math.ceil(dim / 16)
+        x = torch.randn(batch, height, width, dim, device=dev, dtype=dt)
+        x_proj = torch.randn(batch, height, width, 4 * (rank + 2), device=dev, dtype=dt)
+        dt_w = torch.randn(4, dim, rank, device=dev) * rank ** -0.5
+        A = -torch.rand(4 * dim, 1, device=dev) - 0.1
+        run = lambda: K.ss2d_scan_lowrank(x, x_proj, dt_w, A, None, None, True,  # noqa: E731
+                                          torch.float32)
+    else:
+        sys.exit(f"--profile-one: unknown op {op!r}")
+    for _ in range(calls + 1):
+        run()
+    torch.cuda.synchronize()
+    print(f"profile-one {op} B{batch} D{dim} {height}x{width} {dtype}: {calls + 1} calls done")
 
 
 def lowrank_rows(report, args, dtypes, batches):

@@ -194,17 +194,22 @@ def test_bidir_bwd(triton_device, length, dstate):
     _grads_close(got, want, 'bidir')
 
 
-@pytest.mark.parametrize('batch,height,width,dim,rank,dstate,dtype,block', [
-    (1, 1, 1, 16, 1, 1, torch.float32, (8, 16, 32)),
+@pytest.mark.parametrize('batch,height,width,dim,rank,dstate,dtype,block,state', [
+    (1, 1, 1, 16, 1, 1, torch.float32, (8, 16, 32), (128, 32)),
     # 3x3 tiles x 2 channel blocks (the second partial): rows and columns cross tiles
-    (2, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16)),
-    (1, 6, 11, 24, 2, 2, torch.float16, (4, 8, 16)),   # N=2, channels split 16 + 8
-    (1, 5, 9, 16, 2, 1, torch.bfloat16, (8, 16, 32)),  # one tile bigger than the map
+    (2, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16), (128, 32)),
+    # state pass split over 5 channel programs (the last partial), 7 steps of 4 segments
+    (1, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16), (4, 4)),
+    (1, 6, 11, 24, 2, 2, torch.float16, (4, 8, 16), (128, 32)),   # N=2, channels 16 + 8
+    (1, 5, 9, 16, 2, 1, torch.bfloat16, (8, 16, 32), (128, 32)),  # one tile bigger than the map
 ])
-def test_ss2d_lowrank_fwd(batch, height, width, dim, rank, dstate, dtype, block, monkeypatch):
+def test_ss2d_lowrank_fwd(batch, height, width, dim, rank, dstate, dtype, block, state,
+                          monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'block', block)
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_block_m', state[0])
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_block_s', state[1])
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'fused')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(batch, height, width, dim, rank, dstate, dtype=dtype)
