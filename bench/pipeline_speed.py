@@ -16,6 +16,7 @@ until ``--budget-s`` is spent (the rest are listed as skipped).
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -29,10 +30,12 @@ TASKS = {'det': ('detection',), 'seg': ('segmentation',),
 SIZES = {'720p': (720, 1280), '1080p': (1080, 1920)}
 
 
-def configs(quick: bool) -> list:
+MODES = ('eager', 'cuda_graphs', 'compile_graphs')  # compile_graphs: torch.compile + CUDA graph
+
+
+def configs(quick: bool, modes=('eager', 'cuda_graphs')) -> list:
     """Benchmark configurations, most important first."""
     out = []
-    modes = ('eager', 'cuda_graphs')
     # the target first: VMamba-T det+seg 720p batch 1
     for prec in ('fp16', 'bf16'):
         for mode in modes:
@@ -45,8 +48,21 @@ def configs(quick: bool) -> list:
                     if cfg not in out:
                         out.append(cfg)
     for task in ('det', 'seg'):
-        out.append((task, '720p', 1, 'bf16', 'cuda_graphs'))
-    return out[:4] if quick else out
+        for mode in modes[1:]:
+            out.append((task, '720p', 1, 'bf16', mode))
+    return out[:len(modes) * 2] if quick else out
+
+
+def select(cfgs: list, args) -> list:
+    """Keep the configurations matching every given --tasks/--sizes/... filter."""
+    keep = []
+    for task, size, batch, prec, mode in cfgs:
+        if ((args.tasks and task not in args.tasks) or (args.sizes and size not in args.sizes)
+                or (args.batches and batch not in args.batches)
+                or (args.precisions and prec not in args.precisions)):
+            continue
+        keep.append((task, size, batch, prec, mode))
+    return keep
 
 
 def percentile(values, q):
@@ -62,11 +78,12 @@ def get_pipeline(bundles, task, precision, mode):
     key = (task, precision, mode)
     if key not in _PIPELINES:
         _PIPELINES[key] = Pipeline(bundles[task], device='cuda', precision=precision,
-                                   cuda_graphs=mode == 'cuda_graphs')
+                                   cuda_graphs=mode in ('cuda_graphs', 'compile_graphs'),
+                                   compile=mode == 'compile_graphs')
     return _PIPELINES[key]
 
 
-def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup):
+def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup, gc_freeze=False):
     h, w = SIZES[size]
     pipe = get_pipeline(bundles, task, precision, mode)
     pipe._graphs.clear()  # drop graphs (and their memory pools) of earlier shapes
@@ -80,6 +97,9 @@ def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup):
         pipe(frames)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
+    if gc_freeze:  # what a latency-critical process can do after warm-up: no old-object scans
+        gc.collect()
+        gc.freeze()
     calls = -(-frames_min // batch)
     latency, stages, dets = [], {'preprocess_ms': [], 'inference_ms': [],
                                  'postprocess_ms': []}, []
@@ -93,6 +113,7 @@ def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup):
             dets.append(len(results[0].detections))
     from mamba_perception.pipeline import padded_size, resized_size
     rh, rw = resized_size(h, w, pipe.input_policy)
+    split = dense_sparse_split(pipe, frames, repeats=50)
     return {
         'task': task, 'tasks': list(TASKS[task]), 'frame_size_hw': [h, w],
         'network_input_hw': list(padded_size(rh, rw)), 'batch_cameras': batch,
@@ -105,7 +126,65 @@ def run_one(bundles, task, size, batch, precision, mode, frames_min, warmup):
         'peak_memory_mib': torch.cuda.max_memory_allocated() / 2 ** 20,
         'warmup_calls': warmup, 'warmup_s': warmup_s,
         'detections_per_frame_mean': float(np.mean(dets)) if dets else None,
+        'inference_split_ms_p50': split, 'gc_freeze': gc_freeze,
     }
+
+
+def dense_sparse_split(pipe, frames, repeats):
+    """p50 device time of the inference stage's two parts, from CUDA events around each.
+
+    ``dense``: backbone + FPN + RPN head + UperNet (the part that is compiled / graph-captured);
+    ``sparse``: ``model.detect`` (RPN proposal filtering and NMS, RoIAlign, box head), eager
+    with host synchronisations inside torchvision. Runs the pipeline's own stage methods
+    (private API: a benchmark may look inside) on already-uploaded frames.
+    """
+    from mamba_perception.pipeline import padded_size, resized_size, validate_frame
+    tensors = [validate_frame(f, i).cuda() for i, f in enumerate(frames)]
+    geometry = []
+    for t in tensors:
+        h, w = int(t.shape[0]), int(t.shape[1])
+        geometry.append((h, w, *resized_size(h, w, pipe.input_policy)))
+    shape = padded_size(*geometry[0][2:], pipe._pad)
+    dense_ms, sparse_ms = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            x = pipe._preprocess(tensors, geometry, shape)
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            dense = pipe._dense(x)
+            marks[1].record()
+            if 'detection' in pipe.tasks:
+                with pipe._autocast():
+                    pipe.model.detect(dense, [(g[2], g[3]) for g in geometry])
+            marks[2].record()
+            marks[2].synchronize()
+            dense_ms.append(marks[0].elapsed_time(marks[1]))
+            sparse_ms.append(marks[1].elapsed_time(marks[2]))
+    return {'dense': percentile(dense_ms, 50), 'sparse_detect': percentile(sparse_ms, 50),
+            'repeats': repeats}
+
+
+def profile_table(bundles, cfg, out_path, calls=30):
+    """torch.profiler table (top ops by device and by host time) of one configuration."""
+    from torch.profiler import ProfilerActivity, profile
+    task, size, batch, precision, mode = cfg
+    h, w = SIZES[size]
+    pipe = get_pipeline(bundles, task, precision, mode)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch)]
+    for _ in range(5):
+        pipe(frames)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            pipe(frames)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    with open(out_path, 'w') as f:
+        f.write(f'# {cfg}, {calls} calls, torch.profiler\n')
+        f.write(table.table(sort_by='cuda_time_total', row_limit=40, max_name_column_width=70))
+        f.write('\n')
+        f.write(table.table(sort_by='cpu_time_total', row_limit=40, max_name_column_width=70))
 
 
 def main(argv=None) -> int:
@@ -114,7 +193,16 @@ def main(argv=None) -> int:
     parser.add_argument('--frames', type=int, default=500, help='timed frames per config')
     parser.add_argument('--warmup', type=int, default=20, help='untimed calls per config')
     parser.add_argument('--budget-s', type=float, default=240.0)
-    parser.add_argument('--quick', action='store_true', help='first 4 configurations only')
+    parser.add_argument('--quick', action='store_true', help='first configurations only')
+    parser.add_argument('--modes', nargs='+', default=['eager', 'cuda_graphs'], choices=MODES)
+    parser.add_argument('--tasks', nargs='+', choices=sorted(TASKS))
+    parser.add_argument('--sizes', nargs='+', choices=sorted(SIZES))
+    parser.add_argument('--batches', nargs='+', type=int)
+    parser.add_argument('--precisions', nargs='+', choices=('fp16', 'bf16'))
+    parser.add_argument('--gc-freeze', action='store_true',
+                        help='gc.collect() + gc.freeze() after each warm-up (p99 experiment)')
+    parser.add_argument('--profile', metavar='TXT',
+                        help='also write a torch.profiler table of the first configuration')
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -147,13 +235,17 @@ def main(argv=None) -> int:
         'target': 'VMamba-T det+seg 1280x720 batch 1 <= 8 ms p99',
         'results': [], 'skipped': [], 'errors': [],
     }
-    for cfg in configs(args.quick):
+    todo = select(configs(args.quick, tuple(args.modes)), args)
+    if args.profile and todo:
+        profile_table(bundles, todo[0], args.profile)
+    for cfg in todo:
         if time.perf_counter() - start > args.budget_s:
             report['skipped'].append(dict(zip(('task', 'size', 'batch', 'precision', 'mode'),
                                               cfg, strict=True)))
             continue
         try:
-            row = run_one(bundles, *cfg, frames_min=args.frames, warmup=args.warmup)
+            row = run_one(bundles, *cfg, frames_min=args.frames, warmup=args.warmup,
+                          gc_freeze=args.gc_freeze)
             report['results'].append(row)
             print(f"{cfg}: p50 {row['latency_ms_p50']:.2f} ms p99 {row['latency_ms_p99']:.2f} ms"
                   f" stages {row['stage_ms_p50']} mem {row['peak_memory_mib']:.0f} MiB",
