@@ -54,6 +54,7 @@ from mamba_perception.results import Detections, FrameResult, StageTimes
 log = logging.getLogger(__name__)
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+COMPILED_SHAPES_LIMIT = 64  # input shapes compiled per process before dynamo runs eagerly
 MIN_BOX_SIZE_PX = 1e-2  # as torchvision's RoIHeads: drop degenerate boxes before NMS
 Frame = Union[np.ndarray, torch.Tensor]
 
@@ -242,6 +243,14 @@ class Pipeline:
         self._inv_std = 1.0 / torch.tensor(policy['std'], device=self.device).view(1, 3, 1, 1)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
+        if self.compile:
+            # One compiled graph per input shape (frame size x batch size), all on the code
+            # object of forward_dense, which every Pipeline in the process shares. Past dynamo's
+            # default limit of 8 graphs per code object, new shapes would silently run eagerly
+            # (seen: 4 camera configurations of 2 pipelines; a node warms batch sizes 1..n).
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
+                                                COMPILED_SHAPES_LIMIT)
         self._compiled = (torch.compile(self.model.forward_dense, dynamic=False)
                           if self.compile else None)
         self._graphs: dict = {}

@@ -204,6 +204,19 @@ def test_bf16_autocast_on_cpu(pipeline, bundle_path):
     assert pipe.precision == 'bf16'
 
 
+def test_compile_allows_more_input_shapes_than_dynamo_default(bundle_path, monkeypatch):
+    # Each (frame size, batch size) is a compiled graph of the one shared forward_dense code
+    # object: at dynamo's default limit (8) a node with several cameras and sizes would fall
+    # back to eager without a word. Building the pipeline compiles nothing yet (lazy).
+    from mamba_perception.pipeline import COMPILED_SHAPES_LIMIT
+
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 8)
+    Pipeline(bundle_path, compile=False)
+    assert torch._dynamo.config.recompile_limit == 8
+    Pipeline(bundle_path, compile=True)
+    assert torch._dynamo.config.recompile_limit == COMPILED_SHAPES_LIMIT >= 32
+
+
 def test_warmup_accepts_sizes(pipeline):
     pipeline.warmup([(64, 64), (2, 64, 96)], iterations=1)
 
