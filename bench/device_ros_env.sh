@@ -21,12 +21,15 @@ started=$SECONDS
 [ -d "$WHEELS" ] || { echo "no $WHEELS: carry .whl (see this script's header)" >&2; return 1; }
 # The ros_wheels_bootstrapper .pth hook needs a real site-packages (a venv), not PYTHONPATH.
 # The machine's python3 is itself a venv (torch lives in its site-packages, which
-# --system-site-packages would not see): a .pth file adds that directory; pip is the outer one.
+# --system-site-packages would not see): a .pth file adds that directory.
 python3 -m venv --without-pip "$VENV"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python3 -c 'import site; print("\n".join(site.getsitepackages()))' > "$SITE/_machine_site.pth"
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --ignore-installed --prefix "$VENV" \
-    --find-links "$WHEELS" "$WHEELS"/*.whl "$WHEELS"/*.tar.gz
+# pip (and setuptools) of the machine's python through that .pth; --ignore-installed because
+# pip would otherwise see the outer environment's packages as already there.
+PIP=("$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation
+     --ignore-installed)
+"${PIP[@]}" --find-links "$WHEELS" "$WHEELS"/*.whl "$WHEELS"/*.tar.gz
 "$VENV/bin/python" -c 'import rclpy, sensor_msgs.msg, diagnostic_msgs.msg'
 build=$(mktemp -d)
 AMENT_PREFIX_PATH=$VENV cmake -S "$ROOT/interfaces/vision_msgs_compat" -B "$build" \
@@ -36,6 +39,9 @@ AMENT_PREFIX_PATH=$VENV cmake -S "$ROOT/interfaces/vision_msgs_compat" -B "$buil
   cmake --build "$build" -j "$(nproc)" >>"$build.log" 2>&1 &&
   cmake --install "$build" >>"$build.log" 2>&1 ||
   { tail -n 40 "$build.log" >&2; return 1; }
+# The package itself (no deps): its wheel puts the ros2-run launchers under lib/mamba_perception,
+# where the node tests start the node from.
+"${PIP[@]}" "$ROOT"
 "$VENV/bin/python" -c 'import rclpy, vision_msgs.msg, torch; print("ros env ok: torch",
 torch.__version__, "cuda", torch.cuda.is_available())'
 export VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH

@@ -48,6 +48,17 @@ NODE_NAME = 'mamba_perception'
 DYNAMIC_PIPELINE_ATTRIBUTES = {'score_threshold': float, 'nms_iou': float, 'max_detections': int}
 
 
+def out_of_memory_text(exc: BaseException) -> Optional[str]:
+    """Return a one-line report of a CUDA out-of-memory error (cache freed), else None."""
+    if 'out of memory' not in str(exc).lower():
+        return None
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the cached blocks back before the next frame
+    first_line = str(exc).strip().splitlines()[0][:200]
+    return f'CUDA out of memory, frame skipped ({first_line})'
+
+
 def warmup_batches(num_cameras: int, shape_specialized: bool) -> list[int]:
     """Batch sizes to warm up: every size the worker can form when a size costs a one-off.
 
@@ -362,6 +373,12 @@ class PerceptionNode(LifecycleNode):
             except InputError as exc:
                 self._bad_frame(camera, 'input', str(exc))
                 continue
+            except Exception as exc:  # the upload / GPU JPEG decode can run out of memory too
+                text = out_of_memory_text(exc)
+                if text is None:
+                    raise
+                self._bad_frame(camera, 'out of memory', text)
+                continue
             decode_ms.append((time.perf_counter() - started) * 1e3)
             cameras.append(camera)
             msgs.append(msg)
@@ -377,11 +394,7 @@ class PerceptionNode(LifecycleNode):
                 self._bad_frame(camera, 'input', str(exc))
             return
         except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
-            text = f'{type(exc).__name__}: {exc}'
-            if 'out of memory' in str(exc).lower():
-                import torch
-                torch.cuda.empty_cache()
-                text = f'CUDA out of memory, frame skipped ({exc})'
+            text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'
             for camera in cameras:
                 self._bad_frame(camera, 'inference', text)
             return

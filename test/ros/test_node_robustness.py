@@ -207,3 +207,54 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     assert int(values['frames received']) >= dropped + len(received)
     assert published >= len(received)
     assert node.proc.poll() is None, node.output()
+
+
+def _fill_gpu_memory(torch):
+    """Allocate this process's share of free GPU memory until the card is full; the blocks."""
+    blocks = []
+    for size_mb in (1024, 256, 64, 16, 4, 1):
+        while True:
+            try:
+                blocks.append(torch.empty(size_mb << 20, dtype=torch.uint8, device='cuda'))
+            except torch.cuda.OutOfMemoryError:
+                break
+    return blocks
+
+
+def test_cuda_out_of_memory_skips_the_frame_and_the_next_is_served(
+        start_node, ros_node, tiny_bundle, video_frames_bgr):
+    # A real CUDA OOM: this test process fills the GPU, then sends a frame whose upload and
+    # float conversion (2048x2048: 12 MB + 50 MB) need more than the node's cached blocks.
+    torch = pytest.importorskip('torch')
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU (a real out-of-memory, not a simulated one)')
+    node = start_node('perception_node', *node_args(
+        tiny_bundle, '-r', '__ns:=/oom', '-p', 'cameras:=[cam]', '-p', 'device:=cuda',
+        '-p', 'precision:=fp16', '-p', 'input_reliability:=reliable'))
+    diagnostics = Collector(ros_node, DiagnosticArray, '/diagnostics', 50)
+    detections = Collector(ros_node, Detection2DArray, '/oom/cam/detections')
+    pub = ros_node.create_publisher(Image, '/oom/cam/image', qos.input_qos('reliable'))
+    frame = video_frames_bgr[3]
+    huge = cv2.resize(frame, (2048, 2048))
+    wait_for_subscriber(ros_node, pub, 120.0)
+    first = stamp_of(ros_node, 1)
+    publish_until(ros_node, pub, lambda: image_msg(frame, first, 'cam_optical'),
+                  lambda: served(detections, first), 60.0, 'a first frame on the GPU', 0.3)
+
+    blocks = _fill_gpu_memory(torch)
+    try:
+        publish_until(ros_node, pub, lambda: image_msg(huge, stamp_of(ros_node, 2), 'c'),
+                      lambda: bad_count(diagnostics, 'oom/mamba_perception') >= 1, 30.0,
+                      'the node to report the frame it had no memory for', period_s=0.5)
+    finally:
+        del blocks
+        torch.cuda.empty_cache()
+    status = camera_status(diagnostics.messages, 'cam', 'oom/mamba_perception')
+    assert 'CUDA out of memory, frame skipped' in status_values(status)['last error']
+    assert status.level in (DiagnosticStatus.WARN, DiagnosticStatus.ERROR)
+    after = stamp_of(ros_node, 3)
+    publish_until(ros_node, pub, lambda: image_msg(frame, after, 'cam_optical'),
+                  lambda: served(detections, after), 30.0, 'a frame served after the OOM', 0.3)
+    assert node.proc.poll() is None, node.output()
+    assert 'out of memory' in node.output()
+    assert node.stop() == 0, node.output()
