@@ -224,7 +224,8 @@ def _fill_gpu_memory(torch):
 def test_cuda_out_of_memory_skips_the_frame_and_the_next_is_served(
         start_node, ros_node, tiny_bundle, video_frames_bgr):
     # A real CUDA OOM: this test process fills the GPU, then sends a frame whose upload and
-    # float conversion (2048x2048: 12 MB + 50 MB) need more than the node's cached blocks.
+    # float conversion (2896x2896: 25 MB + 100 MB) need more than all the blocks the node's
+    # caching allocator can give back (tens of MB for the tiny model).
     torch = pytest.importorskip('torch')
     if not torch.cuda.is_available():
         pytest.skip('needs a CUDA GPU (a real out-of-memory, not a simulated one)')
@@ -235,7 +236,7 @@ def test_cuda_out_of_memory_skips_the_frame_and_the_next_is_served(
     detections = Collector(ros_node, Detection2DArray, '/oom/cam/detections')
     pub = ros_node.create_publisher(Image, '/oom/cam/image', qos.input_qos('reliable'))
     frame = video_frames_bgr[3]
-    huge = cv2.resize(frame, (2048, 2048))
+    huge = cv2.resize(frame, (2896, 2896))
     wait_for_subscriber(ros_node, pub, 120.0)
     first = stamp_of(ros_node, 1)
     publish_until(ros_node, pub, lambda: image_msg(frame, first, 'cam_optical'),
