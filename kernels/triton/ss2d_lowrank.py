@@ -23,13 +23,17 @@ import triton.language as tl
 from .scan_fwd import _ssm_combine
 
 # Tile (rows, cols, channels) and warps: swept on an H100 by bench/scan.py --tune-lowrank
-# ((8, 16, 16) x 4 warps was the best of 16 configs). ``impl`` picks the CUDA implementation:
-# "expanded" (Δ by one GEMM, then the channel-first kernels of scan_fwd.py on a contiguous x)
-# or "fused" (these kernels). Measured on an H100 the fused kernels are still 2.4x slower
-# (bench/results/scan_lowrank_h100.json), so "expanded" is the default until they are tuned.
+# ((8, 16, 16) x 4 warps was the best of 16 configs). State pass: its only parallelism is
+# routes x batch x dim / state_block_m programs; at the old 128 channels per program VMamba-T
+# stage 1 ran 4 programs and took 421 of the 809 us (ncu); 4 channels x 512 segments per step
+# was the best of 18 (bench/results/scan_lowrank_state_h100.json: 446 us in all). ``impl``
+# picks the CUDA implementation: "expanded" (Δ by one GEMM, then the channel-first kernels of
+# scan_fwd.py on a contiguous x) or "fused" (these kernels). The fused kernels are still
+# slower (446 vs 362 us at that shape: their aggregate / output kernels hold 168 / 255
+# registers per thread, 18 / 12 % occupancy), so "expanded" stays the default.
 # Reading x / B / C in place and writing y NHWC instead of the layout copies was slower still
 # (bench/results/scan_lowrank_inplace_h100.json): the scan_fwd.py kernels want channel-first.
-TUNING = {"block": (8, 16, 16), "num_warps": 4, "state_block_s": 32, "state_block_m": 128,
+TUNING = {"block": (8, 16, 16), "num_warps": 4, "state_block_s": 512, "state_block_m": 4,
           "impl": "expanded"}
 
 
