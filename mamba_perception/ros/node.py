@@ -23,8 +23,6 @@ Run::
         -p cameras:="[front, left]" -r front/image:=/sensing/camera/front/image_raw
 """
 
-import ctypes
-import ctypes.util
 import functools
 import sys
 import threading
@@ -500,34 +498,8 @@ class PerceptionNode(LifecycleNode):
             header=Header(stamp=now.to_msg()), status=statuses))
 
 
-# glibc mallopt parameters: large blocks from the heap, freed memory kept (see below)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_HEAP_UP_TO_BYTES = 32 << 20   # glibc's largest allowed mmap threshold on 64-bit
-_KEEP_FREED_BYTES = 256 << 20
-
-
-def keep_large_buffers_on_the_heap() -> bool:
-    """Stop glibc from mapping and unmapping every frame-sized buffer; True when applied.
-
-    Every frame brings megabyte buffers (a 1280x720 bgr8 message is 2.7 MB, its mask 0.9 MB)
-    above glibc's default mmap threshold, so each is a fresh mmap whose pages fault in when
-    first written and is unmapped again when freed. Measured on the CPU machine: building a
-    720p mask message took ~1.0 ms that way and 0.05 ms from the heap. Large blocks (up to
-    32 MiB) now come from the heap and up to 256 MiB of freed memory stays mapped for reuse.
-    Without glibc (musl, macOS) nothing changes.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_UP_TO_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
-
-
 def main(args=None) -> int:
     """Run the node; with ``autostart`` (default) it configures and activates itself."""
-    keep_large_buffers_on_the_heap()
     rclpy.init(args=args)
     try:
         node = PerceptionNode()

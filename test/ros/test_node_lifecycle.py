@@ -155,27 +155,3 @@ def test_warmup_covers_every_batch_size_the_worker_can_form_when_shapes_cost():
     assert warmup_batches(1, shape_specialized=True) == [1]
     # eager: one size is enough (no per-shape one-off worth a longer configure)
     assert warmup_batches(4, shape_specialized=False) == [4]
-
-
-def test_large_buffers_stay_on_the_heap_in_the_node_process():
-    # In child processes (mallopt changes the whole process's allocator): an 8 MiB block (a
-    # 1080p frame) comes from the heap, below the program break, once the node's setting is
-    # applied, and from a fresh mmap (above the break, pages faulted in on use) without it.
-    import subprocess
-    import sys
-
-    code = """
-import ctypes, ctypes.util, sys
-from mamba_perception.ros.node import keep_large_buffers_on_the_heap
-applied = keep_large_buffers_on_the_heap() if sys.argv[1] == '1' else False
-libc = ctypes.CDLL(ctypes.util.find_library('c'))
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
-block = libc.malloc(8 << 20)
-print(applied, block < libc.sbrk(0))
-"""
-    out = {}
-    for flag in ('0', '1'):
-        out[flag] = subprocess.run([sys.executable, '-c', code, flag], capture_output=True,
-                                   text=True, check=True).stdout.split()
-    assert out == {'0': ['False', 'False'], '1': ['True', 'True']}, out
