@@ -693,7 +693,7 @@ def node_overhead(results: list) -> dict:
     return {'source': "read from the node's /diagnostics (its own stage timers; mean over "
                       "cameras of each camera's p50): decode = input message to RGB frame (on "
                       'the device for CUDA), publish = building and publishing the output '
-                      'messages. Not measured by this benchmark.',
+                      'messages. Timed inside the node, not by this process.',
             'runs': runs}
 
 
