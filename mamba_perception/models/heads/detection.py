@@ -207,9 +207,8 @@ class MaskRCNNHead(nn.Module):
         obj = obj.float().reshape(num_images, -1)
         top_n_idx = rpn._get_top_n_idx(obj, per_level)  # level-major, so levels stay contiguous
         kept_per_level = [min(rpn.pre_nms_top_n(), n) for n in per_level]
-        levels = torch.repeat_interleave(
-            torch.arange(len(per_level), device=obj.device),
-            torch.tensor(kept_per_level, device=obj.device))
+        levels = torch.cat([torch.full((n,), level, device=obj.device)
+                            for level, n in enumerate(kept_per_level)])  # no host sync
         batch_idx = torch.arange(num_images, device=obj.device)[:, None]
         scores_all = torch.sigmoid(obj[batch_idx, top_n_idx])
         boxes_all = boxes[batch_idx, top_n_idx]
@@ -217,7 +216,8 @@ class MaskRCNNHead(nn.Module):
         for boxes_i, scores_i, size in zip(boxes_all, scores_all, image_sizes, strict=True):
             boxes_i = clip_boxes_to_image(boxes_i, size)
             keep = remove_small_boxes(boxes_i, rpn.min_size)
-            keep = keep[scores_i[keep] >= rpn.score_thresh]  # >= as torchvision
+            if rpn.score_thresh > 0:  # sigmoid scores are >= 0: skip a host sync otherwise
+                keep = keep[scores_i[keep] >= rpn.score_thresh]  # >= as torchvision
             boxes_i, scores_i, lvl = boxes_i[keep], scores_i[keep], levels[keep]
             counts = torch.bincount(lvl, minlength=len(per_level)).tolist()
             kept, start = [], 0
