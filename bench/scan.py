@@ -91,9 +91,8 @@ def _t(fn, iters):
         return {"error": "out of memory"}
 
 
-def ss2d_case(batch, dim, height, width, dtype, mamba, iters):
-    dev = "cuda"
-    length = height * width
+def ss2d_inputs(batch, dim, height, width, dtype, dev="cuda"):
+    """Random ``ss2d_scan`` inputs (x, delta, A, B, C, D, bias) of one VMamba stage, N=1."""
     x = torch.randn(batch, dim, height, width, device=dev, dtype=dtype)
     delta = (torch.randn(batch, 4, dim, height, width, device=dev) * 0.5 - 2).to(dtype)
     A = -torch.rand(4 * dim, 1, device=dev) - 0.1
@@ -101,6 +100,24 @@ def ss2d_case(batch, dim, height, width, dtype, mamba, iters):
     C = torch.randn(batch, 4, 1, height, width, device=dev, dtype=dtype)
     D = torch.randn(4 * dim, device=dev)
     bias = torch.randn(4 * dim, device=dev) * 0.1
+    return x, delta, A, B, C, D, bias
+
+
+def lowrank_inputs(batch, dim, height, width, dtype, dev="cuda"):
+    """Random ``ss2d_scan_lowrank`` inputs (x, x_proj, dt_w, A, D, bias) as VMamba feeds it."""
+    rank, n = math.ceil(dim / 16), 1
+    x = torch.randn(batch, height, width, dim, device=dev, dtype=dtype)
+    x_proj = torch.randn(batch, height, width, 4 * (rank + 2 * n), device=dev, dtype=dtype)
+    dt_w = torch.randn(4, dim, rank, device=dev) * rank ** -0.5
+    A = -torch.rand(4 * dim, n, device=dev) - 0.1
+    D = torch.randn(4 * dim, device=dev)
+    bias = torch.randn(4 * dim, device=dev) * 0.1 - 2
+    return x, x_proj, dt_w, A, D, bias
+
+
+def ss2d_case(batch, dim, height, width, dtype, mamba, iters):
+    length = height * width
+    x, delta, A, B, C, D, bias = ss2d_inputs(batch, dim, height, width, dtype)
     # Route-ordered inputs for the separate paths (produced in route order by VMamba).
     ds = route_sequences(delta).reshape(batch, 4 * dim, length).contiguous()
     Bs = route_sequences(B).contiguous()
@@ -198,13 +215,8 @@ def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):
     """
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
-    dev, rank, n = "cuda", math.ceil(dim / 16), 1
-    x = torch.randn(batch, height, width, dim, device=dev, dtype=dtype)
-    x_proj = torch.randn(batch, height, width, 4 * (rank + 2 * n), device=dev, dtype=dtype)
-    dt_w = torch.randn(4, dim, rank, device=dev) * rank ** -0.5
-    A = -torch.rand(4 * dim, n, device=dev) - 0.1
-    D = torch.randn(4 * dim, device=dev)
-    bias = torch.randn(4 * dim, device=dev) * 0.1 - 2
+    rank, n = math.ceil(dim / 16), 1
+    x, x_proj, dt_w, A, D, bias = lowrank_inputs(batch, dim, height, width, dtype)
 
     def with_impl(name):
         def run():
@@ -505,26 +517,16 @@ def profile_one(op, batch, dim, height, width, dtype, calls=5):
     the Triton kernels, so profile the launches after the first.
     """
     batch, dim, height, width = int(batch), int(dim), int(height), int(width)
-    dt, dev = DTYPES[dtype], "cuda"
+    dt = DTYPES[dtype]
     if op == "ss2d":
-        x = torch.randn(batch, dim, height, width, device=dev, dtype=dt)
-        delta = (torch.randn(batch, 4, dim, height, width, device=dev) * 0.5 - 2).to(dt)
-        A = -torch.rand(4 * dim, 1, device=dev) - 0.1
-        Bm = torch.randn(batch, 4, 1, height, width, device=dev, dtype=dt)
-        D = torch.randn(4 * dim, device=dev)
-        bias = torch.randn(4 * dim, device=dev) * 0.1
-        run = lambda: K.ss2d_scan(x, delta, A, Bm, Bm, D, bias, True)  # noqa: E731
+        args = ss2d_inputs(batch, dim, height, width, dt)
+        run = lambda: K.ss2d_scan(*args, True)  # noqa: E731
     elif op.startswith("lowrank-"):
         from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
         lr.TUNING["impl"] = op.split("-", 1)[1]
-        rank = math.ceil(dim / 16)
-        x = torch.randn(batch, height, width, dim, device=dev, dtype=dt)
-        x_proj = torch.randn(batch, height, width, 4 * (rank + 2), device=dev, dtype=dt)
-        dt_w = torch.randn(4, dim, rank, device=dev) * rank ** -0.5
-        A = -torch.rand(4 * dim, 1, device=dev) - 0.1
-        run = lambda: K.ss2d_scan_lowrank(x, x_proj, dt_w, A, None, None, True,  # noqa: E731
-                                          torch.float32)
+        args = lowrank_inputs(batch, dim, height, width, dt)
+        run = lambda: K.ss2d_scan_lowrank(*args, True, torch.float32)  # noqa: E731
     else:
         sys.exit(f"--profile-one: unknown op {op!r}")
     for _ in range(calls + 1):
