@@ -2,7 +2,7 @@
 # Real rclpy + Fast DDS + our vision_msgs copy on the lent GPU machine, which has CPython 3.12,
 # torch and no network: a venv over the machine's python (--system-site-packages keeps its
 # CUDA torch) with the PyPI ROS 2 Kilted wheels carried in .whl/ros, then the vision_msgs-
-# compatible messages built exactly as tools/dev builds them (same CMake include fix).
+# compatible messages built by tools/dev (its build-vision-msgs step, without downloads).
 #
 # Wheels (once, on the development machine; .whl/ is git-ignored and sent with `carry`):
 #   pip list --format=freeze | grep -i '^ros-' > /tmp/ros.txt      # in the dev venv
@@ -31,14 +31,7 @@ PIP=("$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolat
      --ignore-installed)
 "${PIP[@]}" --find-links "$WHEELS" "$WHEELS"/*.whl "$WHEELS"/*.tar.gz
 "$VENV/bin/python" -c 'import rclpy, sensor_msgs.msg, diagnostic_msgs.msg'
-build=$(mktemp -d)
-AMENT_PREFIX_PATH=$VENV cmake -S "$ROOT/interfaces/vision_msgs_compat" -B "$build" \
-    -DCMAKE_INSTALL_PREFIX="$VENV" -DCMAKE_PREFIX_PATH="$VENV" \
-    -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF \
-    -DCMAKE_PROJECT_INCLUDE="$ROOT/tools/cmake/pip_ros_include_fix.cmake" >"$build.log" 2>&1 &&
-  cmake --build "$build" -j "$(nproc)" >>"$build.log" 2>&1 &&
-  cmake --install "$build" >>"$build.log" 2>&1 ||
-  { tail -n 40 "$build.log" >&2; return 1; }
+MAMBA_PERCEPTION_VENV=$VENV "$ROOT/tools/dev" build-vision-msgs
 # The package itself (no deps): its wheel puts the ros2-run launchers under lib/mamba_perception,
 # where the node tests start the node from.
 "${PIP[@]}" "$ROOT"
