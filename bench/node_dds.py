@@ -212,7 +212,10 @@ def load_frames_bgr(video: Path, count: int, width: int, height: int) -> list:
 def build_messages(frames_bgr: list, transport: str) -> list:
     """One input message per frame; header (stamp, frame_id) is filled in at publish time."""
     import cv2
-    from sensor_msgs.msg import CompressedImage, Image
+    from sensor_msgs.msg import CompressedImage
+    from std_msgs.msg import Header
+
+    from mamba_perception.ros.conversions import array_to_image
     messages = []
     for bgr in frames_bgr:
         if transport == 'compressed':
@@ -223,10 +226,7 @@ def build_messages(frames_bgr: list, transport: str) -> list:
             msg = CompressedImage(format='bgr8; jpeg compressed bgr8',
                                   data=array.array('B', jpeg.tobytes()))
         else:
-            pixels = np.ascontiguousarray(bgr)
-            msg = Image(height=pixels.shape[0], width=pixels.shape[1], encoding='bgr8',
-                        is_bigendian=0, step=pixels.strides[0],
-                        data=array.array('B', pixels.tobytes()))
+            msg = array_to_image(bgr, Header(), 'bgr8')
         messages.append(msg)
     return messages
 
