@@ -441,6 +441,9 @@ def parse_args(argv):
     parser.add_argument('--no-check', dest='check', action='store_false',
                         help='skip the fp16 / bf16 vs fp32 numerics checks')
     parser.add_argument('--cudnn-benchmark', action='store_true')
+    parser.add_argument('--lowrank-impl', choices=('seq', 'expanded'),
+                        help="CUDA implementation of ss2d_scan_lowrank (VMamba's scan; default: "
+                             "the kernels' TUNING['impl'])")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--verbose-errors', action='store_true',
                         help='print the traceback of a failed row')
@@ -470,11 +473,15 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from mamba_perception_kernels import backend_name
+    from mamba_perception_kernels.triton import ss2d_lowrank
 
+    if args.lowrank_impl:
+        ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
     result = {
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
-            'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s}),
+            'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
+            'ss2d_lowrank_tuning': dict(ss2d_lowrank.TUNING)}),
         'what': ('backbone forward under torch.autocast (cache off) vs input size: ours = '
                  'forward_intermediates (4 maps, strides 4-32), timm = forward_features (no '
                  'head; ViT with dynamic_img_size and SDPA attention); random-init weights. '

@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--no-eager', action='store_true', help='compiled forward only')
-    parser.add_argument('--lowrank-impl', choices=['fused', 'expanded'],
+    parser.add_argument('--lowrank-impl', choices=['seq', 'expanded'],
                         help="CUDA implementation of ss2d_scan_lowrank (default: the module's)")
     parser.add_argument('--out', required=True)
     args = parser.parse_args()

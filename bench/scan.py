@@ -202,7 +202,7 @@ def lowrank_floor_bytes(batch, dim, length, rank, dstate, out_bytes=4, k=4):
             + 4 * k * dim * (rank + dstate + 2))
 
 
-LOWRANK_IMPLS = ("fused", "expanded")
+LOWRANK_IMPLS = ("seq", "expanded")
 
 
 def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):
@@ -259,56 +259,66 @@ def lowrank_case(batch, dim, height, width, dtype, iters, impls=LOWRANK_IMPLS):
     return row
 
 
-def tune_lowrank(dtype, what=("state", "tiles")):
-    """Sweep the fused low-rank kernels' launch parameters and apply the best.
+def _lowrank_sweep(lr, candidates, shapes, dtype, results):
+    """Time the whole op for each candidate TUNING update; apply and return the best one."""
+    best = None
+    for cand in candidates:
+        saved = {key: lr.TUNING[key] for key in cand}
+        lr.TUNING.update(cand)
+        per_shape = []
+        try:
+            for b, d, h, w in shapes:
+                rank = math.ceil(d / 16)
+                x = torch.randn(b, h, w, d, device="cuda", dtype=dtype)
+                p = torch.randn(b, h, w, 4 * (rank + 2), device="cuda", dtype=dtype)
+                wt = torch.randn(4, d, rank, device="cuda")
+                A = -torch.rand(4 * d, 1, device="cuda")
+                per_shape.append(time_cuda(
+                    lambda x=x, p=p, wt=wt, A=A: K.ss2d_scan_lowrank(
+                        x, p, wt, A, out_dtype=torch.float32), iters=10, reps=3)["median_us"])
+        except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
+            results.append({**cand, "error": str(exc)[:200]})
+            lr.TUNING.update(saved)
+            continue
+        lr.TUNING.update(saved)
+        total = sum(per_shape)
+        results.append({**cand, "per_shape_us": per_shape, "sum_us": total})
+        print(f"lowrank tune {cand}: {[round(v, 1) for v in per_shape]}", flush=True)
+        if best is None or total < best[0]:
+            best = (total, cand)
+    if best is not None:
+        lr.TUNING.update(best[1])
+    return best
 
-    ``state``: channels per program (``state_block_m``) x segments per step (``state_block_s``)
-    of the state pass, whose parallelism is only routes x batch x dim / state_block_m programs;
-    ``tiles``: (tile rows, cols, channels) x warps of the aggregate and output kernels. Times
-    the whole op with ``impl='fused'`` over four stage shapes.
+
+def tune_lowrank(dtype, what=("seq", "state")):
+    """Sweep launch parameters of the low-rank SS2D (``impl='seq'``) and apply the best.
+
+    ``seq``: channels per program x warps, then the largest inline dt rank, then steps per
+    segment x unroll, then the minimum program count, greedily; ``state``: channels per
+    program (``state_block_m``) x segments per step (``state_block_s``) of the state pass,
+    whose parallelism is only routes x batch x dim / state_block_m programs. Times the whole op
+    over four stage shapes (VMamba-T 1280x720 stages 1-3 and a 128x128x768 map).
     """
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     shapes = [(1, 96, 180, 320), (1, 192, 90, 160), (1, 384, 45, 80), (1, 768, 128, 128)]
-    candidates = []
+    groups = []
+    if "seq" in what:
+        groups.append(("seq", [{"seq_block_d": d, "seq_num_warps": nw}
+                               for d, nw in ((32, 1), (64, 1), (128, 1), (64, 2), (128, 2))]))
+        groups.append(("seq", [{"seq_inline_rank": r} for r in (0, 8, 16)]))
+        groups.append(("seq", [{"seq_steps": t, "seq_unroll": u}
+                               for t, u in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4))]))
+        groups.append(("seq", [{"seq_min_programs": m} for m in (2048, 4096, 8192, 16384)]))
     if "state" in what:
-        candidates += [{"state_block_m": m, "state_block_s": s}
-                       for m in (2, 4, 8, 16, 32, 128) for s in (32, 128, 512)]
-    if "tiles" in what:
-        candidates += [{"block": block, "num_warps": warps}
-                       for block in [(8, 16, 32), (8, 16, 16), (16, 16, 16), (4, 16, 32),
-                                     (8, 32, 16), (4, 32, 32), (16, 16, 32), (8, 8, 32)]
-                       for warps in (4, 8)]
+        groups.append(("seq", [{"state_block_m": m, "state_block_s": s}
+                               for m in (2, 4, 8, 16, 32, 128) for s in (32, 128, 512)]))
     saved_impl = lr.TUNING["impl"]
-    lr.TUNING["impl"] = "fused"
     results = []
-    for group in ("state", "tiles"):
-        best = None
-        for cand in candidates:
-            if ("state_block_m" in cand) != (group == "state"):
-                continue
-            lr.TUNING.update(cand)
-            per_shape = []
-            try:
-                for b, d, h, w in shapes:
-                    rank = math.ceil(d / 16)
-                    x = torch.randn(b, h, w, d, device="cuda", dtype=dtype)
-                    p = torch.randn(b, h, w, 4 * (rank + 2), device="cuda", dtype=dtype)
-                    wt = torch.randn(4, d, rank, device="cuda")
-                    A = -torch.rand(4 * d, 1, device="cuda")
-                    per_shape.append(time_cuda(
-                        lambda x=x, p=p, wt=wt, A=A: K.ss2d_scan_lowrank(
-                            x, p, wt, A, out_dtype=torch.float32), iters=10, reps=3)["median_us"])
-            except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
-                results.append({**cand, "error": str(exc)[:200]})
-                continue
-            total = sum(per_shape)
-            results.append({**cand, "per_shape_us": per_shape, "sum_us": total})
-            print(f"lowrank tune {cand}: {[round(v, 1) for v in per_shape]}", flush=True)
-            if best is None or total < best[0]:
-                best = (total, cand)
-        if best is not None:
-            lr.TUNING.update(best[1])
+    for impl, candidates in groups:
+        lr.TUNING["impl"] = impl
+        _lowrank_sweep(lr, candidates, shapes, dtype, results)
     lr.TUNING["impl"] = saved_impl
     print("lowrank tuned:", lr.TUNING, flush=True)
     return {"sweep": results, "applied": dict(lr.TUNING)}
@@ -432,14 +442,15 @@ def main(argv=None):
                         help="only the low-rank (model) SS2D cases, VMamba-T/S/B stages")
     parser.add_argument("--lowrank-impls", nargs="+", default=list(LOWRANK_IMPLS),
                         choices=LOWRANK_IMPLS, help="CUDA implementations to time (--lowrank)")
-    parser.add_argument("--tune-lowrank", nargs="*", choices=("state", "tiles"),
-                        help="sweep the fused low-rank kernels' state pass and/or tiles first "
-                             "(no value: both)")
+    parser.add_argument("--tune-lowrank", nargs="*", choices=("seq", "state"),
+                        help="sweep the low-rank kernels' launch parameters first: the seq "
+                             "walks and / or the state pass (no value: both)")
     parser.add_argument("--cpu", action="store_true",
                         help="time the CPU path vs the reference on the CPU instead")
     parser.add_argument("--profile-one", nargs=6,
                         metavar=("OP", "BATCH", "DIM", "H", "W", "DTYPE"),
-                        help="only run one op (ss2d | lowrank-fused | lowrank-expanded) a few "
+                        help="only run one op (ss2d | lowrank-<impl>, impl one of "
+                             f"{', '.join(LOWRANK_IMPLS)}) a few "
                              "times, for a profiler such as ncu")
     args = parser.parse_args(argv)
     if args.cpu:
@@ -465,7 +476,7 @@ def main(argv=None):
     t_start = time.time()
     if args.tune_lowrank is not None:
         report["lowrank_tuning"] = tune_lowrank(DTYPES["fp16"],
-                                                tuple(args.tune_lowrank or ("state", "tiles")))
+                                                tuple(args.tune_lowrank or ("seq", "state")))
     if args.lowrank:
         lowrank_rows(report, args, dtypes, batches)
         return

@@ -98,7 +98,7 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
 
 def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
                       out_dtype=None):
-    """VMamba SS2D on a channels-last map with the Δ projection fused into the scan.
+    """VMamba SS2D on a channels-last map with the Δ projection part of the op.
 
     Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
 
@@ -110,10 +110,11 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
         D, dt_bias: (4*dim,) fp32
         returns     y (batch, H, W, dim) contiguous, in out_dtype (default x.dtype)
 
-    On CUDA ``triton.ss2d_lowrank.TUNING['impl']`` picks how: "expanded" (default, faster on
-    an H100 today) expands Δ with one GEMM and runs the ``ss2d_scan`` kernels on channel-first
-    copies; "fused" rebuilds Δ in registers and never stores it. Elsewhere Δ is expanded and
-    the chunked PyTorch path runs.
+    On CUDA ``triton.ss2d_lowrank.TUNING['impl']`` picks how: "seq" (default, N = 1) walks
+    segments of each route step by step on the NHWC map itself, with Δ projected in the walk
+    (small ranks) or by one GEMM; "expanded" (any N, and "seq"'s fallback for N > 1) expands
+    Δ with one GEMM and runs the ``ss2d_scan`` kernels on channel-first copies. Elsewhere Δ is
+    expanded and the chunked PyTorch path runs.
     """
     _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype

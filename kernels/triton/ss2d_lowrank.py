@@ -1,17 +1,23 @@
-"""Fused SS2D forward for channels-last maps, with the Δ projection computed in the kernel.
+"""SS2D forward for channels-last maps, with Δ given by its low-rank factors (VMamba's block).
 
-Same math and same 3 passes as ``scan_fwd.py`` (segment aggregates, state pass, output), but
-laid out for what VMamba's block produces: x is (batch, H, W, dim) with channels innermost, and
-Δ is not read as a (batch, 4, dim, H, W) tensor. Instead each route's Δ is rebuilt in registers
-from its low-rank factors, ``Δ_k[p, c] = Σ_r x_proj[p, k*P + r] · W_k[c, r] + bias_k[c]``
-(P = R + 2N, W = ``dt_projs_weight``), so the kernel reads R numbers per pixel and route instead
-of dim; Δ is two thirds of the bytes of the unfused scan.
+``ss2d_scan_lowrank``: x is (batch, H, W, dim) with channels innermost, as VMamba's block
+produces it, and route k's Δ is ``Δ_k[p, c] = Σ_r x_proj[p, k*P + r] · W_k[c, r] + bias_k[c]``
+(P = R + 2N, W = ``dt_projs_weight``); B and C are columns of x_proj. Two implementations:
 
-A program owns a (BLOCK_R, BLOCK_C) pixel tile x BLOCK_D channels: every load and store moves
-BLOCK_D contiguous channels per pixel (coalesced in NHWC, where the one-channel-per-program
-kernel of ``scan_fwd.py`` strides by dim between pixels). Segments are tile rows (routes 0/2)
-and tile columns (routes 1/3) exactly as in ``scan_fwd.py``; the per-segment states are stored
-(batch, 4, segment, N, dim) with channels innermost. B and C are read straight out of x_proj.
+* ``seq`` (default, N = 1, what VMamba v2 uses): one program walks one *segment* (a run of
+  consecutive steps of a route) step by step for a block of channels. Every tensor it touches
+  is a vector of contiguous NHWC channels or a scalar, so there is no tile layout to exchange
+  (no shared memory, no shuffles), no register tile, and no layout copy of x, B, C or y.
+  Parallelism comes from segments x channel blocks. Three passes, as in ``scan_fwd.py``:
+  segment aggregates, a scan over the aggregates (the state entering each segment), outputs.
+  Small dt ranks are projected inside the walk (R loads and FMAs a step); larger ones by one
+  GEMM over x_proj first (one load a step).
+* ``expanded`` (any N): Δ by one GEMM (einsum), then the channel-first kernels of
+  ``scan_fwd.py`` on contiguous copies, y permuted back to NHWC.
+
+A third implementation, 3-D (rows, cols, channels) tiles with 2-D associative scans, was
+slower than both and was removed (bench/PERF_NOTES.md: 12-18 % occupancy, 39-61 % of its
+shared-memory wavefronts bank conflicts under ncu).
 """
 
 from __future__ import annotations
@@ -22,179 +28,45 @@ import triton.language as tl
 
 from .scan_fwd import _ssm_combine
 
-# Tile (rows, cols, channels) and warps: swept on an H100 by bench/scan.py --tune-lowrank
-# ((8, 16, 16) x 4 warps was the best of 16 configs). State pass: its only parallelism is
-# routes x batch x dim / state_block_m programs; at the old 128 channels per program VMamba-T
-# stage 1 ran 4 programs and took 421 of the 809 us (ncu); 4 channels x 512 segments per step
-# was the best of 18 (bench/results/scan_lowrank_state_h100.json: 446 us in all). ``impl``
-# picks the CUDA implementation: "expanded" (Δ by one GEMM, then the channel-first kernels of
-# scan_fwd.py on a contiguous x) or "fused" (these kernels). The fused kernels are still
-# slower (446 vs 362 us at that shape: their aggregate / output kernels hold 168 / 255
-# registers per thread, 18 / 12 % occupancy), so "expanded" stays the default.
-# Reading x / B / C in place and writing y NHWC instead of the layout copies was slower still
-# (bench/results/scan_lowrank_inplace_h100.json): the scan_fwd.py kernels want channel-first.
-TUNING = {"block": (8, 16, 16), "num_warps": 4, "state_block_s": 512, "state_block_m": 4,
-          "impl": "expanded"}
+# ``impl`` picks the CUDA implementation ("seq" falls back to "expanded" for N > 1). The seq
+# parameters were swept on an H200 by bench/scan.py --tune-lowrank seq
+# (bench/results/scan_lowrank_seq_h200.json): 128 channels per 1-warp program, segments of 32
+# steps unrolled by 4 (halved, down to the unroll, while there are < 4096 programs), dt ranks
+# <= 8 projected inline. VMamba-T 1280x720 stages 1-4 in the same run: 183 / 120 / 71 / 52 us
+# vs 351 / 187 / 111 / 106 us for "expanded". The state pass scans state_block_s segments of
+# state_block_m channels per step (its parallelism is only 4 routes x batch x dim / block_m).
+TUNING = {
+    "impl": "seq",
+    "seq_steps": 32,
+    "seq_unroll": 4,
+    "seq_min_programs": 4096,
+    "seq_block_d": 128,
+    "seq_num_warps": 1,
+    "seq_inline_rank": 8,
+    "state_block_s": 512,
+    "state_block_m": 4,
+}
 
 
 @triton.jit
-def _coords(pid_t, pid_c, H, W, DIM, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-            BLOCK_D: tl.constexpr):
-    n_cb = tl.cdiv(W, BLOCK_C)
-    rb = pid_t // n_cb
-    cb = pid_t % n_cb
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    chans = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
-    r3 = rows[:, None, None]
-    c3 = cols[None, :, None]
-    d3 = chans[None, None, :]
-    pix = (r3 < H) & (c3 < W)
-    return rb, cb, rows, cols, chans, r3, c3, d3, pix, d3 < DIM
+def _state_kernel(agg_a_ptr, agg_h_ptr, N_SEG, M, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Scan route k's segment aggregates (batch, 4, N_SEG, M) in route order, in place.
 
-
-@triton.jit
-def _route_delta(p_ptr, w_ptr, bias_ptr, b, k, r3, c3, d3, pix, ch_ok, DIM, R,
-                 sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r,
-                 P: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Route k's Δ over the tile, (BLOCK_R, BLOCK_C, BLOCK_D) fp32, from its rank-R factors."""
-    row_ptr = p_ptr + b * sp_b + r3 * sp_h + c3 * sp_w + (k * P) * sp_c
-    w_row = w_ptr + k * sw_k + d3 * sw_c
-    dt = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_D], dtype=tl.float32)
-    for r in range(R):
-        v = tl.load(row_ptr + r * sp_c, mask=pix, other=0.0).to(tl.float32)
-        w = tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32)
-        dt += v * w
-    if HAS_BIAS:
-        dt += tl.load(bias_ptr + k * DIM + d3, mask=ch_ok, other=0.0).to(tl.float32)
-    if SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    return dt
-
-
-@triton.jit
-def _route_scan(dt, dtu, p_ptr, A_ptr, b, k, n, r3, c3, d3, pix, mask, ch_ok, DIM, R,
-                sp_b, sp_h, sp_w, sp_c, sA_c, sA_n,
-                P: tl.constexpr, COL: tl.constexpr, REV: tl.constexpr):
-    """Scan every segment of the tile from a zero state for state n: (a_cum, h_local)."""
-    a_coef = tl.load(A_ptr + (k * DIM + d3) * sA_c + n * sA_n, mask=ch_ok,
-                     other=0.0).to(tl.float32) * 1.4426950408889634
-    Bv = tl.load(p_ptr + b * sp_b + r3 * sp_h + c3 * sp_w + (k * P + R + n) * sp_c,
-                 mask=pix, other=0.0).to(tl.float32)
-    a = tl.where(mask, tl.exp2(dt * a_coef), 1.0)  # padding = identity pair (1, 0)
-    x = dtu * Bv
-    if COL:
-        return tl.associative_scan((a, x), 0, _ssm_combine, reverse=REV)
-    else:
-        return tl.associative_scan((a, x), 1, _ssm_combine, reverse=REV)
-
-
-@triton.jit
-def _seg_rows(rb, cb, rows, cols, H, W, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-              COL: tl.constexpr):
-    """Natural segment index of each segment of the tile, its validity, and the segment count."""
-    if COL:
-        n_rb = tl.cdiv(H, BLOCK_R)
-        return cols * n_rb + rb, cols < W, W * n_rb
-    else:
-        n_cb = tl.cdiv(W, BLOCK_C)
-        return rows * n_cb + cb, rows < H, H * n_cb
-
-
-@triton.jit
-def _agg_route(x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr, u, b, k,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P: tl.constexpr, COL: tl.constexpr, REV: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    mask = pix & ch_ok
-    dt = _route_delta(p_ptr, w_ptr, bias_ptr, b, k, r3, c3, d3, pix, ch_ok, DIM, R,
-                      sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, P, HAS_BIAS, SOFTPLUS,
-                      BLOCK_R, BLOCK_C, BLOCK_D)
-    dtu = dt * u
-    seg, seg_ok, _ = _seg_rows(rb, cb, rows, cols, H, W, BLOCK_R, BLOCK_C, COL)
-    # The aggregate sits where the segment's scan ends: last element, or first when reversed.
-    if COL:
-        if REV:
-            pick = (tl.arange(0, BLOCK_R) == 0)[:, None, None]
-        else:
-            pick = (tl.arange(0, BLOCK_R) == BLOCK_R - 1)[:, None, None]
-    else:
-        if REV:
-            pick = (tl.arange(0, BLOCK_C) == 0)[None, :, None]
-        else:
-            pick = (tl.arange(0, BLOCK_C) == BLOCK_C - 1)[None, :, None]
-    ok = seg_ok[:, None] & (chans < DIM)[None, :]
-    base = (b * 4 + k) * MAX_SEG * N * DIM
-    for n in range(N):
-        a_s, x_s = _route_scan(dt, dtu, p_ptr, A_ptr, b, k, n, r3, c3, d3, pix, mask, ch_ok,
-                               DIM, R, sp_b, sp_h, sp_w, sp_c, sA_c, sA_n, P, COL, REV)
-        if COL:
-            a_agg = tl.sum(tl.where(pick, a_s, 0.0), 0)
-            h_agg = tl.sum(tl.where(pick, x_s, 0.0), 0)
-        else:
-            a_agg = tl.sum(tl.where(pick, a_s, 0.0), 1)
-            h_agg = tl.sum(tl.where(pick, x_s, 0.0), 1)
-        off = base + (seg[:, None] * N + n) * DIM + chans[None, :]
-        tl.store(agg_a_ptr + off, a_agg, mask=ok)
-        tl.store(agg_h_ptr + off, h_agg, mask=ok)
-
-
-@triton.jit
-def _lowrank_agg_kernel(
-    x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr,
-    H, W, DIM, N, R, MAX_SEG,
-    sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-    P: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok = _coords(
-        pid_t, pid_c, H, W, DIM, BLOCK_R, BLOCK_C, BLOCK_D)
-    u = tl.load(x_ptr + b * sx_b + r3 * sx_h + c3 * sx_w + d3 * sx_c, mask=pix & ch_ok,
-                other=0.0).to(tl.float32)
-    # Route k: k=0 rows, k=1 columns, k=2 / k=3 their reverses (constexpr kinds).
-    _agg_route(x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr, u, b, 0,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P, False, False, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    _agg_route(x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr, u, b, 1,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P, True, False, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    _agg_route(x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr, u, b, 2,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P, False, True, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    _agg_route(x_ptr, p_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr, u, b, 3,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P, True, True, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-
-
-@triton.jit
-def _lowrank_state_kernel(agg_a_ptr, agg_h_ptr, H, W, M, MAX_SEG,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Scan the segment aggregates of route k in route order; M = N * dim values per segment."""
+    Reversed routes (k >= 2) visit the segments last to first. The state after each segment
+    replaces its local state h.
+    """
     pid_m = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    is_col = (k % 2) == 1
     is_rev = k >= 2
-    n_seg = tl.where(is_col, W * tl.cdiv(H, BLOCK_R), H * tl.cdiv(W, BLOCK_C))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    base = (b * 4 + k) * MAX_SEG * M
+    base = (b * 4 + k) * N_SEG * M
     carry = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for t0 in range(0, n_seg, BLOCK_S):
+    for t0 in range(0, N_SEG, BLOCK_S):
         t = t0 + tl.arange(0, BLOCK_S)
-        s = tl.where(is_rev, n_seg - 1 - t, t)  # step t of the route visits segment s
-        ok = (t < n_seg)[:, None] & m_ok[None, :]
+        s = tl.where(is_rev, N_SEG - 1 - t, t)  # step t of the route visits segment s
+        ok = (t < N_SEG)[:, None] & m_ok[None, :]
         ptr = base + s[:, None] * M + offs_m[None, :]
         a = tl.load(agg_a_ptr + ptr, mask=ok, other=1.0)
         h = tl.load(agg_h_ptr + ptr, mask=ok, other=0.0)
@@ -204,88 +76,260 @@ def _lowrank_state_kernel(agg_a_ptr, agg_h_ptr, H, W, M, MAX_SEG,
         carry = tl.sum(tl.where((tl.arange(0, BLOCK_S) == BLOCK_S - 1)[:, None], h_s, 0.0), 0)
 
 
+# ------------------------------------------------------------------------------ impl "seq"
+#
+# A segment is T consecutive steps of a route: segment s holds steps s*T .. s*T+T-1 of the
+# row-major order (routes 0 / 2) or of the column-major order (routes 1 / 3), and a reversed
+# route walks the same segment backwards. Rows and columns differ only in which coordinate
+# moves fastest, so a walk tracks (fast, slow) coordinates and picks strides. The routes'
+# outputs are summed in an fp32 NHWC buffer: the row kernel writes route 0 (+ D·u) and adds
+# route 2, the column kernel adds routes 1 and 3 (and casts on its last store): no atomics and
+# a fixed summation order.
+
+
 @triton.jit
-def _out_route(y, u, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, b, k,
-               rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-               P: tl.constexpr, COL: tl.constexpr, REV: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    mask = pix & ch_ok
-    dt = _route_delta(p_ptr, w_ptr, bias_ptr, b, k, r3, c3, d3, pix, ch_ok, DIM, R,
-                      sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, P, HAS_BIAS, SOFTPLUS,
-                      BLOCK_R, BLOCK_C, BLOCK_D)
-    dtu = dt * u
-    if HAS_D:
-        y += u * tl.load(D_ptr + k * DIM + d3, mask=ch_ok, other=0.0).to(tl.float32)
-    seg, seg_ok, n_seg = _seg_rows(rb, cb, rows, cols, H, W, BLOCK_R, BLOCK_C, COL)
-    # State entering a segment = state after the previous segment in route order.
+def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dskip,
+              start, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, sy_f, sy_s, chans, ch_ok,
+              sx_c, sp_c, sw_r, sy_c, R: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
+              REV: tl.constexpr, OUT: tl.constexpr, ADD_Y: tl.constexpr, ADD_D: tl.constexpr,
+              DELTA: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Walk steps start..start+T-1 of a route (backwards if REV) from state h.
+
+    Step i of the route is the position with fast coordinate i % F and slow i // F; x_proj's
+    pointer is already at the route's [dt (R), B, C] columns. Δ comes from ``d_ptr`` (DELTA:
+    the route's channels of a (batch, H, W, 4 * dim) map) or from the R factors and
+    ``w_row`` (R x [BLOCK_D] weights, ``sw_r`` apart). Returns (h, prod of a); with OUT it
+    also stores C·h (+ D·u, + the running sum) per step.
+    """
     if REV:
-        prev = seg + 1
-        has_prev = (prev < n_seg) & seg_ok
+        i = start + T - 1
     else:
-        prev = seg - 1
-        has_prev = (seg > 0) & seg_ok
-    ok = has_prev[:, None] & (chans < DIM)[None, :]
-    base = (b * 4 + k) * MAX_SEG * N * DIM
-    for n in range(N):
-        a_s, x_s = _route_scan(dt, dtu, p_ptr, A_ptr, b, k, n, r3, c3, d3, pix, mask, ch_ok,
-                               DIM, R, sp_b, sp_h, sp_w, sp_c, sA_c, sA_n, P, COL, REV)
-        h_in = tl.load(agg_h_ptr + base + (prev[:, None] * N + n) * DIM + chans[None, :],
-                       mask=ok, other=0.0)
-        if COL:
-            h = x_s + a_s * h_in[None, :, :]
-        else:
-            h = x_s + a_s * h_in[:, None, :]
-        Cv = tl.load(p_ptr + b * sp_b + r3 * sp_h + c3 * sp_w + (k * P + R + N + n) * sp_c,
-                     mask=pix, other=0.0).to(tl.float32)
-        y += Cv * h
-    return y
+        i = start
+    f = i % F
+    s = i // F
+    a_prod = tl.full(h.shape, 1.0, tl.float32)
+    for _t0 in range(0, T, UNROLL):
+        for _j in tl.static_range(UNROLL):  # unrolled so the loads of later steps go early
+            valid = i < L
+            m = ch_ok & valid
+            po = f * sp_f + s * sp_s
+            u = tl.load(x_ptr + f * sx_f + s * sx_s + chans * sx_c, mask=m,
+                        other=0.0).to(tl.float32)
+            if DELTA:
+                dt = bias + tl.load(d_ptr + f * sd_f + s * sd_s + chans, mask=m,
+                                    other=0.0).to(tl.float32)
+            else:
+                dt = bias
+                for r in tl.static_range(R):
+                    v = tl.load(p_ptr + po + r * sp_c, mask=valid, other=0.0).to(tl.float32)
+                    dt += v * tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32)
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            bv = tl.load(p_ptr + po + R * sp_c, mask=valid, other=0.0).to(tl.float32)
+            a = tl.where(m, tl.exp2(dt * a2), 1.0)  # padding = identity pair (1, 0)
+            h = a * h + (dt * bv) * u
+            if OUT:
+                cv = tl.load(p_ptr + po + (R + 1) * sp_c, mask=valid, other=0.0).to(tl.float32)
+                y = cv * h
+                if ADD_D:
+                    y += dskip * u
+                yo = f * sy_f + s * sy_s + chans * sy_c
+                if ADD_Y:
+                    y += tl.load(y_in_ptr + yo, mask=m, other=0.0)
+                tl.store(y_out_ptr + yo, y.to(y_out_ptr.dtype.element_ty), mask=m)
+            else:
+                a_prod = a_prod * a
+            if REV:
+                i -= 1
+                f -= 1
+                wrap = f < 0
+                f = tl.where(wrap, F - 1, f)
+                s = tl.where(wrap, s - 1, s)
+            else:
+                i += 1
+                f += 1
+                wrap = f == F
+                f = tl.where(wrap, 0, f)
+                s = tl.where(wrap, s + 1, s)
+    return h, a_prod
 
 
 @triton.jit
-def _lowrank_out_kernel(
-    x_ptr, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, out_ptr,
-    H, W, DIM, N, R, MAX_SEG,
-    sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-    so_b, so_h, so_w, so_c,
-    P: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sw_c, sA_c,
+                      HAS_BIAS: tl.constexpr):
+    """Route k's dt-weight pointers (rank 0), bias and A·log2(e), each over the channel block."""
+    w_row = w_ptr + k * sw_k + chans * sw_c
+    a2 = tl.load(A_ptr + (k * DIM + chans) * sA_c, mask=ch_ok,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + chans, mask=ch_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros(chans.shape, dtype=tl.float32)
+    return w_row, a2, bias
+
+
+@triton.jit
+def _fast_slow(is_col, s_h, s_w):
+    """(fast, slow) strides: rows move along w, columns along h."""
+    return tl.where(is_col, s_h, s_w), tl.where(is_col, s_w, s_h)
+
+
+@triton.jit
+def _seq_agg_kernel(
+    x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr,
+    H, W, DIM, L, N_SEG,
+    sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
+    R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
+    DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """Aggregate (prod a, local state) of segment program_id(0) for one axis' two routes."""
+    seg = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = chans < DIM
+    b = (tl.program_id(2) // 2).to(tl.int64)
+    axis = tl.program_id(2) % 2
+    is_col = axis == 1
+    F = tl.where(is_col, H, W)
+    sx_f, sx_s = _fast_slow(is_col, sx_h, sx_w)
+    sp_f, sp_s = _fast_slow(is_col, sp_h, sp_w)
+    sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
+    x_b = x_ptr + b * sx_b
+    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for rev in tl.static_range(2):
+        k = axis + 2 * rev
+        w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
+                                            sw_k, 1, sA_c, HAS_BIAS)
+        h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
+                              d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
+                              seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
+                              chans, ch_ok, sx_c, sp_c, sw_r, 0, R, T, UNROLL, rev == 1,
+                              False, False, False, DELTA, SOFTPLUS)
+        off = ((b * 4 + k) * N_SEG + seg) * DIM + chans
+        tl.store(agg_a_ptr + off, a_prod, mask=ch_ok)
+        tl.store(agg_h_ptr + off, h, mask=ch_ok)
+
+
+@triton.jit
+def _seq_out_kernel(
+    x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, acc_ptr, out_ptr,
+    H, W, DIM, L, N_SEG,
+    sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
+    sy_b, sy_h, sy_w, sy_c,
+    AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
+    UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Store the outputs of segment program_id(0), routes AXIS (forward) and AXIS + 2 (reverse).
+
+    AXIS 0 starts the sum in ``acc`` (route 0 + D·u, then route 2); AXIS 1 adds routes 1 and 3
+    and writes the total to ``out`` (which is ``acc`` itself for fp32 output).
+    """
+    seg = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = chans < DIM
     b = tl.program_id(2).to(tl.int64)
-    rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok = _coords(
-        pid_t, pid_c, H, W, DIM, BLOCK_R, BLOCK_C, BLOCK_D)
-    mask = pix & ch_ok
-    u = tl.load(x_ptr + b * sx_b + r3 * sx_h + c3 * sx_w + d3 * sx_c, mask=mask,
-                other=0.0).to(tl.float32)
-    y = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_D], dtype=tl.float32)
-    y = _out_route(y, u, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, b, 0,
-                   rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-                   P, False, False, HAS_D, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    y = _out_route(y, u, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, b, 1,
-                   rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-                   P, True, False, HAS_D, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    y = _out_route(y, u, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, b, 2,
-                   rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-                   P, False, True, HAS_D, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    y = _out_route(y, u, p_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, b, 3,
-                   rb, cb, rows, cols, chans, r3, c3, d3, pix, ch_ok, H, W, DIM, N, R, MAX_SEG,
-               sp_b, sp_h, sp_w, sp_c, sw_k, sw_c, sw_r, sA_c, sA_n,
-                   P, True, True, HAS_D, HAS_BIAS, SOFTPLUS, BLOCK_R, BLOCK_C, BLOCK_D)
-    tl.store(out_ptr + b * so_b + r3 * so_h + c3 * so_w + d3 * so_c,
-             y.to(out_ptr.dtype.element_ty), mask=mask)
+    is_col = AXIS == 1
+    F = tl.where(is_col, H, W)
+    sx_f, sx_s = _fast_slow(is_col, sx_h, sx_w)
+    sp_f, sp_s = _fast_slow(is_col, sp_h, sp_w)
+    sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
+    sy_f, sy_s = _fast_slow(is_col, sy_h, sy_w)
+    x_b = x_ptr + b * sx_b
+    acc_b = acc_ptr + b * sy_b
+    dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        if AXIS == 0:
+            for k in tl.static_range(4):
+                dskip += tl.load(D_ptr + k * DIM + chans, mask=ch_ok, other=0.0).to(tl.float32)
+    for rev in tl.static_range(2):
+        k = AXIS + 2 * rev
+        w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
+                                            sw_k, 1, sA_c, HAS_BIAS)
+        # A route enters a segment with the state after its predecessor in route order:
+        # segment seg - 1 going forward, seg + 1 going backward.
+        if rev == 0:
+            prev = seg - 1
+            y_out = acc_b
+        else:
+            prev = seg + 1
+            # The reverse walk reads back what the forward walk stored (other threads too).
+            tl.debug_barrier()
+            if AXIS == 0:
+                y_out = acc_b
+            else:
+                y_out = out_ptr + b * sy_b
+        h_in = tl.load(agg_h_ptr + ((b * 4 + k) * N_SEG + prev) * DIM + chans,
+                       mask=ch_ok & (prev >= 0) & (prev < N_SEG), other=0.0)
+        _seq_walk(h_in, x_b, p_ptr + b * sp_b + k * P * sp_c, d_ptr + b * sd_b + k * DIM,
+                  acc_b, y_out, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
+                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
+                  rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS == 0 and rev == 0,
+                  DELTA, SOFTPLUS)
 
 
-def _blocks(height, width, dim):
-    block_r, block_c, block_d = TUNING["block"]
-    return (min(block_r, triton.next_power_of_2(height)),
-            min(block_c, triton.next_power_of_2(width)),
-            min(block_d, max(16, triton.next_power_of_2(dim))))
+def _seq_steps(length, n_programs_per_segment):
+    """Return (steps per segment, unroll): TUNING["seq_steps"], halved while too few programs."""
+    steps = triton.next_power_of_2(TUNING["seq_steps"])
+    unroll = TUNING["seq_unroll"]
+    while (steps > unroll and steps >= 2
+           and triton.cdiv(length, steps) * n_programs_per_segment < TUNING["seq_min_programs"]):
+        steps //= 2
+    return steps, min(unroll, steps)
+
+
+def _seq_delta(x_proj, dt_weight, dim):
+    """Δ of all four routes without bias, (batch, H, W, 4 * dim), as one GEMM on x_proj.
+
+    The weight is block-diagonal over routes with zero columns for B and C, so the GEMM reads
+    x_proj as it is (no slicing copy); its 4x extra multiply-adds are free at these widths.
+    """
+    k, _, rank = dt_weight.shape
+    padded = torch.nn.functional.pad(dt_weight.to(x_proj.dtype), (0, x_proj.shape[-1] // k - rank))
+    return torch.nn.functional.linear(x_proj, torch.block_diag(*padded))
+
+
+def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
+    """Run implementation "seq" (see the module docstring); N must be 1."""
+    batch, height, width, dim = x.shape
+    rank = dt_weight.shape[2]
+    length = height * width
+    out = torch.empty(batch, height, width, dim, device=x.device, dtype=out_dtype)
+    if length == 0 or batch == 0:
+        return out
+    acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
+    bd = min(TUNING["seq_block_d"], triton.next_power_of_2(dim))
+    n_cblk = triton.cdiv(dim, bd)
+    steps, unroll = _seq_steps(length, 2 * n_cblk * batch)
+    n_seg = triton.cdiv(length, steps)
+    agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
+    agg_h = torch.empty_like(agg_a)
+    # Small ranks are projected in the walk (R loads + FMAs a step, weights read as (4, R, dim)
+    # so a warp's loads are contiguous); larger ones go through one GEMM (one load a step).
+    use_delta = rank > TUNING["seq_inline_rank"]
+    if use_delta:
+        delta = _seq_delta(x_proj, dt_weight, dim)
+        weight = dt_weight  # unused
+    else:
+        delta = x  # unused
+        weight = dt_weight.transpose(1, 2).contiguous()
+    bias = dt_bias if dt_bias is not None else x
+    common = (height, width, dim, length, n_seg, *x.stride(), *x_proj.stride(),
+              delta.stride(0), delta.stride(1), delta.stride(2), weight.stride(0),
+              weight.stride(1), A.stride(0))
+    meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
+                HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus, BLOCK_D=bd,
+                num_warps=TUNING["seq_num_warps"])
+    _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
+        x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
+    bm = min(TUNING["state_block_m"], triton.next_power_of_2(dim))
+    _state_kernel[(triton.cdiv(dim, bm), 4, batch)](
+        agg_a, agg_h, n_seg, dim, BLOCK_S=TUNING["state_block_s"], BLOCK_M=bm, num_warps=4)
+    for axis in (0, 1):
+        _seq_out_kernel[(n_seg, n_cblk, batch)](
+            x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out,
+            *common, *out.stride(), AXIS=axis, HAS_D=D is not None, **meta)
+    return out
 
 
 def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
@@ -301,35 +345,9 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``."""
-    if TUNING["impl"] == "expanded":
-        return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
-    batch, height, width, dim = x.shape
-    dstate = A.shape[1]
-    rank = dt_weight.shape[2]
-    out = torch.empty(batch, height, width, dim, device=x.device, dtype=out_dtype)
-    if height * width == 0 or batch == 0:
-        return out
-    br, bc, bd = _blocks(height, width, dim)
-    n_rb, n_cb = triton.cdiv(height, br), triton.cdiv(width, bc)
-    max_seg = max(height * n_cb, width * n_rb)
-    agg_a = torch.empty(batch, 4, max_seg, dstate, dim, device=x.device, dtype=torch.float32)
-    agg_h = torch.empty_like(agg_a)
-    dummy = x
-    common = (height, width, dim, dstate, rank, max_seg,
-              *x.stride(), *x_proj.stride(), *dt_weight.stride(), *A.stride())
-    meta = dict(P=rank + 2 * dstate, HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus,
-                BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, num_warps=TUNING["num_warps"])
-    grid = (n_rb * n_cb, triton.cdiv(dim, bd), batch)
-    _lowrank_agg_kernel[grid](
-        x, x_proj, dt_weight, A, dt_bias if dt_bias is not None else dummy, agg_a, agg_h,
-        *common, **meta)
-    m = dstate * dim
-    bm = min(TUNING["state_block_m"], triton.next_power_of_2(m))
-    _lowrank_state_kernel[(triton.cdiv(m, bm), 4, batch)](
-        agg_a, agg_h, height, width, m, max_seg, BLOCK_R=br, BLOCK_C=bc,
-        BLOCK_S=TUNING["state_block_s"], BLOCK_M=bm, num_warps=4)
-    _lowrank_out_kernel[grid](
-        x, x_proj, dt_weight, A, D if D is not None else dummy,
-        dt_bias if dt_bias is not None else dummy, agg_h, out, *common, *out.stride(),
-        HAS_D=D is not None, **meta)
-    return out
+    if TUNING["impl"] == "seq" and A.shape[1] == 1:
+        return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
+    if TUNING["impl"] not in ("seq", "expanded"):
+        raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
+                         f"got {TUNING['impl']!r}")
+    return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)

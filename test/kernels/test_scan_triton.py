@@ -194,32 +194,53 @@ def test_bidir_bwd(triton_device, length, dstate):
     _grads_close(got, want, 'bidir')
 
 
-@pytest.mark.parametrize('batch,height,width,dim,rank,dstate,dtype,block,state', [
-    (1, 1, 1, 16, 1, 1, torch.float32, (8, 16, 32), (128, 32)),
-    # 3x3 tiles x 2 channel blocks (the second partial): rows and columns cross tiles
-    (2, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16), (128, 32)),
-    # state pass split over 5 channel programs (the last partial), 7 steps of 4 segments
-    (1, 9, 17, 20, 3, 1, torch.float32, (4, 8, 16), (4, 4)),
-    (1, 6, 11, 24, 2, 2, torch.float16, (4, 8, 16), (128, 32)),   # N=2, channels 16 + 8
-    (1, 5, 9, 16, 2, 1, torch.bfloat16, (8, 16, 32), (128, 32)),  # one tile bigger than the map
+@pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
+    # seq = (steps per segment, unroll, channels per program, largest rank projected inline
+    #        [, state pass channels per program, segments per step])
+    (1, 1, 1, 16, 1, torch.float32, torch.float32, (64, 4, 32, 8)),   # one step, idle lanes
+    # 8-step segments across row ends (W=9) and column ends (H=5), 2 channel blocks (the
+    # second partial), batch 2, a last partial segment (45 = 5*8 + 5) walked both ways
+    (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),
+    # the same with Δ from the GEMM instead of the inline projection
+    (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 2, 16, 0)),
+    # fp16 output: the route sum stays fp32 in a scratch buffer, one cast at the end
+    (1, 7, 5, 40, 2, torch.float16, torch.float16, (16, 2, 32, 8)),
+    (1, 6, 11, 24, 2, torch.bfloat16, torch.float32, (4, 4, 8, 1)),   # 4-step segments, GEMM Δ
+    # state pass split over 6 channel programs (the last partial), 4 steps of 4 segments
+    (1, 5, 9, 22, 3, torch.float32, torch.float32, (4, 4, 32, 8, 4, 4)),
 ])
-def test_ss2d_lowrank_fwd(batch, height, width, dim, rank, dstate, dtype, block, state,
-                          monkeypatch):
+def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype, seq,
+                              monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'block', block)
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_block_m', state[0])
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_block_s', state[1])
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'fused')
+    keys = ('seq_steps', 'seq_unroll', 'seq_block_d', 'seq_inline_rank', 'state_block_m',
+            'state_block_s')
+    for key, value in zip(keys, seq, strict=False):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'seq_min_programs', 1)  # keep the given steps
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    args = make_ss2d_lowrank(batch, height, width, dim, rank, dstate, dtype=dtype)
+    args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
     ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, out_dtype)
+    assert out.shape == ref.shape and out.is_contiguous() and out.dtype == out_dtype
+    _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
+
+
+def test_ss2d_lowrank_seq_takes_n_above_1_to_expanded(monkeypatch):
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
+    called = []
+    monkeypatch.setattr(ss2d_lowrank, '_seq_fwd', lambda *a: called.append(a))
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 2)
     out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
-    assert out.shape == ref.shape and out.is_contiguous()
-    _close(out, ref, torch.float32 if dtype == torch.float32 else dtype)
+    assert not called
+    _close(out, K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize('impl', ['fused', 'expanded'])
+@pytest.mark.parametrize('impl', ['expanded', 'seq'])
 def test_ss2d_lowrank_fwd_strided_inputs_no_optionals(impl, monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
