@@ -22,6 +22,8 @@ shared-memory wavefronts bank conflicts under ncu).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,11 @@ from .scan_fwd import _ssm_combine
 # <= 8 projected inline. VMamba-T 1280x720 stages 1-4 in the same run: 183 / 120 / 71 / 52 us
 # vs 351 / 187 / 111 / 106 us for "expanded". The state pass scans state_block_s segments of
 # state_block_m channels per step (its parallelism is only 4 routes x batch x dim / block_m).
+# Storing the aggregates segments-innermost (so the state pass reads contiguous runs, one
+# channel per program) halved the state pass (199 -> 99 us per VMamba-T forward at 1280x720,
+# H100) but made the aggregate stores scattered, and at the short segments of stages 2-4 the
+# aggregate kernel took 711 instead of 308 us: reverted
+# (bench/results/profile_vmamba_tiny_720p_seq_aggT_h100.json).
 TUNING = {
     "impl": "seq",
     "seq_steps": 32,
@@ -278,15 +285,39 @@ def _seq_steps(length, n_programs_per_segment):
     return steps, min(unroll, steps)
 
 
-def _seq_delta(x_proj, dt_weight, dim):
-    """Δ of all four routes without bias, (batch, H, W, 4 * dim), as one GEMM on x_proj.
+_PREPARED = {}  # id(dt_weight) -> (weakref to it, its _version, key, prepared tensor)
 
-    The weight is block-diagonal over routes with zero columns for B and C, so the GEMM reads
-    x_proj as it is (no slicing copy); its 4x extra multiply-adds are free at these widths.
+
+def _prepared_weight(dt_weight, dtype, width, block_diagonal):
+    """dt_weight (4, dim, R) in the layout the seq kernels read, cached per weight tensor.
+
+    ``block_diagonal``: the (4 * dim, 4 * width) weight of one GEMM giving every route's Δ
+    from x_proj as it is (zero columns for B and C; the 4x extra multiply-adds are free at
+    these widths); else (4, R, dim) contiguous, so a warp's loads in the walk are contiguous.
+    Rebuilding these took ~5 small kernels per call (136 us per VMamba-T forward at 1280x720
+    on an H100); the cache is keyed by the tensor and its version, so an in-place update of
+    the weight (training, load_state_dict) rebuilds it.
     """
-    k, _, rank = dt_weight.shape
-    padded = torch.nn.functional.pad(dt_weight.to(x_proj.dtype), (0, x_proj.shape[-1] // k - rank))
-    return torch.nn.functional.linear(x_proj, torch.block_diag(*padded))
+    try:
+        version = dt_weight._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: never cached
+        version = None
+    key = (dtype, width, block_diagonal, dt_weight.shape, dt_weight.stride(), dt_weight.device)
+    hit = _PREPARED.get(id(dt_weight))
+    if (version is not None and hit is not None and hit[0]() is dt_weight
+            and hit[1] == version and hit[2] == key):
+        return hit[3]
+    if block_diagonal:
+        k, _, rank = dt_weight.shape
+        padded = torch.nn.functional.pad(dt_weight.detach().to(dtype), (0, width - rank))
+        prepared = torch.block_diag(*padded)
+    else:
+        prepared = dt_weight.detach().transpose(1, 2).contiguous()
+    if version is not None:
+        ident = id(dt_weight)
+        _PREPARED[ident] = (weakref.ref(dt_weight, lambda _: _PREPARED.pop(ident, None)),
+                            version, key, prepared)
+    return prepared
 
 
 def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
@@ -308,11 +339,12 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     # so a warp's loads are contiguous); larger ones go through one GEMM (one load a step).
     use_delta = rank > TUNING["seq_inline_rank"]
     if use_delta:
-        delta = _seq_delta(x_proj, dt_weight, dim)
+        delta = torch.nn.functional.linear(
+            x_proj, _prepared_weight(dt_weight, x_proj.dtype, x_proj.shape[-1] // 4, True))
         weight = dt_weight  # unused
     else:
         delta = x  # unused
-        weight = dt_weight.transpose(1, 2).contiguous()
+        weight = _prepared_weight(dt_weight, dt_weight.dtype, 0, False)
     bias = dt_bias if dt_bias is not None else x
     common = (height, width, dim, length, n_seg, *x.stride(), *x_proj.stride(),
               delta.stride(0), delta.stride(1), delta.stride(2), weight.stride(0),

@@ -240,6 +240,30 @@ def test_ss2d_lowrank_seq_takes_n_above_1_to_expanded(monkeypatch):
     _close(out, K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32), torch.float32)
 
 
+def test_ss2d_lowrank_seq_weight_cache_follows_in_place_updates():
+    from mamba_perception_kernels.triton.ss2d_lowrank import _prepared_weight
+
+    w = torch.randn(4, 8, 3)
+    diag = _prepared_weight(w, torch.float32, 5, True)
+    assert _prepared_weight(w, torch.float32, 5, True) is diag  # cached
+    torch.testing.assert_close(diag[8:16, 5:8], w[1])
+    assert diag.shape == (32, 20) and diag[8:16, 8:10].abs().sum() == 0  # B, C columns
+    with torch.no_grad():
+        w.mul_(2)  # in place (an optimizer step, load_state_dict): rebuilt
+    again = _prepared_weight(w, torch.float32, 5, True)
+    assert again is not diag
+    torch.testing.assert_close(again[8:16, 5:8], w[1])
+    t = _prepared_weight(w, torch.float32, 0, False)
+    assert t.shape == (4, 3, 8) and t.is_contiguous()
+    torch.testing.assert_close(t, w.transpose(1, 2))
+    assert _prepared_weight(w.clone(), torch.float32, 0, False) is not t  # another tensor
+    with torch.inference_mode():
+        frozen = torch.randn(4, 8, 3)  # no version counter: built each time, still right
+    first = _prepared_weight(frozen, torch.float32, 0, False)
+    assert _prepared_weight(frozen, torch.float32, 0, False) is not first
+    torch.testing.assert_close(first, frozen.transpose(1, 2))
+
+
 @pytest.mark.parametrize('impl', ['expanded', 'seq'])
 def test_ss2d_lowrank_fwd_strided_inputs_no_optionals(impl, monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
