@@ -12,6 +12,13 @@ from . import scan_fwd as kf
 MODE_SELECTIVE, MODE_BIDIR, MODE_SS2D = 0, 1, 2
 
 
+def pow2_option(table: str, name: str, value: int) -> int:
+    """Return a launch option that must be a power of two >= 1, or raise naming it."""
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{table} TUNING[{name!r}]={value!r} must be a power of two >= 1")
+    return value
+
+
 @dataclass
 class Geometry:
     """Positions (r, c) with r < rows, c < cols, p = r*cols + c < length (see scan_fwd.py)."""

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import pow2_option
+
 # Launch configuration, read at every call (bench/dwconv.py --tune sweeps and sets it). Tile
 # sizes must be powers of two; each is clamped to the next power of two of the map's size, and
 # block_c is an upper bound (see launch_config). Defaults not yet tuned on a GPU.
@@ -94,9 +96,7 @@ def _dwconv_nhwc_kernel(
 
 
 def _pow2(name: str, value: int) -> int:
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"dwconv TUNING[{name!r}]={value} must be a power of two >= 1")
-    return value
+    return pow2_option("dwconv", name, value)
 
 
 def launch_config(height: int, width: int, channels: int, config: dict | None = None) -> dict:

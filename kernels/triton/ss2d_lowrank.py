@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import pow2_option
 from .scan_fwd import _ssm_combine
 
 # ``impl`` picks the CUDA implementation ("seq" falls back to "expanded" for N > 1). The seq
@@ -276,13 +277,21 @@ def _seq_out_kernel(
 
 
 def _seq_steps(length, n_programs_per_segment):
-    """Return (steps per segment, unroll): TUNING["seq_steps"], halved while too few programs."""
-    steps = triton.next_power_of_2(TUNING["seq_steps"])
-    unroll = TUNING["seq_unroll"]
+    """Return (steps per segment, unroll): TUNING["seq_steps"], halved while too few programs.
+
+    Both are powers of two, so whole unrolled groups tile a segment exactly (a walk that ran
+    past its segment would write its neighbour's outputs).
+    """
+    steps = _pow2("seq_steps", TUNING["seq_steps"])
+    unroll = _pow2("seq_unroll", TUNING["seq_unroll"])
     while (steps > unroll and steps >= 2
            and triton.cdiv(length, steps) * n_programs_per_segment < TUNING["seq_min_programs"]):
         steps //= 2
     return steps, min(unroll, steps)
+
+
+def _pow2(name, value):
+    return pow2_option("ss2d_lowrank", name, value)
 
 
 _PREPARED = {}  # id(dt_weight) -> (weakref to it, its _version, key, prepared tensor)
@@ -329,7 +338,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     if length == 0 or batch == 0:
         return out
     acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
-    bd = min(TUNING["seq_block_d"], triton.next_power_of_2(dim))
+    bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
     steps, unroll = _seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
@@ -351,12 +360,13 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
               weight.stride(1), A.stride(0))
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus, BLOCK_D=bd,
-                num_warps=TUNING["seq_num_warps"])
+                num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
-    bm = min(TUNING["state_block_m"], triton.next_power_of_2(dim))
+    bm = min(_pow2("state_block_m", TUNING["state_block_m"]), triton.next_power_of_2(dim))
     _state_kernel[(triton.cdiv(dim, bm), 4, batch)](
-        agg_a, agg_h, n_seg, dim, BLOCK_S=TUNING["state_block_s"], BLOCK_M=bm, num_warps=4)
+        agg_a, agg_h, n_seg, dim, BLOCK_S=_pow2("state_block_s", TUNING["state_block_s"]),
+        BLOCK_M=bm, num_warps=4)
     for axis in (0, 1):
         _seq_out_kernel[(n_seg, n_cblk, batch)](
             x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out,

@@ -240,6 +240,22 @@ def test_ss2d_lowrank_seq_takes_n_above_1_to_expanded(monkeypatch):
     _close(out, K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize('key,value', [('seq_unroll', 3), ('seq_steps', 48),
+                                       ('seq_block_d', 96)])
+def test_ss2d_lowrank_seq_rejects_launch_options_that_are_not_powers_of_two(key, value,
+                                                                           monkeypatch):
+    # An unroll that does not divide the segment would walk into the next segment's outputs.
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
+    monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    with pytest.raises(ValueError, match=f"ss2d_lowrank TUNING\\['{key}'\\]={value} must be a "
+                                         "power of two"):
+        ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
+
+
 def test_ss2d_lowrank_seq_weight_cache_follows_in_place_updates():
     from mamba_perception_kernels.triton.ss2d_lowrank import _prepared_weight
 
