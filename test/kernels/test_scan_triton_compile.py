@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None,
                                 reason='triton is not installed')
 
-ACT = {'u_ptr', 'delta_ptr', 'Bm_ptr', 'Cm_ptr', 'z_ptr', 'out_ptr', 'dy_ptr'}
+ACT = {'u_ptr', 'delta_ptr', 'Bm_ptr', 'Cm_ptr', 'z_ptr', 'out_ptr', 'dy_ptr',  # activations
+       'x_ptr', 'p_ptr', 'd_ptr'}
 
 
 def _compile(fn, consts):
@@ -43,3 +44,18 @@ def test_kernels_compile_for_sm90(mode, k, block):
     assert _compile(kf._state_pass_kernel,
                     dict(MODE=mode, K=k, STORE_LAST=mode == 0, BLOCK_R=block[0],
                          BLOCK_C=block[1], BLOCK_S=128, BLOCK_N=16, INVERT=True)).asm['ptx']
+
+
+@pytest.mark.parametrize('rank,delta', [(6, False), (48, True)])
+def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta):
+    # The interpreter runs the walks as Python: compile both dt sources and both output axes.
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+    c = dict(R=rank, P=rank + 2, T=32, UNROLL=4, DELTA=delta, HAS_BIAS=True, SOFTPLUS=True,
+             BLOCK_D=128)
+    assert _compile(lr._seq_agg_kernel, c).asm['cubin']
+    for axis in (0, 1):
+        assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
+    assert _compile(lr._state_kernel, dict(BLOCK_S=512, BLOCK_M=4)).asm['cubin']
