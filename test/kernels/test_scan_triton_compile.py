@@ -46,16 +46,19 @@ def test_kernels_compile_for_sm90(mode, k, block):
                          BLOCK_C=block[1], BLOCK_S=128, BLOCK_N=16, INVERT=True)).asm['ptx']
 
 
-@pytest.mark.parametrize('rank,delta', [(6, False), (48, True)])
-def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta):
-    # The interpreter runs the walks as Python: compile both dt sources and both output axes.
+@pytest.mark.parametrize('rank,delta,fast_log', [(6, False, True), (48, True, True),
+                                                 (6, False, False)])
+def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
+    # The interpreter runs the walks as Python, and only with the precise log: compile both
+    # dt sources, both output axes and the fast log (lg2.approx) that CUDA runs.
     if importlib.util.find_spec('triton.backends.nvidia') is None:
         pytest.skip('triton has no NVIDIA backend here')
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     c = dict(R=rank, P=rank + 2, T=32, UNROLL=4, DELTA=delta, HAS_BIAS=True, SOFTPLUS=True,
-             BLOCK_D=128)
-    assert _compile(lr._seq_agg_kernel, c).asm['cubin']
+             FAST_LOG=fast_log, BLOCK_D=128)
+    agg = _compile(lr._seq_agg_kernel, c)
+    assert ('lg2.approx' in agg.asm['ptx']) == fast_log
     for axis in (0, 1):
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
     assert _compile(lr._state_kernel, dict(BLOCK_S=512, BLOCK_M=4)).asm['cubin']
