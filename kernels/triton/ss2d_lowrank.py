@@ -52,7 +52,7 @@ TUNING = {
     "seq_block_d": 128,
     "seq_num_warps": 1,
     "seq_inline_rank": 8,
-    # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 26-36 % fewer
+    # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
     # SASS instructions in the seq kernels (sm_90a, compiled offline); not timed yet.
     "seq_fast_log": True,
     "state_block_s": 512,
