@@ -93,12 +93,13 @@ class CameraHealth:
         self._drops = Window()
         self._errors = Window()
         self._latency = Window()
+        self._stamp_gaps = Window()  # ns between consecutive source stamps, at arrival time
         self._stages = {stage: Window() for stage in STAGES}
         self._restart(start_ns)
 
     def _windows(self):
         return (self._inputs, self._outputs, self._drops, self._errors, self._latency,
-                *self._stages.values())
+                self._stamp_gaps, *self._stages.values())
 
     def _restart(self, now_ns: int) -> None:
         for window in self._windows():
@@ -106,6 +107,7 @@ class CameraHealth:
         self._start_ns = now_ns
         self._last_now_ns = now_ns
         self._last_input_ns: Optional[int] = None
+        self._last_stamp_ns: Optional[int] = None
 
     def restart(self, now_ns: int) -> None:
         """Begin judging afresh from ``now_ns`` (activation); counters are kept."""
@@ -119,12 +121,36 @@ class CameraHealth:
             self._start_ns = now_ns  # first /clock message under use_sim_time
         self._last_now_ns = now_ns
 
-    def record_input(self, now_ns: int) -> None:
-        """Count a frame arriving (callback time)."""
+    def record_input(self, now_ns: int, stamp_ns: int = 0) -> None:
+        """Count a frame arriving (callback time) with its header stamp (0: unknown)."""
         self._tick(now_ns)
         self.frames_received += 1
         self._inputs.add(now_ns)
         self._last_input_ns = now_ns
+        last = self._last_stamp_ns
+        if stamp_ns > 0 and stamp_ns != last:  # a repeated stamp is no gap
+            if last is not None and stamp_ns > last:
+                self._stamp_gaps.add(now_ns, float(stamp_ns - last))
+            self._last_stamp_ns = stamp_ns  # backwards: the source restarted (bag loop)
+
+    def _lost_before_node(self) -> int:
+        """Frames missing between the stamps that arrived in the window (an estimate).
+
+        ROS 2 headers carry no sequence number, so the camera period is estimated from the
+        stamp gaps: the median of the gaps below 1.5x their 10th percentile (the one-period
+        gaps, as long as a tenth of consecutive frames arrive; stamp jitter up to ~10 % of a
+        period). A gap of k periods means k - 1 frames that never reached the callback:
+        dropped by DDS (best-effort QoS, transport limits) or by the driver. A source that
+        loses the same share of every period looks like a slower camera and is not counted.
+        """
+        gaps = self._stamp_gaps.values()
+        if len(gaps) < 5:
+            return 0
+        low = float(np.percentile(gaps, 10))
+        period = float(np.median(gaps[gaps < 1.5 * low]))
+        if period <= 0:
+            return 0
+        return int(np.maximum(np.rint(gaps / period) - 1, 0).sum())
 
     def record_drop(self, now_ns: int, count: int = 1) -> None:
         """Frames replaced in the one-slot buffer before they were processed."""
@@ -160,6 +186,7 @@ class CameraHealth:
         in_rate = len(self._inputs) / observed_s if observed_s > 0 else float('nan')
         out_rate = len(self._outputs) / observed_s if observed_s > 0 else float('nan')
         p50, p99 = percentiles(self._latency.values())
+        lost = self._lost_before_node()
         values = [
             ('input rate (Hz)', _fmt(in_rate)), ('output rate (Hz)', _fmt(out_rate)),
             ('latency p50 (ms)', _fmt(p50)), ('latency p99 (ms)', _fmt(p99)),
@@ -167,6 +194,7 @@ class CameraHealth:
             ('frames published', str(self.frames_published)),
             ('frames dropped', str(self.frames_dropped)),
             ('frames dropped in window', str(int(self._drops.total()))),
+            ('frames lost before node in window (est.)', str(lost)),
             ('bad inputs', str(self.bad_inputs)),
             ('overlays published', str(self.overlays_published)),
             ('bad inputs in window', str(len(self._errors))),
@@ -193,7 +221,9 @@ class CameraHealth:
         minimum = budgets.expected_rate_hz * (1.0 - budgets.rate_tolerance)
         if budgets.expected_rate_hz > 0 and warmed_up and since_input_s <= budgets.silent_after_s:
             if in_rate < minimum:
-                problems.append((WARN, f'input rate {in_rate:.1f} Hz < {minimum:.1f} Hz'))
+                cause = (f' (~{lost} frames lost before the node: check the input QoS and '
+                         'the DDS transport)' if lost else '')
+                problems.append((WARN, f'input rate {in_rate:.1f} Hz < {minimum:.1f} Hz{cause}'))
             elif out_rate < minimum:
                 problems.append((WARN, f'output rate {out_rate:.1f} Hz < {minimum:.1f} Hz '
                                        f'({int(self._drops.total())} frames dropped)'))

@@ -335,7 +335,7 @@ class PerceptionNode(LifecycleNode):
         frames = self._frames
         now = self._now_ns()
         with self._lock:
-            self._health[camera].record_input(now)
+            self._health[camera].record_input(now, conversions.stamp_ns(msg.header))
         if frames is not None and frames.put(camera, (msg, time.perf_counter())):
             with self._lock:
                 self._health[camera].record_drop(now)

@@ -1,5 +1,6 @@
 """Health judgement: rates, percentiles, budgets, silent cameras, time going backwards."""
 
+import numpy as np
 import pytest
 
 from mamba_perception.ros.diagnostics import (
@@ -135,3 +136,51 @@ def test_sim_time_before_first_clock_is_not_judged():
     assert level == OK, message
     feed(health, 50 * NS, 3.0, 30.0, 10.0)
     assert health.report(53 * NS, Budgets())[0] == OK
+
+
+def arrivals(health, start_ns, seconds, rate_hz, keep, jitter=0.0, seed=0):
+    """A camera at rate_hz whose frame i reaches the node iff keep(i, rng); returns the count.
+
+    Stamps are the capture times (with up to ``jitter`` periods of noise), arrival 5 ms later.
+    """
+    rng = np.random.default_rng(seed)
+    period = NS / rate_hz
+    arrived = 0
+    for i in range(int(seconds * rate_hz)):
+        if not keep(i, rng):
+            continue
+        stamp = start_ns + int(i * period + rng.uniform(-jitter, jitter) * period)
+        health.record_input(stamp + 5 * MS, stamp)
+        arrived += 1
+    return arrived
+
+
+def test_frames_lost_before_the_node_are_estimated_from_stamp_gaps():
+    # Random losses (best-effort DDS under load): about half the frames never arrive.
+    health = CameraHealth('front', T0)
+    sent = int(5.0 * 30)
+    arrived = arrivals(health, T0, 5.0, 30.0, lambda i, rng: i == 0 or rng.random() < 0.5,
+                       jitter=0.1)
+    level, message, kv = health.report(T0 + 5 * NS, Budgets(window_s=10.0))
+    lost = int(dict(kv)['frames lost before node in window (est.)'])
+    # Between the first and the last arrival every missing frame is a gap (the tail after the
+    # last arrival is not visible yet).
+    assert abs(lost - (sent - arrived)) <= 3, (lost, sent, arrived)
+    assert level == WARN and 'frames lost before the node' in message, message
+
+
+def test_no_frames_lost_with_jitter_repeats_and_a_bag_loop():
+    health = CameraHealth('front', T0)
+    arrivals(health, T0, 5.0, 30.0, lambda i, rng: True, jitter=0.1)
+    last = health._last_stamp_ns
+    health.record_input(T0 + 5 * NS, last)  # the same frame again: not a gap
+    level, message, kv = health.report(T0 + 5 * NS, Budgets(window_s=10.0))
+    assert dict(kv)['frames lost before node in window (est.)'] == '0'
+    assert 'lost before' not in message  # (the output rate warns: nothing was published)
+    # A source that restarts its stamps (bag loop, not our clock) only loses one gap.
+    health = CameraHealth('front', T0)
+    arrivals(health, T0, 2.0, 30.0, lambda i, rng: True)
+    for i in range(30):
+        health.record_input(T0 + 2 * NS + i * NS // 30, T0 - 60 * NS + i * NS // 30)
+    assert dict(health.report(T0 + 3 * NS, Budgets())[2])[
+        'frames lost before node in window (est.)'] == '0'
