@@ -273,7 +273,10 @@ def test_ss2d_lowrank_seq_weight_cache_follows_in_place_updates():
     assert t.shape == (4, 3, 8) and t.is_contiguous()
     torch.testing.assert_close(t, w.transpose(1, 2))
     assert _prepared_weight(w.clone(), torch.float32, 0, False) is not t  # another tensor
-    with torch.inference_mode():
+    param = torch.nn.Parameter(torch.randn(4, 8, 3))
+    with torch.inference_mode():  # how the Pipeline runs: a parameter is still cached
+        assert _prepared_weight(param, torch.float16, 5, True) is _prepared_weight(
+            param, torch.float16, 5, True)
         frozen = torch.randn(4, 8, 3)  # no version counter: built each time, still right
     first = _prepared_weight(frozen, torch.float32, 0, False)
     assert _prepared_weight(frozen, torch.float32, 0, False) is not first
