@@ -172,10 +172,13 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
 
 
 @triton.jit
-def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sw_c, sA_c,
+def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c,
                       HAS_BIAS: tl.constexpr):
-    """Route k's dt-weight pointers (rank 0), bias and A·log2(e), each over the channel block."""
-    w_row = w_ptr + k * sw_k + chans * sw_c
+    """Route k's dt-weight pointers (rank 0), bias and A·log2(e), each over the channel block.
+
+    The weights are the prepared (4, R, dim) copy: channels contiguous.
+    """
+    w_row = w_ptr + k * sw_k + chans
     a2 = tl.load(A_ptr + (k * DIM + chans) * sA_c, mask=ch_ok,
                  other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
@@ -216,7 +219,7 @@ def _seq_agg_kernel(
     for rev in tl.static_range(2):
         k = axis + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, 1, sA_c, HAS_BIAS)
+                                            sw_k, sA_c, HAS_BIAS)
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
                               d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
@@ -262,7 +265,7 @@ def _seq_out_kernel(
     for rev in tl.static_range(2):
         k = AXIS + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, 1, sA_c, HAS_BIAS)
+                                            sw_k, sA_c, HAS_BIAS)
         # A route enters a segment with the state after its predecessor in route order:
         # segment seg - 1 going forward, seg + 1 going backward.
         if rev == 0:
@@ -293,7 +296,7 @@ def _seq_steps(length, n_programs_per_segment):
     """
     steps = _pow2("seq_steps", TUNING["seq_steps"])
     unroll = _pow2("seq_unroll", TUNING["seq_unroll"])
-    while (steps > unroll and steps >= 2
+    while (steps > unroll
            and triton.cdiv(length, steps) * n_programs_per_segment < TUNING["seq_min_programs"]):
         steps //= 2
     return steps, min(unroll, steps)
