@@ -16,6 +16,10 @@ GPU memory.
   and replayed; ``compile_s`` = its first call, compilation included), ``compile-max`` (the same
   with ``mode='max-autotune-no-cudagraphs'``; autotuning takes minutes). Compiled rows also
   give ``vs_eager_rel_l2``: the compiled forward's outputs against the eager ones.
+* Weights (``--weights``): ``cast`` (default) stores every model's Linear / Conv parameters in
+  the row's dtype once (``cast_autocast_weights``, what Pipeline does for fp16 / bf16), for ours
+  and the baselines alike; ``autocast`` keeps them fp32 and lets autocast cast them on every
+  call (one copy kernel per layer per forward: the setting of the rows before 2026-11-27).
 * Memory: ``peak_mem_mib`` = ``max_memory_allocated`` over one forward of the mode's function
   (eager, or compiled; before any graph capture), minus what was allocated besides this model's
   weights before the row began (weights, input, caches, activations and outputs; what
@@ -45,6 +49,7 @@ Needs CUDA, and timm for the baselines (bench only: the package does not use tim
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -60,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import capture_graph, provenance, sample_cuda, write_json  # noqa: E402
 
 from mamba_perception.models import MODELS, create_model  # noqa: E402
+from mamba_perception.models.layers import cast_autocast_weights  # noqa: E402
 
 OURS = ['vmamba_tiny', 'vmamba_small', 'vmamba_base', 'vim_tiny', 'vim_small']
 BASELINES = ['vit_small_patch16_224', 'convnext_tiny']
@@ -128,13 +134,25 @@ def free_memory() -> None:
 class Models:
     """Built models, kept on the GPU while the run needs them (one build per model)."""
 
-    def __init__(self, seed: int, notes: dict) -> None:
+    def __init__(self, seed: int, notes: dict, cast_weights: bool) -> None:
         self.seed = seed
         self.built: dict = {}
         self.notes = notes  # facts found while building (ViT's attention path), into the JSON
+        self.cast_weights = cast_weights
 
-    def get(self, name: str):
-        """(model, forward, weights bytes) for ``name``, built on first use."""
+    def get(self, name: str, dtype: str | None = None):
+        """(model, forward, weights bytes) for ``name``, built on first use.
+
+        With ``dtype`` (a key of DTYPES) and ``cast_weights``: a copy of the same weights whose
+        Linear / Conv parameters are stored in that dtype (``cast_autocast_weights``, as
+        Pipeline does for fp16 / bf16); otherwise the fp32 model.
+        """
+        if dtype is not None and self.cast_weights:
+            if (name, dtype) not in self.built:
+                model, _, _ = self.get(name)
+                cast = cast_autocast_weights(copy.deepcopy(model), DTYPES[dtype])
+                self.built[(name, dtype)] = self._entry(cast, name)
+            return self.built[(name, dtype)]
         if name not in self.built:
             torch.manual_seed(self.seed)
             if family(name) == 'ours':
@@ -152,11 +170,15 @@ class Models:
                 attn = getattr(getattr(model, 'blocks', [None])[0], 'attn', None)
                 if attn is not None and hasattr(attn, 'fused_attn'):
                     self.notes[f'{name}_sdpa_attention'] = bool(attn.fused_attn)
-            model = model.cuda().eval()
-            nbytes = sum(t.numel() * t.element_size()
-                         for t in [*model.parameters(), *model.buffers()])
-            self.built[name] = (model, getattr(model, fwd_name), nbytes)
+            model.forward_name = fwd_name
+            self.built[name] = self._entry(model.cuda().eval(), name)
         return self.built[name]
+
+    @staticmethod
+    def _entry(model, name: str):
+        nbytes = sum(t.numel() * t.element_size()
+                     for t in [*model.parameters(), *model.buffers()])
+        return model, getattr(model, model.forward_name), nbytes
 
 
 def autocast_step(fn, x, dtype):
@@ -224,6 +246,7 @@ def run_check(models: Models, name: str, hw, seed: int) -> dict:
     out = {'size': size_key(hw), 'batch': 1, 'reference': 'fp32, TF32 off, same weights',
            'metric': 'relative L2 error of each of the 4 feature maps (strides 4, 8, 16, 32)'}
     for dt, dtype in DTYPES.items():
+        fwd = models.get(name, dt)[1]
         with torch.no_grad(), torch.autocast('cuda', dtype=dtype, cache_enabled=False):
             got = as_list(fwd(x))
         errs = [rel_l2(g, r) for g, r in zip(got, ref, strict=True)]
@@ -236,7 +259,7 @@ def run_check(models: Models, name: str, hw, seed: int) -> dict:
 
 def run_static(models: Models, name: str, hw, batch: int, dt: str, modes, args) -> list:
     """Eager and / or CUDA-graph rows of one (model, size, batch, dtype) case."""
-    model, fwd, wbytes = models.get(name)
+    model, fwd, wbytes = models.get(name, dt)
     free_memory()
     others = torch.cuda.memory_allocated() - wbytes
     x = inputs(batch, hw, args.seed)
@@ -271,7 +294,7 @@ def run_static(models: Models, name: str, hw, batch: int, dt: str, modes, args) 
 def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
                  args) -> dict:
     """One torch.compile row: compile, first call, peak memory, check vs eager, graph replay."""
-    model, fwd, wbytes = models.get(name)
+    model, fwd, wbytes = models.get(name, dt)
     torch._dynamo.reset()  # fresh caches: no recompile against an earlier row's shapes
     free_memory()
     others = torch.cuda.memory_allocated() - wbytes
@@ -444,6 +467,10 @@ def parse_args(argv):
     parser.add_argument('--lowrank-impl', choices=('seq', 'expanded'),
                         help="CUDA implementation of ss2d_scan_lowrank (VMamba's scan; default: "
                              "the kernels' TUNING['impl'])")
+    parser.add_argument('--weights', choices=('cast', 'autocast'), default='cast',
+                        help='cast: Linear / Conv weights stored once in the autocast dtype '
+                             '(cast_autocast_weights, as Pipeline does); autocast: fp32 weights '
+                             'that autocast casts on every call')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--verbose-errors', action='store_true',
                         help='print the traceback of a failed row')
@@ -481,6 +508,7 @@ def main(argv=None) -> int:
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
             'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
+            'weights': args.weights,
             'ss2d_lowrank_tuning': dict(ss2d_lowrank.TUNING)}),
         'what': ('backbone forward under torch.autocast (cache off) vs input size: ours = '
                  'forward_intermediates (4 maps, strides 4-32), timm = forward_features (no '
@@ -496,7 +524,7 @@ def main(argv=None) -> int:
                   for name, same in SAME_NETWORK.items()},
         'checks': {}, 'rows': [],
     }
-    models = Models(args.seed, result['notes'])
+    models = Models(args.seed, result['notes'], cast_weights=args.weights == 'cast')
     tasks = plan(args)
     budget.arm()
     for task in tasks:

@@ -98,6 +98,11 @@ def main() -> int:
     parser.add_argument('--no-eager', action='store_true', help='compiled forward only')
     parser.add_argument('--lowrank-impl', choices=['seq', 'expanded'],
                         help="CUDA implementation of ss2d_scan_lowrank (default: the module's)")
+    parser.add_argument('--weights', choices=('cast', 'autocast'), default='cast',
+                        help='cast: Linear / Conv weights stored in the dtype once (as '
+                             'Pipeline); autocast: fp32 weights cast on every call')
+    parser.add_argument('--compile-mode', default=None,
+                        help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs'")
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -112,6 +117,10 @@ def main() -> int:
     torch.manual_seed(0)
     model, fwd = build(args.model)
     model = model.cuda().eval()
+    if args.weights == 'cast':
+        from mamba_perception.models.layers import cast_autocast_weights
+
+        cast_autocast_weights(model, dtype)
     x = torch.randn(1, 3, h, w, device='cuda')
 
     def runner(f):
@@ -120,11 +129,13 @@ def main() -> int:
                 return f(x)
         return step
 
-    result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl}),
+    result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl,
+                                        'weights': args.weights,
+                                        'compile_mode': args.compile_mode}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
-        variants.append(('compiled', torch.compile(fwd)))
+        variants.append(('compiled', torch.compile(fwd, mode=args.compile_mode)))
     for label, f in variants:
         step = runner(f)
         t0 = time.perf_counter()

@@ -49,6 +49,7 @@ from mamba_perception.errors import (
     SetupError,
 )
 from mamba_perception.models.bundle import Bundle, load_bundle
+from mamba_perception.models.layers import cast_autocast_weights
 from mamba_perception.results import Detections, FrameResult, StageTimes
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ class Pipeline:
         self.nms_iou = float(nms_iou)
         self.max_detections = int(max_detections)
         self.model = self.bundle.build_model(self.device)
+        if precision != 'fp32':
+            # Linear / Conv weights in the autocast dtype once, not cast again on every frame.
+            cast_autocast_weights(self.model, PRECISIONS[precision])
         self.tasks: tuple = self.bundle.tasks
         self.class_names: list = self.bundle.class_names
         self.class_colors: np.ndarray = self.bundle.class_colors

@@ -158,3 +158,36 @@ def mamba_dt_init(d_inner: int, dt_rank: int, dt_min: float = 1e-3, dt_max: floa
 def s4d_real_log(d_inner: int, d_state: int) -> torch.Tensor:
     """S4D-real init of ``A_log``: log(1..N) for every channel, fp32, shape (d_inner, N)."""
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+
+
+# Modules whose weight and bias autocast casts to the 16-bit dtype on every call (they run
+# F.linear / F.conv*, both on autocast's lower-precision list).
+_AUTOCAST_CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                          nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store, once, the parameters that autocast to ``dtype`` would cast on every forward.
+
+    Under fp16 / bf16 autocast each Linear / Conv call first casts its fp32 weight and bias to
+    the 16-bit dtype: one extra kernel per layer and per frame (VMamba-T: ~70 of them). Casting
+    them in place gives the same arithmetic without those copies. A module may name more
+    parameters in ``autocast_weights`` (raw weights it feeds to ``F.linear`` itself, e.g.
+    VMamba's stacked ``x_proj_weight``) and exempt some in ``autocast_fp32`` (dotted names below
+    it that it reads in fp32, e.g. Vim's ``dt_proj.bias``). Norms, scan parameters and
+    everything else stay fp32, so the model must then run under autocast of ``dtype`` (a
+    16-bit weight cannot meet an fp32 activation outside it). Returns ``model``.
+    """
+    keep = set()
+    for module in model.modules():
+        for name in getattr(module, 'autocast_fp32', ()):
+            keep.add(id(module.get_parameter(name)))
+    for module in model.modules():
+        names = list(getattr(module, 'autocast_weights', ()))
+        if isinstance(module, _AUTOCAST_CAST_MODULES):
+            names += ['weight', 'bias']
+        for name in names:
+            param = getattr(module, name, None)
+            if param is not None and param.is_floating_point() and id(param) not in keep:
+                param.data = param.data.to(dtype)
+    return model

@@ -55,6 +55,9 @@ class BiMambaMixer(nn.Module):
     backward one; ``out_proj``. Output = out_proj((y_fwd + y_bwd) / 2) (``if_divide_out``).
     """
 
+    # The dt biases enter the scan as fp32 delta_bias: see layers.cast_autocast_weights.
+    autocast_fp32 = ('dt_proj.bias', 'dt_proj_b.bias')
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank='auto', divide_out: bool = True):
         super().__init__()

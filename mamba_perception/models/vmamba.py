@@ -49,6 +49,8 @@ class SS2D(nn.Module):
     """
 
     k_group = 4
+    # Fed to F.linear by forward itself: see layers.cast_autocast_weights.
+    autocast_weights = ('x_proj_weight',)
 
     def __init__(
         self,

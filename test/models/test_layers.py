@@ -1,0 +1,47 @@
+"""Shared model helpers: cast_autocast_weights."""
+
+import copy
+
+import pytest
+import torch
+
+from mamba_perception.models import create_model
+from mamba_perception.models.layers import cast_autocast_weights
+
+
+@pytest.mark.parametrize('name', ['vmamba_test', 'vim_test'])
+def test_cast_weights_give_the_same_autocast_output(name):
+    # The cast is what autocast does to these weights on every call, done once: under the
+    # same autocast the outputs must be identical, not merely close.
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=0).eval()
+    cast = cast_autocast_weights(copy.deepcopy(model), torch.bfloat16)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = model.forward_intermediates(x)
+        got = cast.forward_intermediates(x)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.isfinite(r).all()
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_cast_weights_pick_matmul_operands_only():
+    vmamba = cast_autocast_weights(create_model('vmamba_test'), torch.float16)
+    dtypes = {n: p.dtype for n, p in vmamba.named_parameters()}
+    block = 'layers.0.blocks.0.'
+    for name in ('op.in_proj.weight', 'op.out_proj.weight', 'op.conv2d.weight',
+                 'op.x_proj_weight', 'mlp.fc1.weight', 'mlp.fc1.bias'):
+        assert dtypes[block + name] == torch.float16, name
+    for name in ('norm.weight', 'op.out_norm.weight', 'op.A_logs', 'op.Ds',
+                 'op.dt_projs_weight', 'op.dt_projs_bias'):
+        assert dtypes[block + name] == torch.float32, name
+    assert dtypes['patch_embed.0.weight'] == torch.float16  # a Conv2d
+
+    vim = cast_autocast_weights(create_model('vim_test'), torch.float16)
+    dtypes = {n: p.dtype for n, p in vim.named_parameters()}
+    mixer = next(n for n in dtypes if n.endswith('.x_proj.weight')).rsplit('x_proj.', 1)[0]
+    assert dtypes[mixer + 'in_proj.weight'] == torch.float16
+    assert dtypes[mixer + 'dt_proj.weight'] == torch.float16
+    # read as the scan's fp32 delta_bias: rounding it to 16 bits would change the model
+    assert dtypes[mixer + 'dt_proj.bias'] == torch.float32
+    assert dtypes[mixer + 'dt_proj_b.bias'] == torch.float32
