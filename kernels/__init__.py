@@ -12,11 +12,13 @@ the conv's oracle is ``F.conv2d``):
 * ``bidir_scan``: Vim's forward + backward scan as one op.
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
   before the scan (``dwconv.py``).
+* ``norm_mlp_residual``: ``x + fc2(gelu(fc1(layer_norm(x))))`` in one pass (inference; the
+  second half of a VMamba block, ``norm_mlp.py``).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
 All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
-impls and registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
+impls and (except the inference-only ``norm_mlp_residual``) registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
 treat each as one node.
 """
 
@@ -26,6 +28,7 @@ from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv2d_nhwc
 from .errors import ScanInputError
+from .norm_mlp import norm_mlp_residual
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
 from .reference import (
     bidir_scan_ref,
@@ -42,6 +45,7 @@ __all__ = [
     "bidir_scan",
     "bidir_scan_ref",
     "dwconv2d_nhwc",
+    "norm_mlp_residual",
     "expand_lowrank",
     "selective_scan",
     "selective_scan_ref",

@@ -34,6 +34,11 @@ import torch.nn.functional as F
 from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
 
 
+# Widest block the fused norm + MLP kernel takes (mamba_perception_kernels.norm_mlp.MAX_CHANNELS;
+# repeated here so that building a model imports no kernels).
+FUSED_MLP_MAX_CHANNELS = 256
+
+
 def _kernels():
     # Imported on first use so that building a model (e.g. to count parameters) needs no kernels.
     import mamba_perception_kernels
@@ -144,7 +149,23 @@ class VSSBlock(nn.Module):
         # Under autocast LayerNorm returns fp32, so the residual stream stays fp32 exactly as in
         # the official code; the branch outputs (fp16/bf16 GEMMs) are added into it.
         x = x + self.drop_path(self.op(self.norm(x)))
+        if self._fused_mlp(x):
+            # norm2 -> fc1 -> GELU -> fc2 -> + x in one kernel: the 4C hidden activation never
+            # reaches memory (fp32 out, like the residual stream).
+            fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+            return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
+                                                self.norm2.eps, fc1.weight, fc1.bias,
+                                                fc2.weight, fc2.bias)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _fused_mlp(self, x: torch.Tensor) -> bool:
+        # Inference with 16-bit weights (layers.cast_autocast_weights, what Pipeline does for
+        # fp16 / bf16): the fused op has no backward, and its kernel holds a row of at most
+        # FUSED_MLP_MAX_CHANNELS channels (wider stages keep cuBLAS GEMMs).
+        return (not self.training and not torch.is_grad_enabled()
+                and self.mlp.fc1.weight.dtype in (torch.float16, torch.bfloat16)
+                and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
+                and x.shape[-1] <= FUSED_MLP_MAX_CHANNELS)
 
 
 def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:

@@ -17,7 +17,8 @@ def test_cast_weights_give_the_same_autocast_output(name):
     model = create_model(name, num_classes=0).eval()
     cast = cast_autocast_weights(copy.deepcopy(model), torch.bfloat16)
     x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+    # Gradients on: the module path everywhere (no grad-free fused inference ops).
+    with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         ref = model.forward_intermediates(x)
         got = cast.forward_intermediates(x)
     for g, r in zip(got, ref, strict=True):

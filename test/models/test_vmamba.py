@@ -117,3 +117,30 @@ def test_backward_reaches_scan_parameters():
     op = m.layers[2].blocks[0].op
     for p in (op.A_logs, op.Ds, op.dt_projs_weight, op.dt_projs_bias, op.x_proj_weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
+    # With 16-bit weights and gradients off, each block's norm2 -> MLP -> residual is the fused
+    # norm_mlp_residual op; it must agree with the module path (taken with gradients on).
+    import mamba_perception_kernels
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    calls = []
+    real = mamba_perception_kernels.norm_mlp_residual
+    monkeypatch.setattr(mamba_perception_kernels, 'norm_mlp_residual',
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = create_model('vmamba_test', num_classes=0).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model.forward_intermediates(x)
+    assert calls == []  # fp32 weights: modules
+    cast_autocast_weights(model, torch.bfloat16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        fused = model.forward_intermediates(x)
+    assert len(calls) == sum(model.depths)
+    with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = model.forward_intermediates(x)
+    assert len(calls) == sum(model.depths)
+    for f, r in zip(fused, ref, strict=True):
+        assert ((f.float() - r.float()).norm() / r.float().norm()) < 2e-2

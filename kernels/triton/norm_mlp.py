@@ -1,0 +1,129 @@
+"""Pre-norm MLP with residual in one pass: ``x + fc2(gelu(fc1(layer_norm(x))))`` over rows.
+
+The second half of every VMamba block. Run as separate kernels it reads and writes the hidden
+activation (4x the channels) twice and launches ~5 kernels (add + LayerNorm, fc1, GELU, fc2,
+the residual add in the next kernel); at stage 1 of VMamba-T at 1280x720 the GELU pass alone
+moves 88 MB. Here one program owns BLOCK_M rows (pixels) with all C channels (C <= 256, padded
+to a power of two):
+
+1. load the rows (fp32 residual stream), LayerNorm them in fp32, round once to the weights'
+   dtype: the A operand of fc1, kept in registers for the whole program;
+2. loop over the hidden units BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32
+   accumulation), exact (erf) GELU in fp32, round to the weights' dtype, and accumulate
+   ``h @ W2[:, chunk].T`` into the (BLOCK_M, C) fp32 output: the hidden activation never
+   leaves the chip;
+3. add b2 and the residual (reloaded: it is in L2, and keeping it live across the loop costs
+   registers the dot tiles need) and store fp32.
+
+Weights (nn.Linear layout: W1 (HID, C), W2 (C, HID), rows contiguous) are read by every program
+from L2. Rounding differs from the unfused modules only in that the fc1 output and the fc2
+output are not rounded to 16 bits before GELU / before the residual add (fewer roundings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import pow2_option
+
+# Launch configuration, read at every call (bench/norm_mlp.py --tune would set it).
+TUNING = {
+    "block_m": 64,      # rows (pixels) per program
+    "block_h": 64,      # hidden units per loop step
+    "num_warps": 4,
+    "num_stages": 2,
+}
+MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live in registers
+
+
+@triton.jit
+def _norm_mlp_kernel(
+    x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    n_rows, channels, hidden, stride_x, stride_out, eps,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < channels
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    x_offs = rows[:, None] * stride_x + cols[None, :]
+
+    # 1. LayerNorm in fp32 (padded columns are zero and excluded from the statistics).
+    x = tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / channels
+    xc = tl.where(tile_ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / channels + eps)
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    nb = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(w1_ptr.dtype.element_ty)
+
+    # 2. fc1 -> GELU -> fc2, BLOCK_H hidden units at a time.
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        hid = h0 + tl.arange(0, BLOCK_H)
+        hid_ok = hid < hidden
+        # W1[hid, c] as a (C, BLOCK_H) tile; W2[c, hid] as a (BLOCK_H, C) tile.
+        w1 = tl.load(w1_ptr + hid[None, :] * channels + cols[:, None],
+                     mask=col_ok[:, None] & hid_ok[None, :], other=0.0)
+        h = tl.dot(a, w1)
+        if HAS_B1:
+            h += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        w2 = tl.load(w2_ptr + cols[None, :] * hidden + hid[:, None],
+                     mask=hid_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(w2_ptr.dtype.element_ty), w2, acc)
+
+    # 3. + b2 + residual, fp32 out.
+    if HAS_B2:
+        acc += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=tile_ok)
+
+
+def launch_config(n_rows: int, channels: int, hidden: int, config: dict | None = None) -> dict:
+    """TUNING (overridden by ``config``) clamped to the problem; tile sizes powers of two."""
+    cfg = {**TUNING, **(config or {})}
+    out = {name: pow2_option("norm_mlp TUNING", name, int(cfg[name]))
+           for name in ("block_m", "block_h", "num_warps")}
+    out["num_stages"] = int(cfg["num_stages"])
+    # tl.dot needs every tile dimension >= 16.
+    out["block_c"] = max(16, triton.next_power_of_2(channels))
+    out["block_h"] = max(16, min(out["block_h"], triton.next_power_of_2(hidden)))
+    out["block_m"] = max(16, min(out["block_m"], triton.next_power_of_2(max(n_rows, 1))))
+    return out
+
+
+def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                          eps: float, w1: torch.Tensor, b1: torch.Tensor | None,
+                          w2: torch.Tensor, b2: torch.Tensor | None,
+                          config: dict | None = None) -> torch.Tensor:
+    """Return ``x + fc2(gelu(fc1(LN(x))))`` as a new contiguous fp32 tensor shaped like ``x``.
+
+    ``x`` (..., C) with a unit channel stride and rows that flatten to one stride (validated by
+    the caller, C <= MAX_CHANNELS), weights contiguous in nn.Linear layout, W1 / W2 in the
+    GEMM dtype (fp16 / bf16 / fp32).
+    """
+    channels = x.shape[-1]
+    hidden = w1.shape[0]
+    rows = x.reshape(-1, channels)
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    n_rows = rows.shape[0]
+    if n_rows == 0:
+        return out
+    cfg = launch_config(n_rows, channels, hidden, config)
+    grid = (triton.cdiv(n_rows, cfg["block_m"]),)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _norm_mlp_kernel[grid](
+            rows, out, norm_weight, norm_bias, w1, b1 if b1 is not None else w1,
+            w2, b2 if b2 is not None else w2,
+            n_rows, channels, hidden, rows.stride(0), channels, float(eps),
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+            BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_H=cfg["block_h"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out

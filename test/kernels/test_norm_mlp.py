@@ -1,0 +1,193 @@
+"""Fused pre-norm MLP + residual op: PyTorch path, errors, fake impl, and the Triton kernel.
+
+The Triton tests (``test_triton_kernel_*``) need CUDA or the Triton interpreter; without a GPU
+``test_triton_kernels_under_interpreter`` reruns them in a subprocess with
+``TRITON_INTERPRET=1`` (see conftest.py for why not in-process).
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+import re
+import subprocess
+import sys
+
+from mamba_perception_kernels import ScanInputError, norm_mlp_residual
+from mamba_perception_kernels.norm_mlp import norm_mlp_residual_op, norm_mlp_residual_torch
+import pytest
+import torch
+from torch import nn
+
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+INTERPRETER = os.environ.get('TRITON_INTERPRET') == '1'
+TRITON_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+needs_triton_device = pytest.mark.skipif(
+    not HAS_TRITON or not (torch.cuda.is_available() or INTERPRETER),
+    reason='needs CUDA, or TRITON_INTERPRET=1 (test_triton_kernels_under_interpreter runs '
+           'these in a subprocess)')
+
+
+def make(channels, hidden, dtype=torch.float16, rows=(3, 5), bias=True, device='cpu', seed=0):
+    """x (fp32 residual stream), LayerNorm and two Linear layers with weights in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    norm = nn.LayerNorm(channels)
+    fc1, fc2 = nn.Linear(channels, hidden, bias=bias), nn.Linear(hidden, channels, bias=bias)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(channels, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(channels, generator=gen))
+    x = (2 * torch.randn(*rows, channels, generator=gen) + 0.5).to(device)
+    fc1, fc2 = fc1.to(device, dtype), fc2.to(device, dtype)
+    return x, norm.to(device), fc1, fc2
+
+
+def args_of(x, norm, fc1, fc2):
+    return (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def modules_fp64(x, norm, fc1, fc2):
+    """The unfused modules in float64 on the same (rounded) weights: the oracle."""
+    d = torch.float64
+    h = nn.functional.layer_norm(x.to(d), norm.normalized_shape, norm.weight.to(d),
+                                 norm.bias.to(d), norm.eps)
+    h = nn.functional.gelu(nn.functional.linear(
+        h, fc1.weight.to(d), None if fc1.bias is None else fc1.bias.to(d)))
+    y = nn.functional.linear(h, fc2.weight.to(d), None if fc2.bias is None else fc2.bias.to(d))
+    return x.to(d) + y
+
+
+def rel_err(got, ref):
+    got, ref = got.detach(), ref.detach()
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3),
+                                        (torch.bfloat16, 1.5e-2)])
+def test_torch_path_matches_the_modules(dtype, tol):
+    x, norm, fc1, fc2 = make(24, 96, dtype)
+    got = norm_mlp_residual(*args_of(x, norm, fc1, fc2))
+    assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous()
+    # Residual subtracted: the error is judged on the MLP branch itself.
+    ref = modules_fp64(x, norm, fc1, fc2)
+    assert rel_err(got - x, ref - x.double()) < tol
+
+
+def test_torch_path_without_biases_and_16_bit_input():
+    x, norm, fc1, fc2 = make(16, 40, torch.float16, bias=False)
+    got = norm_mlp_residual(*args_of(x.half(), norm, fc1, fc2))
+    ref = modules_fp64(x.half(), norm, fc1, fc2)
+    assert rel_err(got - x.half().float(), ref - x.half().double()) < 2e-3
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda a: {**a, 4: a[4].t()}, 'w1 must have shape'),
+    (lambda a: {**a, 6: a[6][:, :-1]}, 'w2 must have shape'),
+    (lambda a: {**a, 6: a[6].float()}, 'w2 must have dtype'),
+    (lambda a: {**a, 1: a[1][:-1]}, 'norm_weight must have shape'),
+    (lambda a: {**a, 5: a[5][:-1]}, 'b1 must have shape'),
+    (lambda a: {**a, 0: a[0].transpose(-1, -2)}, 'x must have shape|unit channel'),
+    (lambda a: {**a, 0: torch.zeros(4, 48)[:, ::2]}, 'unit channel'),
+    (lambda a: {**a, 0: 'x'}, 'x must be a torch.Tensor'),
+])
+def test_invalid_inputs_are_named(change, message):
+    x, norm, fc1, fc2 = make(24, 96)
+    args = dict(enumerate(args_of(x, norm, fc1, fc2)))
+    args = change(args)
+    with pytest.raises(ScanInputError, match=message):
+        norm_mlp_residual(*[args[i] for i in range(8)])
+
+
+def test_fake_impl_and_schema():
+    x, norm, fc1, fc2 = make(24, 96)
+    torch.library.opcheck(norm_mlp_residual_op, args_of(x, norm, fc1, fc2),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
+def test_compiles_as_one_node():
+    x, norm, fc1, fc2 = make(24, 96)
+    args = args_of(x, norm, fc1, fc2)
+    compiled = torch.compile(lambda *a: norm_mlp_residual(*a) * 2, backend='aot_eager',
+                             fullgraph=True)
+    with torch.no_grad():  # inference-only op: no backward to trace
+        torch.testing.assert_close(compiled(*args), 2 * norm_mlp_residual(*args))
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel (CUDA, or the interpreter in a subprocess)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETER or not HAS_TRITON,
+                    reason='with a GPU the kernel tests run in-process')
+def test_triton_kernels_under_interpreter():
+    here = Path(__file__).resolve()
+    env = {**os.environ, 'TRITON_INTERPRET': '1'}
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k',
+           'triton_kernel_', str(here)]
+    proc = subprocess.run(cmd, cwd=here.parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    passed = re.search(r'(\d+) passed', out)
+    assert passed and int(passed.group(1)) >= 6, out[-3000:]
+
+
+def _launcher():
+    from mamba_perception_kernels.triton import norm_mlp
+
+    return norm_mlp
+
+
+@needs_triton_device
+@pytest.mark.parametrize('channels, hidden, rows, dtype, bias, config', [
+    # several programs with a partial last one, hidden a multiple of the chunk
+    (32, 128, (2, 7, 11), torch.float16, True, dict(block_m=32, block_h=32)),
+    # C = 96 (VMamba-T stage 1) padded to 128 columns; 384 hidden in 64-unit chunks
+    (96, 384, (1, 5, 9), torch.float16, True, None),
+    pytest.param(96, 384, (1, 5, 9), torch.bfloat16, True, None, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason='the Triton interpreter (numpy) gets tl.dot of bfloat16 operands wrong')),
+    # hidden not a multiple of the chunk, no biases, fp32 weights
+    (24, 80, (37,), torch.float32, False, dict(block_m=16, block_h=32)),
+    # C below the 16-wide minimum tile of tl.dot
+    (8, 32, (19,), torch.float16, True, dict(block_m=16)),
+])
+def test_triton_kernel_matches_torch_path(channels, hidden, rows, dtype, bias, config):
+    x, norm, fc1, fc2 = make(channels, hidden, dtype, rows=rows, bias=bias, device=TRITON_DEVICE)
+    args = args_of(x, norm, fc1, fc2)
+    got = _launcher().norm_mlp_residual_fwd(*args, config=config)
+    ref = norm_mlp_residual_torch(*args)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    # Same roundings, different summation order; fp16 rounding of the GELU output can flip.
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(got - x, (ref - x).double()) < tol
+    assert rel_err(got, modules_fp64(x, norm, fc1, fc2)) < tol
+
+
+@needs_triton_device
+def test_triton_kernel_strided_rows_and_16_bit_input():
+    # x is every other row of a wider map (row stride 2C) and fp16: read in place.
+    x, norm, fc1, fc2 = make(32, 128, torch.float16, rows=(2, 6), device=TRITON_DEVICE)
+    wide = torch.randn(2, 6, 64, device=TRITON_DEVICE).half()
+    view = wide[..., :32]
+    assert view.stride(-2) == 64
+    args = args_of(view, norm, fc1, fc2)
+    got = _launcher().norm_mlp_residual_fwd(view.reshape(-1, 32), *args[1:]).reshape(2, 6, 32)
+    ref = norm_mlp_residual_torch(*args)
+    assert rel_err(got - view.float(), (ref - view.float()).double()) < 2e-3
+
+
+@needs_triton_device
+def test_triton_kernel_through_public_op():
+    x, norm, fc1, fc2 = make(48, 192, torch.float16, rows=(1, 4, 6), device=TRITON_DEVICE)
+    args = args_of(x, norm, fc1, fc2)
+    got = norm_mlp_residual(*args)
+    if TRITON_DEVICE == 'cuda':  # on CUDA the public op is the kernel
+        torch.testing.assert_close(got, _launcher().norm_mlp_residual_fwd(*args))
+    assert rel_err(got, modules_fp64(x, norm, fc1, fc2)) < 2e-3
+
+
+@needs_triton_device
+def test_triton_kernel_rejects_non_power_of_two_options():
+    x, norm, fc1, fc2 = make(32, 128, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match='block_h'):
+        _launcher().norm_mlp_residual_fwd(*args_of(x, norm, fc1, fc2), config=dict(block_h=48))
