@@ -41,7 +41,8 @@ def cases():
     out = []
     for model, dims in MODELS.items():
         for size, hw in SIZES.items():
-            for stage, (dim, (h, w)) in enumerate(zip(dims, stage_hw(*hw))):
+            shapes = stage_hw(*hw)[:len(dims)]
+            for stage, (dim, (h, w)) in enumerate(zip(dims, shapes, strict=True)):
                 out.append(dict(model=model, size=size, stage=stage + 1, rows=h * w,
                                 channels=dim, hidden=4 * dim))
     return out
@@ -105,7 +106,7 @@ def tune(shapes, iters):
                 x, norm, fc1, fc2 = make(case)
                 args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight,
                         fc2.bias)
-                us = time_cuda(lambda: norm_mlp_residual(*args), iters=iters)['median_us']
+                us = time_cuda(lambda a=args: norm_mlp_residual(*a), iters=iters)['median_us']
                 per.append(round(us, 2))
                 total += us
             results.append({'config': cfg, 'us': per, 'total_us': round(total, 2)})

@@ -17,9 +17,9 @@ the conv's oracle is ``F.conv2d``):
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
-All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake
-impls and (except the inference-only ``norm_mlp_residual``) registered backward passes, so autograd, ``torch.compile`` and ``torch.export``
-treat each as one node.
+All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake impls and
+(except the inference-only ``norm_mlp_residual``) registered backward passes, so autograd,
+``torch.compile`` and ``torch.export`` treat each as one node.
 """
 
 from __future__ import annotations

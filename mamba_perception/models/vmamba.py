@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
 
-
 # Widest block the fused norm + MLP kernel takes (mamba_perception_kernels.norm_mlp.MAX_CHANNELS;
 # repeated here so that building a model imports no kernels).
 FUSED_MLP_MAX_CHANNELS = 256

@@ -123,6 +123,7 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
     # With 16-bit weights and gradients off, each block's norm2 -> MLP -> residual is the fused
     # norm_mlp_residual op; it must agree with the module path (taken with gradients on).
     import mamba_perception_kernels
+
     from mamba_perception.models.layers import cast_autocast_weights
 
     calls = []
