@@ -13,7 +13,8 @@ run, both captured in a CUDA graph (``common.time_cuda``):
 Error: relative L2 of each against float64 modules on the same fp16 weights. HBM floor: read
 x + write y in fp32 (``8 * rows * C`` bytes; the weights come from L2) at 3.35e12 B/s; the
 GEMM work is ``4 * rows * C * HID`` flop. ``--tune`` first sweeps the kernel's TUNING over the
-shapes and applies the config with the least summed time.
+shapes, per TUNING width (padded C <= 128, and 256), and applies the config with the least
+summed time.
 
 Usage: ``python bench/norm_mlp.py --out bench/results/norm_mlp_h100.json [--tune]``
 """
@@ -90,16 +91,21 @@ def run_case(case, iters):
     return row
 
 
-def tune(shapes, iters):
+def width_of(case) -> int:
+    """Return the TUNING entry (padded channel width) the kernel uses for ``case``."""
+    return 128 if case['channels'] <= 128 else 256
+
+
+def tune(shapes, width, iters):
     from mamba_perception_kernels import norm_mlp_residual
     from mamba_perception_kernels.triton import norm_mlp
 
     configs = [dict(block_m=m, block_h=h, num_warps=w, num_stages=s)
                for m, h, w, s in itertools.product((32, 64, 128), (32, 64), (4, 8), (2, 3))]
-    base = dict(norm_mlp.TUNING)
+    base = dict(norm_mlp.TUNING[width])
     results = []
     for cfg in configs:
-        norm_mlp.TUNING.update(cfg)
+        norm_mlp.TUNING[width].update(cfg)
         total, per = 0.0, []
         try:
             for case in shapes:
@@ -113,11 +119,11 @@ def tune(shapes, iters):
         except Exception as exc:  # noqa: BLE001 - an infeasible config (registers, smem)
             results.append({'config': cfg, 'error': f'{type(exc).__name__}: {str(exc)[:200]}'})
         print(results[-1], flush=True)
-    norm_mlp.TUNING.clear()
-    norm_mlp.TUNING.update(base)
+    norm_mlp.TUNING[width].update(base)
     ok = [r for r in results if 'total_us' in r]
     best = min(ok, key=lambda r: r['total_us'])
-    return {'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
+    return {'width': width,
+            'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
             'results': results, 'best': best}
 
 
@@ -133,12 +139,14 @@ def main(argv=None) -> int:
     from mamba_perception_kernels.triton import norm_mlp
 
     result = {'provenance': provenance({'command': ' '.join(sys.argv)}), 'rows': []}
-    if args.tune:
-        tiny = [c for c in cases() if c['model'] == 'vmamba_tiny']
-        result['tune'] = tune(tiny, args.iters)
-        norm_mlp.TUNING.update(result['tune']['best']['config'])
-        print('best', result['tune']['best'], flush=True)
-    result['tuning'] = dict(norm_mlp.TUNING)
+    if args.tune:  # per TUNING width, on VMamba-T's shapes
+        result['tune'] = []
+        for width in (128, 256):
+            tiny = [c for c in cases() if c['model'] == 'vmamba_tiny' and width_of(c) == width]
+            result['tune'].append(tune(tiny, width, args.iters))
+            norm_mlp.TUNING[width].update(result['tune'][-1]['best']['config'])
+            print('best', width, result['tune'][-1]['best'], flush=True)
+    result['tuning'] = {str(k): dict(v) for k, v in norm_mlp.TUNING.items()}
     for case in cases():
         row = run_case(case, args.iters)
         result['rows'].append(row)

@@ -30,12 +30,12 @@ import triton.language as tl
 
 from .common import pow2_option
 
-# Launch configuration, read at every call (bench/norm_mlp.py --tune would set it).
+# Launch configuration per padded channel width (<= 128, and wider), read at every call.
+# Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
+# (bench/norm_mlp.py --tune, bench/results/norm_mlp_h100.json): the best per width.
 TUNING = {
-    "block_m": 64,      # rows (pixels) per program
-    "block_h": 64,      # hidden units per loop step
-    "num_warps": 4,
-    "num_stages": 2,
+    128: {"block_m": 128, "block_h": 64, "num_warps": 8, "num_stages": 2},
+    256: {"block_m": 64, "block_h": 32, "num_warps": 4, "num_stages": 2},
 }
 MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live in registers
 
@@ -44,7 +44,7 @@ MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live i
 def _norm_mlp_kernel(
     x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     n_rows, channels, hidden, stride_x, stride_out, eps,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,13 +71,13 @@ def _norm_mlp_kernel(
         # W1[hid, c] as a (C, BLOCK_H) tile; W2[c, hid] as a (BLOCK_H, C) tile.
         w1 = tl.load(w1_ptr + hid[None, :] * channels + cols[:, None],
                      mask=col_ok[:, None] & hid_ok[None, :], other=0.0)
-        h = tl.dot(a, w1)
+        h = tl.dot(a, w1, input_precision=DOT_PRECISION)
         if HAS_B1:
             h += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
         w2 = tl.load(w2_ptr + cols[None, :] * hidden + hid[:, None],
                      mask=hid_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(h.to(w2_ptr.dtype.element_ty), w2, acc)
+        acc = tl.dot(h.to(w2_ptr.dtype.element_ty), w2, acc, input_precision=DOT_PRECISION)
 
     # 3. + b2 + residual, fp32 out.
     if HAS_B2:
@@ -87,13 +87,13 @@ def _norm_mlp_kernel(
 
 
 def launch_config(n_rows: int, channels: int, hidden: int, config: dict | None = None) -> dict:
-    """TUNING (overridden by ``config``) clamped to the problem; tile sizes powers of two."""
-    cfg = {**TUNING, **(config or {})}
+    """TUNING of the channel width (overridden by ``config``), clamped to the problem."""
+    block_c = max(16, triton.next_power_of_2(channels))  # tl.dot: every tile dim >= 16
+    cfg = {**TUNING[128 if block_c <= 128 else 256], **(config or {})}
     out = {name: pow2_option("norm_mlp TUNING", name, int(cfg[name]))
            for name in ("block_m", "block_h", "num_warps")}
     out["num_stages"] = int(cfg["num_stages"])
-    # tl.dot needs every tile dimension >= 16.
-    out["block_c"] = max(16, triton.next_power_of_2(channels))
+    out["block_c"] = block_c
     out["block_h"] = max(16, min(out["block_h"], triton.next_power_of_2(hidden)))
     out["block_m"] = max(16, min(out["block_m"], triton.next_power_of_2(max(n_rows, 1))))
     return out
@@ -124,6 +124,8 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
             w2, b2 if b2 is not None else w2,
             n_rows, channels, hidden, rows.stride(0), channels, float(eps),
             HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+            # fp32 weights: a true fp32 product (tl.dot would use TF32 on tensor cores).
+            DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_H=cfg["block_h"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -33,9 +33,11 @@ import torch.nn.functional as F
 
 from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
 
-# Widest block the fused norm + MLP kernel takes (mamba_perception_kernels.norm_mlp.MAX_CHANNELS;
-# repeated here so that building a model imports no kernels).
-FUSED_MLP_MAX_CHANNELS = 256
+# Widest stage whose blocks use the fused norm + MLP kernel. The kernel takes up to 256 channels
+# (mamba_perception_kernels.norm_mlp.MAX_CHANNELS), but on an H100 it beats cuBLAS + inductor
+# only at C <= 128 (VMamba-T stage 1: 1.14x at 1280x720, 1.30x at 2048^2; stage 2, C = 192:
+# 0.64x / 0.74x; bench/results/norm_mlp_h100.json). Read at call time (bench ablations set it).
+FUSED_MLP_MAX_CHANNELS = 128
 
 
 def _kernels():
@@ -159,8 +161,8 @@ class VSSBlock(nn.Module):
 
     def _fused_mlp(self, x: torch.Tensor) -> bool:
         # Inference with 16-bit weights (layers.cast_autocast_weights, what Pipeline does for
-        # fp16 / bf16): the fused op has no backward, and its kernel holds a row of at most
-        # FUSED_MLP_MAX_CHANNELS channels (wider stages keep cuBLAS GEMMs).
+        # fp16 / bf16): the fused op has no backward; stages wider than
+        # FUSED_MLP_MAX_CHANNELS keep cuBLAS GEMMs (see there).
         return (not self.training and not torch.is_grad_enabled()
                 and self.mlp.fc1.weight.dtype in (torch.float16, torch.bfloat16)
                 and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'

@@ -145,3 +145,11 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
     assert len(calls) == sum(model.depths)
     for f, r in zip(fused, ref, strict=True):
         assert ((f.float() - r.float()).norm() / r.float().norm()) < 2e-2
+    # Stages wider than FUSED_MLP_MAX_CHANNELS keep the modules (dims here: 16, 32, 64, 128).
+    from mamba_perception.models import vmamba
+
+    calls.clear()
+    monkeypatch.setattr(vmamba, 'FUSED_MLP_MAX_CHANNELS', 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model.forward_intermediates(x)
+    assert [c[-1] for c in calls] == [16] * model.depths[0] + [32] * model.depths[1]
