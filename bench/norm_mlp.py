@@ -12,9 +12,9 @@ run, both captured in a CUDA graph (``common.time_cuda``):
 
 Error: relative L2 of each against float64 modules on the same fp16 weights. HBM floor: read
 x + write y in fp32 (``8 * rows * C`` bytes; the weights come from L2) at 3.35e12 B/s; the
-GEMM work is ``4 * rows * C * HID`` flop. ``--tune`` first sweeps the kernel's TUNING over the
-shapes, per TUNING width (padded C <= 128, and 256), and applies the config with the least
-summed time.
+GEMM work is ``4 * rows * C * HID`` flop. ``--tune`` first sweeps the kernel's TUNING (tiles,
+warps, stages, weight layout) over the shapes, per TUNING width (padded C <= 128, and 256),
+and applies the config with the least summed time.
 
 Usage: ``python bench/norm_mlp.py --out bench/results/norm_mlp_h100.json [--tune]``
 """
@@ -100,8 +100,9 @@ def tune(shapes, width, iters):
     from mamba_perception_kernels import norm_mlp_residual
     from mamba_perception_kernels.triton import norm_mlp
 
-    configs = [dict(block_m=m, block_h=h, num_warps=w, num_stages=s)
-               for m, h, w, s in itertools.product((32, 64, 128), (32, 64), (4, 8), (2, 3))]
+    configs = [dict(block_m=m, block_h=h, num_warps=w, num_stages=s, layout=lay)
+               for m, h, w, s, lay in itertools.product((64, 128), (32, 64), (4, 8), (2, 3),
+                                                        norm_mlp.LAYOUTS)]
     base = dict(norm_mlp.TUNING[width])
     results = []
     for cfg in configs:

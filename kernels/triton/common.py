@@ -1,8 +1,13 @@
-"""Host-side launch of the generic 3-pass forward scan (``scan_fwd.py``) for one op's geometry."""
+"""Host-side helpers shared by the Triton launchers.
+
+The generic 3-pass forward scan's launch (``scan_fwd.py``) for one op's geometry, launch-option
+checks, and the per-tensor cache of weights prepared in a kernel's layout.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 
 import torch
 import triton
@@ -10,6 +15,33 @@ import triton
 from . import scan_fwd as kf
 
 MODE_SELECTIVE, MODE_BIDIR, MODE_SS2D = 0, 1, 2
+
+
+_PREPARED = {}  # (id(tensor), key) -> (weakref to the tensor, its _version, prepared tensor)
+
+
+def prepared(tensor: torch.Tensor, key: tuple, build):
+    """Return ``build()`` -- ``tensor`` in a layout a kernel reads -- cached per tensor and key.
+
+    Weights are re-laid out for a kernel (transposed, padded, block-diagonal) with a few small
+    kernels per call; the cache keeps the result for as long as the tensor lives. It is keyed by
+    the tensor object, ``key`` (what ``build`` depends on besides the tensor) and the tensor's
+    shape, strides, dtype and version counter, so an in-place update (an optimizer step,
+    ``load_state_dict``) rebuilds it. Inference-mode tensors have no version counter and are
+    never cached (parameters used under ``torch.inference_mode`` are ordinary tensors).
+    """
+    try:
+        version = tensor._version
+    except RuntimeError:
+        return build()
+    ident = (id(tensor), key, tuple(tensor.shape), tensor.stride(), tensor.dtype,
+             tensor.device)
+    hit = _PREPARED.get(ident)
+    if hit is not None and hit[0]() is tensor and hit[1] == version:
+        return hit[2]
+    out = build()
+    _PREPARED[ident] = (weakref.ref(tensor, lambda _: _PREPARED.pop(ident, None)), version, out)
+    return out
 
 
 def pow2_option(table: str, name: str, value: int) -> int:

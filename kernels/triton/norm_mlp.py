@@ -28,15 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pow2_option
+from .common import pow2_option, prepared
 
 # Launch configuration per padded channel width (<= 128, and wider), read at every call.
 # Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
 # (bench/norm_mlp.py --tune, bench/results/norm_mlp_h100.json): the best per width.
+# ``layout``: "linear" reads W1 / W2 as nn.Linear holds them, with masked, transposed tile
+# loads (the timed default); "padded_t" reads copies transposed and zero-padded to whole tiles
+# once (cached per weight tensor, common.prepared): unmasked loads along the contiguous N axis
+# of each dot's B operand, which the pipeliner can stage asynchronously. Not yet timed on a GPU.
 TUNING = {
-    128: {"block_m": 128, "block_h": 64, "num_warps": 8, "num_stages": 2},
-    256: {"block_m": 64, "block_h": 32, "num_warps": 4, "num_stages": 2},
+    128: {"block_m": 128, "block_h": 64, "num_warps": 8, "num_stages": 2, "layout": "linear"},
+    256: {"block_m": 64, "block_h": 32, "num_warps": 4, "num_stages": 2, "layout": "linear"},
 }
+LAYOUTS = ("linear", "padded_t")
 MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live in registers
 
 
@@ -45,6 +50,7 @@ def _norm_mlp_kernel(
     x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     n_rows, channels, hidden, stride_x, stride_out, eps,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PADDED_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,15 +74,26 @@ def _norm_mlp_kernel(
     for h0 in range(0, hidden, BLOCK_H):
         hid = h0 + tl.arange(0, BLOCK_H)
         hid_ok = hid < hidden
-        # W1[hid, c] as a (C, BLOCK_H) tile; W2[c, hid] as a (BLOCK_H, C) tile.
-        w1 = tl.load(w1_ptr + hid[None, :] * channels + cols[:, None],
-                     mask=col_ok[:, None] & hid_ok[None, :], other=0.0)
+        if PADDED_T:
+            # W1.T (BLOCK_C, hidden) and W2.T (hidden, BLOCK_C), zero-padded: no masks.
+            w1 = tl.load(w1_ptr + cols[:, None] * hidden + hid[None, :])
+        else:
+            # W1[hid, c] as a (C, BLOCK_H) tile.
+            w1 = tl.load(w1_ptr + hid[None, :] * channels + cols[:, None],
+                         mask=col_ok[:, None] & hid_ok[None, :], other=0.0)
         h = tl.dot(a, w1, input_precision=DOT_PRECISION)
         if HAS_B1:
-            h += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
+            if PADDED_T:
+                h += tl.load(b1_ptr + hid).to(tl.float32)[None, :]
+            else:
+                h += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        w2 = tl.load(w2_ptr + cols[None, :] * hidden + hid[:, None],
-                     mask=hid_ok[:, None] & col_ok[None, :], other=0.0)
+        if PADDED_T:
+            w2 = tl.load(w2_ptr + hid[:, None] * BLOCK_C + cols[None, :])
+        else:
+            # W2[c, hid] as a (BLOCK_H, C) tile.
+            w2 = tl.load(w2_ptr + cols[None, :] * hidden + hid[:, None],
+                         mask=hid_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h.to(w2_ptr.dtype.element_ty), w2, acc, input_precision=DOT_PRECISION)
 
     # 3. + b2 + residual, fp32 out.
@@ -93,10 +110,34 @@ def launch_config(n_rows: int, channels: int, hidden: int, config: dict | None =
     out = {name: pow2_option("norm_mlp TUNING", name, int(cfg[name]))
            for name in ("block_m", "block_h", "num_warps")}
     out["num_stages"] = int(cfg["num_stages"])
+    if cfg["layout"] not in LAYOUTS:
+        raise ValueError(f"norm_mlp TUNING['layout']={cfg['layout']!r} is not one of {LAYOUTS}")
+    out["layout"] = cfg["layout"]
     out["block_c"] = block_c
     out["block_h"] = max(16, min(out["block_h"], triton.next_power_of_2(hidden)))
     out["block_m"] = max(16, min(out["block_m"], triton.next_power_of_2(max(n_rows, 1))))
     return out
+
+
+def _padded_transposed(w1, b1, w2, block_c, block_h):
+    """Return W1.T (block_c, HP), b1 (HP,), W2.T (HP, block_c) zero-padded, and HP.
+
+    HP is the hidden width rounded up to block_h; the padded hidden units add GELU(0) * 0 = 0.
+    Cached per weight tensor (``common.prepared``).
+    """
+    hidden, channels = w1.shape
+    hp = triton.cdiv(hidden, block_h) * block_h
+    key = ("norm_mlp_padded_t", block_c, hp)
+
+    def pad2(src, rows, cols):
+        out = torch.zeros(rows, cols, device=src.device, dtype=src.dtype)
+        out[:src.shape[0], :src.shape[1]] = src.detach()
+        return out
+
+    w1t = prepared(w1, key, lambda: pad2(w1.t(), block_c, hp))
+    w2t = prepared(w2, key, lambda: pad2(w2.t(), hp, block_c))
+    b1p = None if b1 is None else prepared(b1, key, lambda: pad2(b1[None], 1, hp)[0])
+    return w1t, b1p, w2t, hp
 
 
 def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
@@ -117,6 +158,9 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
     if n_rows == 0:
         return out
     cfg = launch_config(n_rows, channels, hidden, config)
+    padded_t = cfg["layout"] == "padded_t"
+    if padded_t:  # the kernel's "hidden" is then the padded width: whole BLOCK_H chunks
+        w1, b1, w2, hidden = _padded_transposed(w1, b1, w2, cfg["block_c"], cfg["block_h"])
     grid = (triton.cdiv(n_rows, cfg["block_m"]),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _norm_mlp_kernel[grid](
@@ -125,7 +169,7 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
             n_rows, channels, hidden, rows.stride(0), channels, float(eps),
             HAS_B1=b1 is not None, HAS_B2=b2 is not None,
             # fp32 weights: a true fp32 product (tl.dot would use TF32 on tensor cores).
-            DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32", PADDED_T=padded_t,
             BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_H=cfg["block_h"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -22,14 +22,12 @@ shared-memory wavefronts bank conflicts under ncu).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .common import pow2_option
+from .common import pow2_option, prepared
 from .scan_fwd import _ssm_combine
 
 # ``impl`` picks the CUDA implementation ("seq" falls back to "expanded" for N > 1). The seq
@@ -306,9 +304,6 @@ def _pow2(name, value):
     return pow2_option("ss2d_lowrank", name, value)
 
 
-_PREPARED = {}  # id(dt_weight) -> (weakref to it, its _version, key, prepared tensor)
-
-
 def _prepared_weight(dt_weight, dtype, width, block_diagonal):
     """dt_weight (4, dim, R) in the layout the seq kernels read, cached per weight tensor.
 
@@ -316,29 +311,16 @@ def _prepared_weight(dt_weight, dtype, width, block_diagonal):
     from x_proj as it is (zero columns for B and C; the 4x extra multiply-adds are free at
     these widths); else (4, R, dim) contiguous, so a warp's loads in the walk are contiguous.
     Rebuilding these took ~5 small kernels per call (136 us per VMamba-T forward at 1280x720
-    on an H100); the cache is keyed by the tensor and its version, so an in-place update of
-    the weight (training, load_state_dict) rebuilds it.
+    on an H100): ``common.prepared`` caches them (rebuilt after an in-place update).
     """
-    try:
-        version = dt_weight._version
-    except RuntimeError:  # an inference-mode tensor has no version counter: never cached
-        version = None
-    key = (dtype, width, block_diagonal, dt_weight.shape, dt_weight.stride(), dt_weight.device)
-    hit = _PREPARED.get(id(dt_weight))
-    if (version is not None and hit is not None and hit[0]() is dt_weight
-            and hit[1] == version and hit[2] == key):
-        return hit[3]
-    if block_diagonal:
-        k, _, rank = dt_weight.shape
-        padded = torch.nn.functional.pad(dt_weight.detach().to(dtype), (0, width - rank))
-        prepared = torch.block_diag(*padded)
-    else:
-        prepared = dt_weight.detach().transpose(1, 2).contiguous()
-    if version is not None:
-        ident = id(dt_weight)
-        _PREPARED[ident] = (weakref.ref(dt_weight, lambda _: _PREPARED.pop(ident, None)),
-                            version, key, prepared)
-    return prepared
+    def build():
+        if block_diagonal:
+            rank = dt_weight.shape[2]
+            padded = torch.nn.functional.pad(dt_weight.detach().to(dtype), (0, width - rank))
+            return torch.block_diag(*padded)
+        return dt_weight.detach().transpose(1, 2).contiguous()
+
+    return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal), build)
 
 
 def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):

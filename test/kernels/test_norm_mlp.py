@@ -151,10 +151,11 @@ def _launcher():
     # C below the 16-wide minimum tile of tl.dot
     (8, 32, (19,), torch.float16, True, dict(block_m=16)),
 ])
-def test_triton_kernel_matches_torch_path(channels, hidden, rows, dtype, bias, config):
+@pytest.mark.parametrize('layout', ['linear', 'padded_t'])
+def test_triton_kernel_matches_torch_path(channels, hidden, rows, dtype, bias, config, layout):
     x, norm, fc1, fc2 = make(channels, hidden, dtype, rows=rows, bias=bias, device=TRITON_DEVICE)
     args = args_of(x, norm, fc1, fc2)
-    got = _launcher().norm_mlp_residual_fwd(*args, config=config)
+    got = _launcher().norm_mlp_residual_fwd(*args, config={**(config or {}), 'layout': layout})
     ref = norm_mlp_residual_torch(*args)
     assert got.dtype == torch.float32 and got.shape == x.shape
     # Same roundings, different summation order; fp16 rounding of the GELU output can flip.
@@ -187,7 +188,31 @@ def test_triton_kernel_through_public_op():
 
 
 @needs_triton_device
-def test_triton_kernel_rejects_non_power_of_two_options():
+def test_triton_kernel_rejects_bad_options():
     x, norm, fc1, fc2 = make(32, 128, device=TRITON_DEVICE)
     with pytest.raises(ValueError, match='block_h'):
         _launcher().norm_mlp_residual_fwd(*args_of(x, norm, fc1, fc2), config=dict(block_h=48))
+    with pytest.raises(ValueError, match='layout'):
+        _launcher().norm_mlp_residual_fwd(*args_of(x, norm, fc1, fc2), config=dict(layout='t'))
+
+
+@needs_triton_device
+def test_triton_kernel_padded_weights_are_cached_and_follow_updates():
+    # The padded, transposed copies are built once per weight tensor; an in-place update of
+    # the weight (load_state_dict) must rebuild them, or the kernel would use stale weights.
+    launcher = _launcher()
+    x, norm, fc1, fc2 = make(24, 80, rows=(9,), device=TRITON_DEVICE)
+    w1t, b1p, w2t, hp = launcher._padded_transposed(fc1.weight, fc1.bias, fc2.weight, 32, 32)
+    assert (w1t.shape, b1p.shape, w2t.shape, hp) == ((32, 96), (96,), (96, 32), 96)
+    torch.testing.assert_close(w1t[:24, :80], fc1.weight.t())
+    assert w1t[24:].abs().sum() == 0 and w2t[80:].abs().sum() == 0 and b1p[80:].abs().sum() == 0
+    again = launcher._padded_transposed(fc1.weight, fc1.bias, fc2.weight, 32, 32)
+    assert all(a is b for a, b in zip(again[:3], (w1t, b1p, w2t), strict=True))
+    args = args_of(x, norm, fc1, fc2)
+    config = dict(layout='padded_t', block_h=32, block_m=16)
+    before = launcher.norm_mlp_residual_fwd(*args, config=config)
+    with torch.no_grad():
+        fc2.weight.mul_(-1)
+        fc2.bias.mul_(-1)
+    after = launcher.norm_mlp_residual_fwd(*args, config=config)
+    torch.testing.assert_close(after - x, -(before - x), atol=1e-3, rtol=1e-3)

@@ -62,3 +62,29 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     for axis in (0, 1):
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
     assert _compile(lr._state_kernel, dict(BLOCK_S=512, BLOCK_M=4)).asm['cubin']
+
+
+@pytest.mark.parametrize('padded_t,weights,precision', [(False, '*fp16', 'tf32'),
+                                                        (True, '*bf16', 'tf32'),
+                                                        (False, '*fp32', 'ieee')])
+def test_norm_mlp_kernel_compiles_for_sm90(padded_t, weights, precision):
+    # The interpreter runs tl.dot as numpy: compile the fused MLP for the GPU it is tuned on.
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import norm_mlp
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = norm_mlp._norm_mlp_kernel
+    consts = dict(HAS_B1=True, HAS_B2=True, DOT_PRECISION=precision, PADDED_T=padded_t,
+                  BLOCK_M=64, BLOCK_C=128, BLOCK_H=64)
+    fp32 = {'x_ptr', 'out_ptr', 'nw_ptr', 'nb_ptr', 'b2_ptr'}
+    sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
+           ('*fp32' if n in fp32 else weights) if n.endswith('_ptr') else 'i32'
+           for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4))
+    ptx = compiled.asm['ptx']
+    # 16-bit weights must reach the tensor cores (wgmma on sm_90).
+    assert ('wgmma' in ptx) == (weights != '*fp32')
