@@ -75,8 +75,11 @@ DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ['eager', 'graph', 'compile', 'compile-max']
 STATIC_MODES = ('eager', 'graph')
 COMPILE_KW = {'compile': {}, 'compile-max': {'mode': 'max-autotune-no-cudagraphs'}}
-# Fallback row-time estimates (s) until a row of the same kind has been timed in this run.
-DEFAULT_EST_S = {'check': 20.0, 'static': 10.0, 'compile': 90.0, 'compile-max': 300.0}
+# Fallback row-time estimates (s) until a row of the same kind has been timed in this run
+# ('kind/family' first, then 'kind'). Seen on an H100: a compiled VMamba-T row ~40 s, ViT-S
+# ~10 s; one VMamba-T compile-max row did not finish in 290 s.
+DEFAULT_EST_S = {'check': 20.0, 'static': 10.0, 'compile': 90.0, 'compile-max': 300.0,
+                 'compile/ours': 50.0, 'compile/timm': 20.0, 'compile-max/ours': 400.0}
 # Relative L2 error allowed for autocast outputs vs fp32: about 10x the unit roundoff-driven
 # error seen through these depths (fp16: 2^-11 mantissa, bf16: 2^-8, hence 8x fp16's).
 CHECK_TOL = {'fp16': 1e-2, 'bf16': 8e-2}
@@ -346,7 +349,9 @@ class Budget:
     def estimate(self, kind: str) -> float:
         """Median of the last 3 tasks of this kind (one Triton JIT outlier does not count)."""
         seen = self.seen.get(kind)
-        return statistics.median(seen[-3:]) if seen else DEFAULT_EST_S[kind.split('/')[0]]
+        if seen:
+            return statistics.median(seen[-3:])
+        return DEFAULT_EST_S.get(kind, DEFAULT_EST_S[kind.split('/')[0]])
 
     def fits(self, kind: str) -> bool:
         return self.estimate(kind) <= self.left()
