@@ -479,6 +479,9 @@ def parse_args(argv):
     parser.add_argument('--fused-mlp-max-channels', type=int, default=None,
                         help='widest VMamba stage whose blocks run the fused norm + MLP kernel '
                              '(0: none; default: vmamba.FUSED_MLP_MAX_CHANNELS)')
+    parser.add_argument('--fused-tail-max-channels', type=int, default=None,
+                        help='widest VMamba d_inner whose SS2D out_norm -> out_proj -> residual '
+                             'runs as one kernel (default: vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--verbose-errors', action='store_true',
                         help='print the traceback of a failed row')
@@ -512,19 +515,23 @@ def main(argv=None) -> int:
 
     if args.lowrank_impl:
         ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
-    from mamba_perception_kernels.triton import norm_mlp
+    from mamba_perception_kernels.triton import prenorm
 
     from mamba_perception.models import vmamba
 
     if args.fused_mlp_max_channels is not None:
         vmamba.FUSED_MLP_MAX_CHANNELS = args.fused_mlp_max_channels
+    if args.fused_tail_max_channels is not None:
+        vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
     result = {
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
             'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
             'weights': args.weights,
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
-            'norm_mlp_tuning': {str(k): v for k, v in norm_mlp.TUNING.items()},
+            'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
+            'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
+            'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),
             'ss2d_lowrank_tuning': dict(ss2d_lowrank.TUNING)}),
         'what': ('backbone forward under torch.autocast (cache off) vs input size: ours = '
                  'forward_intermediates (4 maps, strides 4-32), timm = forward_features (no '

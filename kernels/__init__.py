@@ -13,12 +13,13 @@ the conv's oracle is ``F.conv2d``):
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
   before the scan (``dwconv.py``).
 * ``norm_mlp_residual``: ``x + fc2(gelu(fc1(layer_norm(x))))`` in one pass (inference; the
-  second half of a VMamba block, ``norm_mlp.py``).
+  second half of a VMamba block, ``prenorm.py``); ``norm_linear_residual``:
+  ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
 All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake impls and
-(except the inference-only ``norm_mlp_residual``) registered backward passes, so autograd,
+(except the inference-only ``prenorm.py`` ops) registered backward passes, so autograd,
 ``torch.compile`` and ``torch.export`` treat each as one node.
 """
 
@@ -28,8 +29,8 @@ from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv2d_nhwc
 from .errors import ScanInputError
-from .norm_mlp import norm_mlp_residual
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
+from .prenorm import norm_linear_residual, norm_mlp_residual
 from .reference import (
     bidir_scan_ref,
     expand_lowrank,
@@ -45,6 +46,7 @@ __all__ = [
     "bidir_scan",
     "bidir_scan_ref",
     "dwconv2d_nhwc",
+    "norm_linear_residual",
     "norm_mlp_residual",
     "expand_lowrank",
     "selective_scan",

@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
 
 # Widest stage whose blocks use the fused norm + MLP kernel. The kernel takes up to 256 channels
-# (mamba_perception_kernels.norm_mlp.MAX_CHANNELS), but on an H100 it beats cuBLAS + inductor
+# (mamba_perception_kernels.prenorm.MAX_CHANNELS), but on an H100 it beats cuBLAS + inductor
 # only at C <= 128 (VMamba-T stage 1: 1.14x at 1280x720, 1.30x at 2048^2; stage 2, C = 192:
 # 0.64x / 0.74x; bench/results/norm_mlp_h100.json). Read at call time (bench ablations set it).
 FUSED_MLP_MAX_CHANNELS = 128
+# Widest d_inner whose SS2D out_norm -> out_proj -> residual add runs as one kernel
+# (norm_linear_residual, up to 256). 0 = off: written and tested, not yet timed on a GPU.
+FUSED_SS2D_TAIL_MAX_CHANNELS = 0
 
 
 def _kernels():
@@ -97,6 +100,12 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x`` (B, H, W, C) -> (B, H, W, C)."""
+        y = self.scan(x)  # [B, H, W, Di] fp32, sum of the 4 routes
+        y = self.out_norm(y)  # LayerNorm on the fp32 sum
+        return self.out_proj(y.to(x.dtype))
+
+    def scan(self, x: torch.Tensor) -> torch.Tensor:
+        """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> fp32 (B, H, W, Di)."""
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
         # Depthwise conv + the block's SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW
@@ -106,7 +115,7 @@ class SS2D(nn.Module):
         # the kernel does the routing: identical to projecting the cross-scanned sequences.
         x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
         # dt_proj (rank r -> Di per route) is part of the scan op, fed the rank-r factors.
-        y = _kernels().ss2d_scan_lowrank(
+        return _kernels().ss2d_scan_lowrank(
             x,
             x_proj,
             self.dt_projs_weight,
@@ -115,9 +124,7 @@ class SS2D(nn.Module):
             dt_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
             out_dtype=torch.float32,
-        )  # [B, H, W, Di] fp32, sum of the 4 routes
-        y = self.out_norm(y)  # LayerNorm on the fp32 sum
-        return self.out_proj(y.to(x.dtype))
+        )
 
 
 class Mlp(nn.Module):
@@ -149,24 +156,30 @@ class VSSBlock(nn.Module):
         """Apply the block to ``x`` (B, H, W, C)."""
         # Under autocast LayerNorm returns fp32, so the residual stream stays fp32 exactly as in
         # the official code; the branch outputs (fp16/bf16 GEMMs) are added into it.
-        x = x + self.drop_path(self.op(self.norm(x)))
-        if self._fused_mlp(x):
+        op = self.op
+        if self._fused(op.out_proj.weight, op.d_inner, FUSED_SS2D_TAIL_MAX_CHANNELS):
+            # out_norm -> out_proj -> + x in one kernel, on the scan's fp32 output.
+            x = _kernels().norm_linear_residual(op.scan(self.norm(x)), op.out_norm.weight,
+                                                op.out_norm.bias, op.out_norm.eps,
+                                                op.out_proj.weight, op.out_proj.bias, x)
+        else:
+            x = x + self.drop_path(op(self.norm(x)))
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        if (self._fused(fc1.weight, x.shape[-1], FUSED_MLP_MAX_CHANNELS)
+                and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'):
             # norm2 -> fc1 -> GELU -> fc2 -> + x in one kernel: the 4C hidden activation never
             # reaches memory (fp32 out, like the residual stream).
-            fc1, fc2 = self.mlp.fc1, self.mlp.fc2
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
                                                 fc2.weight, fc2.bias)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def _fused_mlp(self, x: torch.Tensor) -> bool:
-        # Inference with 16-bit weights (layers.cast_autocast_weights, what Pipeline does for
-        # fp16 / bf16): the fused op has no backward; stages wider than
-        # FUSED_MLP_MAX_CHANNELS keep cuBLAS GEMMs (see there).
-        return (not self.training and not torch.is_grad_enabled()
-                and self.mlp.fc1.weight.dtype in (torch.float16, torch.bfloat16)
-                and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
-                and x.shape[-1] <= FUSED_MLP_MAX_CHANNELS)
+    def _fused(self, weight: torch.Tensor, width: int, max_width: int) -> bool:
+        # The fused pre-norm kernels serve inference with 16-bit weights
+        # (layers.cast_autocast_weights, what Pipeline does for fp16 / bf16): they have no
+        # backward, and each takes rows up to a width (see FUSED_*_MAX_CHANNELS).
+        return (not self.training and not torch.is_grad_enabled() and width <= max_width
+                and weight.dtype in (torch.float16, torch.bfloat16))
 
 
 def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:

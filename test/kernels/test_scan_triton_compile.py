@@ -67,11 +67,11 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
 @pytest.mark.parametrize('padded_t,weights,precision', [(False, '*fp16', 'tf32'),
                                                         (True, '*bf16', 'tf32'),
                                                         (False, '*fp32', 'ieee')])
-def test_norm_mlp_kernel_compiles_for_sm90(padded_t, weights, precision):
+def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     # The interpreter runs tl.dot as numpy: compile the fused MLP for the GPU it is tuned on.
     if importlib.util.find_spec('triton.backends.nvidia') is None:
         pytest.skip('triton has no NVIDIA backend here')
-    from mamba_perception_kernels.triton import norm_mlp
+    from mamba_perception_kernels.triton import prenorm as norm_mlp
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,3 +88,22 @@ def test_norm_mlp_kernel_compiles_for_sm90(padded_t, weights, precision):
     ptx = compiled.asm['ptx']
     # 16-bit weights must reach the tensor cores (wgmma on sm_90).
     assert ('wgmma' in ptx) == (weights != '*fp32')
+
+
+def test_norm_linear_kernel_compiles_for_sm90():
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import prenorm
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = prenorm._norm_linear_kernel
+    consts = dict(HAS_B=False, HAS_RES=True, DOT_PRECISION='tf32', BLOCK_M=128, BLOCK_C=128,
+                  BLOCK_N=64)
+    sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
+           ('*fp16' if n in ('w_ptr', 'b_ptr') else '*fp32') if n.endswith('_ptr') else 'i32'
+           for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
+    assert 'wgmma' in compiled.asm['ptx']

@@ -153,3 +153,29 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         model.forward_intermediates(x)
     assert [c[-1] for c in calls] == [16] * model.depths[0] + [32] * model.depths[1]
+
+
+def test_fused_ss2d_tail_matches_the_modules(monkeypatch):
+    # FUSED_SS2D_TAIL_MAX_CHANNELS on: out_norm -> out_proj -> + x is norm_linear_residual.
+    import mamba_perception_kernels
+
+    from mamba_perception.models import vmamba
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    calls = []
+    real = mamba_perception_kernels.norm_linear_residual
+    monkeypatch.setattr(mamba_perception_kernels, 'norm_linear_residual',
+                        lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+    monkeypatch.setattr(vmamba, 'FUSED_SS2D_TAIL_MAX_CHANNELS', 64)
+    torch.manual_seed(0)
+    model = cast_autocast_weights(create_model('vmamba_test', num_classes=0).eval(),
+                                  torch.bfloat16)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        fused = model.forward_intermediates(x)
+    # d_inner = 2 * dims (16, 32, 64, 128): the stages up to 64 wide
+    assert calls == [32] * model.depths[0] + [64] * model.depths[1]
+    with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = model.forward_intermediates(x)
+    for f, r in zip(fused, ref, strict=True):
+        assert ((f.float() - r.float()).norm() / r.float().norm()) < 2e-2

@@ -1,4 +1,4 @@
-"""Fused pre-norm MLP + residual op: PyTorch path, errors, fake impl, and the Triton kernel.
+"""Fused pre-norm ops (MLP, linear; + residual): PyTorch paths, errors, fake impls, kernels.
 
 The Triton tests (``test_triton_kernel_*``) need CUDA or the Triton interpreter; without a GPU
 ``test_triton_kernels_under_interpreter`` reruns them in a subprocess with
@@ -12,8 +12,13 @@ import re
 import subprocess
 import sys
 
-from mamba_perception_kernels import ScanInputError, norm_mlp_residual
-from mamba_perception_kernels.norm_mlp import norm_mlp_residual_op, norm_mlp_residual_torch
+from mamba_perception_kernels import ScanInputError, norm_linear_residual, norm_mlp_residual
+from mamba_perception_kernels.prenorm import (
+    norm_linear_residual_op,
+    norm_linear_residual_torch,
+    norm_mlp_residual_op,
+    norm_mlp_residual_torch,
+)
 import pytest
 import torch
 from torch import nn
@@ -132,9 +137,9 @@ def test_triton_kernels_under_interpreter():
 
 
 def _launcher():
-    from mamba_perception_kernels.triton import norm_mlp
+    from mamba_perception_kernels.triton import prenorm
 
-    return norm_mlp
+    return prenorm
 
 
 @needs_triton_device
@@ -216,3 +221,100 @@ def test_triton_kernel_padded_weights_are_cached_and_follow_updates():
         fc2.bias.mul_(-1)
     after = launcher.norm_mlp_residual_fwd(*args, config=config)
     torch.testing.assert_close(after - x, -(before - x), atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# residual + linear(layer_norm(y))
+
+
+def make_linear(channels, n_out, dtype=torch.float16, rows=(3, 5), bias=True, device='cpu',
+                seed=0):
+    """y (the scan's fp32 output), LayerNorm, a Linear in ``dtype`` and an fp32 residual."""
+    gen = torch.Generator().manual_seed(seed)
+    y, norm, _, _ = make(channels, 16, dtype, rows=rows, device=device, seed=seed)
+    fc = nn.Linear(channels, n_out, bias=bias).to(device, dtype)
+    residual = torch.randn(*rows, n_out, generator=gen).to(device)
+    return y, norm, fc, residual
+
+
+def linear_fp64(y, norm, fc, residual):
+    d = torch.float64
+    h = nn.functional.layer_norm(y.to(d), norm.normalized_shape, norm.weight.to(d),
+                                 norm.bias.to(d), norm.eps)
+    out = nn.functional.linear(h, fc.weight.to(d), None if fc.bias is None else fc.bias.to(d))
+    return out if residual is None else residual.to(d) + out
+
+
+def linear_args(y, norm, fc, residual):
+    return (y, norm.weight, norm.bias, norm.eps, fc.weight, fc.bias, residual)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3),
+                                        (torch.bfloat16, 1.5e-2)])
+def test_linear_torch_path_matches_the_modules(dtype, tol):
+    y, norm, fc, residual = make_linear(24, 40, dtype)
+    got = norm_linear_residual(*linear_args(y, norm, fc, residual))
+    assert got.dtype == torch.float32 and got.shape == residual.shape and got.is_contiguous()
+    ref = linear_fp64(y, norm, fc, residual)
+    assert rel_err(got - residual, ref - residual.double()) < tol
+    no_res = norm_linear_residual(*linear_args(y, norm, fc, None))
+    torch.testing.assert_close(no_res + residual, got)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda a: {**a, 4: a[4].t()}, 'w must have shape'),
+    (lambda a: {**a, 5: a[5][:-1]}, 'b must have shape'),
+    (lambda a: {**a, 6: a[6][..., :-1]}, 'residual must have shape'),
+    (lambda a: {**a, 6: a[6].transpose(0, 1)}, 'residual must have shape'),
+    (lambda a: {**a, 6: torch.zeros(3, 5, 80)[..., ::2]}, 'residual must have a unit channel'),
+    (lambda a: {**a, 2: a[2][:-1]}, 'norm_bias must have shape'),
+    (lambda a: {**a, 0: None}, 'y must be a torch.Tensor'),
+])
+def test_linear_invalid_inputs_are_named(change, message):
+    y, norm, fc, residual = make_linear(24, 40)
+    args = change(dict(enumerate(linear_args(y, norm, fc, residual))))
+    with pytest.raises(ScanInputError, match=message):
+        norm_linear_residual(*[args[i] for i in range(7)])
+
+
+def test_linear_fake_impl_and_schema():
+    y, norm, fc, residual = make_linear(24, 40)
+    for res in (residual, None):
+        torch.library.opcheck(norm_linear_residual_op, linear_args(y, norm, fc, res),
+                              test_utils=('test_schema', 'test_faketensor'))
+
+
+@needs_triton_device
+@pytest.mark.parametrize('channels, n_out, rows, dtype, bias, residual, config', [
+    # C = 96 -> 96 (VMamba-T stage 1 out_proj, no bias), several programs and output chunks
+    (96, 96, (1, 5, 9), torch.float16, False, True, dict(block_m=16, block_n=32)),
+    # N not a multiple of the chunk, bias, no residual, fp32 weights (exact dot)
+    (24, 40, (37,), torch.float32, True, False, dict(block_m=16, block_n=16)),
+    # C below the 16-wide minimum tile of tl.dot, default config
+    (8, 16, (2, 11), torch.float16, True, True, None),
+    pytest.param(192, 96, (3, 7), torch.bfloat16, False, True, None, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason='the Triton interpreter (numpy) gets tl.dot of bfloat16 operands wrong')),
+])
+def test_triton_kernel_linear_matches_torch_path(channels, n_out, rows, dtype, bias, residual,
+                                                 config):
+    y, norm, fc, res = make_linear(channels, n_out, dtype, rows=rows, bias=bias,
+                                   device=TRITON_DEVICE)
+    args = linear_args(y, norm, fc, res if residual else None)
+    got = _launcher().norm_linear_residual_fwd(*args, config=config)
+    ref = norm_linear_residual_torch(*args)
+    assert got.dtype == torch.float32 and got.shape == (*rows, n_out)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    base = res if residual else torch.zeros_like(res)
+    assert rel_err(got - base, (ref - base).double()) < tol
+    assert rel_err(got, linear_fp64(*args[:1], norm, fc, args[6])) < tol
+
+
+@needs_triton_device
+def test_triton_kernel_linear_strided_residual_through_public_op():
+    # The residual is every other pixel of a wider map: read in place, not copied wrong.
+    y, norm, fc, _ = make_linear(32, 48, rows=(4, 6), device=TRITON_DEVICE)
+    wide = torch.randn(4, 12, 48, device=TRITON_DEVICE)
+    residual = wide[:, ::2]
+    got = norm_linear_residual(*linear_args(y, norm, fc, residual))
+    assert rel_err(got, linear_fp64(y, norm, fc, residual)) < 2e-3
