@@ -479,6 +479,9 @@ def parse_args(argv):
     parser.add_argument('--fused-mlp-max-channels', type=int, default=None,
                         help='widest VMamba stage whose blocks run the fused norm + MLP kernel '
                              '(0: none; default: vmamba.FUSED_MLP_MAX_CHANNELS)')
+    parser.add_argument('--prenorm-layout', choices=('linear', 'padded_t'), default=None,
+                        help="weight layout of the fused MLP kernel (prenorm TUNING['layout'] "
+                             'for every width; default: as TUNING says)')
     parser.add_argument('--fused-tail-max-channels', type=int, default=None,
                         help='widest VMamba d_inner whose SS2D out_norm -> out_proj -> residual '
                              'runs as one kernel (default: vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS)')
@@ -521,6 +524,9 @@ def main(argv=None) -> int:
 
     if args.fused_mlp_max_channels is not None:
         vmamba.FUSED_MLP_MAX_CHANNELS = args.fused_mlp_max_channels
+    if args.prenorm_layout is not None:
+        for entry in prenorm.TUNING.values():
+            entry['layout'] = args.prenorm_layout
     if args.fused_tail_max_channels is not None:
         vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
     result = {
