@@ -155,7 +155,7 @@ def dense_sparse_split(pipe, frames, repeats):
             dense = pipe._dense(x)
             marks[1].record()
             if 'detection' in pipe.tasks:
-                with pipe._autocast():
+                with pipe.autocast():
                     pipe.model.detect(dense, [(g[2], g[3]) for g in geometry])
             marks[2].record()
             marks[2].synchronize()

@@ -330,7 +330,12 @@ class Pipeline:
                 f'tasks={self.tasks}, compile={self.compile}, cuda_graphs={self.cuda_graphs})')
 
     # -- stages ------------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """Return the autocast context the model runs in (disabled for fp32).
+
+        For fp16 / bf16 the model's Linear / Conv weights are stored in that dtype, so any
+        direct call of ``self.model`` must run inside this context.
+        """
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
                               enabled=self.precision != 'fp32', cache_enabled=False)
 
@@ -349,9 +354,9 @@ class Pipeline:
         if self.cuda_graphs:
             key = tuple(x.shape)
             if key not in self._graphs:
-                self._graphs[key] = _CudaGraph(fn, x, self._autocast)
+                self._graphs[key] = _CudaGraph(fn, x, self.autocast)
             return self._graphs[key](x)
-        with self._autocast():
+        with self.autocast():
             return fn(x)
 
     def _finite_flags(self, dense: dict, candidates: Optional[list], batch: int
@@ -391,7 +396,7 @@ class Pipeline:
         dense = self._dense(x)
         candidates = None
         if 'detection' in self.tasks:
-            with self._autocast():
+            with self.autocast():
                 candidates = self.model.detect(dense, [(g[2], g[3]) for g in geometry])
         timer.mark()
         dets = masks = None

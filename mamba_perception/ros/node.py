@@ -94,7 +94,8 @@ def _check_model_output_finite(pipeline) -> None:
     import torch
     pad = int(pipeline.input_policy.get('pad_multiple_px', 32))
     x = torch.zeros((1, 3, 2 * pad, 2 * pad), device=pipeline.device)
-    with torch.inference_mode():
+    # At the pipeline's precision: its fp16 / bf16 weights cannot run an fp32 forward.
+    with torch.inference_mode(), pipeline.autocast():
         out = pipeline.model.forward_dense(x)
     tensors = out.values() if isinstance(out, dict) else [out]
     stack = list(tensors)

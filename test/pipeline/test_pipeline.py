@@ -202,6 +202,10 @@ def test_bf16_autocast_on_cpu(pipeline, bundle_path):
     result = pipe(random_frame(64, 96))
     check_result(result, 64, 96)
     assert pipe.precision == 'bf16'
+    # GEMM / conv weights stored in bf16 once (not cast by autocast per frame); norms fp32
+    dtypes = {n: p.dtype for n, p in pipe.model.named_parameters()}
+    assert dtypes['backbone.layers.0.blocks.0.mlp.fc1.weight'] == torch.bfloat16
+    assert dtypes['backbone.layers.0.blocks.0.norm.weight'] == torch.float32
 
 
 def test_compile_allows_more_input_shapes_than_dynamo_default(bundle_path, monkeypatch):
