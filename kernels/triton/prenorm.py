@@ -35,7 +35,7 @@ from .common import pow2_option, prepared
 
 # MLP launch configuration per padded channel width (<= 128, and wider), read at every call.
 # Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
-# (bench/norm_mlp.py --tune, bench/results/norm_mlp_h100.json): the best per width.
+# (bench/prenorm.py --tune, then named norm_mlp.py: bench/results/norm_mlp_h100.json).
 # ``layout``: "linear" reads W1 / W2 as nn.Linear holds them, with masked, transposed tile
 # loads (the timed default); "padded_t" reads copies transposed and zero-padded to whole tiles
 # once (cached per weight tensor, common.prepared): unmasked loads along the contiguous N axis
@@ -149,7 +149,7 @@ def _norm_linear_kernel(
         tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], acc, mask=ok)
 
 
-def launch_config(n_rows: int, channels: int, hidden: int, config: dict | None = None) -> dict:
+def mlp_launch_config(n_rows: int, channels: int, hidden: int, config: dict | None = None) -> dict:
     """MLP TUNING of the channel width (overridden by ``config``), clamped to the problem."""
     block_c = max(16, triton.next_power_of_2(channels))  # tl.dot: every tile dim >= 16
     cfg = {**TUNING[128 if block_c <= 128 else 256], **(config or {})}
@@ -203,7 +203,7 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
     n_rows = rows.shape[0]
     if n_rows == 0:
         return out
-    cfg = launch_config(n_rows, channels, hidden, config)
+    cfg = mlp_launch_config(n_rows, channels, hidden, config)
     padded_t = cfg["layout"] == "padded_t"
     if padded_t:  # the kernel's "hidden" is then the padded width: whole BLOCK_H chunks
         w1, b1, w2, hidden = _padded_transposed(w1, b1, w2, cfg["block_c"], cfg["block_h"])
