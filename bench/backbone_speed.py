@@ -469,6 +469,10 @@ def parse_args(argv):
     parser.add_argument('--no-check', dest='check', action='store_false',
                         help='skip the fp16 / bf16 vs fp32 numerics checks')
     parser.add_argument('--cudnn-benchmark', action='store_true')
+    parser.add_argument('--inductor-freezing', action='store_true',
+                        help='torch._inductor.config.freezing = True for the compiled rows: '
+                             'parameter-only computations (e.g. -exp(A_logs)) folded into '
+                             'constants at compile time')
     parser.add_argument('--lowrank-impl', choices=('seq', 'expanded'),
                         help="CUDA implementation of ss2d_scan_lowrank (VMamba's scan; default: "
                              "the kernels' TUNING['impl'])")
@@ -513,6 +517,10 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.inductor_freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     from mamba_perception_kernels import backend_name
     from mamba_perception_kernels.triton import ss2d_lowrank
 
@@ -533,6 +541,7 @@ def main(argv=None) -> int:
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
             'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
+            'inductor_freezing': args.inductor_freezing,
             'weights': args.weights,
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
