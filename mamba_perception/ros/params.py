@@ -107,7 +107,7 @@ PARAMETERS = (
               check=_check_bundle),
     ParamSpec('device', 'auto', 'Torch device: auto (cuda if available), cpu, cuda, cuda:<n>',
               check=_check_device),
-    ParamSpec('precision', 'fp16', 'Inference precision (fp16/bf16 are autocast)',
+    ParamSpec('precision', 'fp16', 'Inference precision (fp16/bf16: 16-bit weights + autocast)',
               choices=PRECISIONS),
     ParamSpec('compile', False, 'torch.compile the dense model (slow first frame per size)'),
     ParamSpec('cuda_graphs', False, 'Capture the dense model in a CUDA graph per input size'),
