@@ -56,6 +56,27 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 COMPILED_SHAPES_LIMIT = 64  # input shapes compiled per process before dynamo runs eagerly
+
+
+def use_compile_cache(path: Union[str, os.PathLike]) -> str:
+    """Keep ``torch.compile``'s on-disk caches in ``path`` (created); return its absolute path.
+
+    Inductor caches compiled graphs and their generated kernels on disk (FX graph and AOTAutograd
+    caches, on by default) under ``TORCHINDUCTOR_CACHE_DIR``, which defaults to a directory in
+    the system temp dir: gone after a reboot on most robots, so every boot would compile again
+    (tens of seconds per input shape). A restart of a process that finds its entries there
+    loads them instead of compiling. Sets the variable for the whole process.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise SetupError(f'compile cache directory {path!r} cannot be created: {exc}') from exc
+    current = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    if current and os.path.abspath(current) != path:
+        log.warning('torch.compile cache moves from %s to %s for this process', current, path)
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = path
+    return path
 MIN_BOX_SIZE_PX = 1e-2  # as torchvision's RoIHeads: drop degenerate boxes before NMS
 Frame = Union[np.ndarray, torch.Tensor]
 
@@ -200,13 +221,17 @@ class Pipeline:
         nms_iou: IoU above which the lower-scoring box of the same class is suppressed.
         max_detections: boxes kept per frame after NMS.
         compile: ``torch.compile`` the dense part (first call per input shape is slow).
+        compile_cache_dir: with ``compile``, keep the compile caches there
+            (:func:`use_compile_cache`), so that a restart loads instead of compiling; None:
+            torch's default (a temp directory).
         cuda_graphs: capture the dense part in a CUDA graph per input shape (CUDA only).
     """
 
     def __init__(self, bundle: Union[str, os.PathLike, Bundle], device: str = 'cpu',
                  precision: str = 'fp32', score_threshold: float = 0.3, nms_iou: float = 0.5,
                  max_detections: int = 100, compile: bool = False,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False,
+                 compile_cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
         if precision not in PRECISIONS:
             raise ParameterError(f'precision {precision!r} is not one of {sorted(PRECISIONS)}')
         if not 0.0 <= score_threshold < 1.0:
@@ -247,6 +272,8 @@ class Pipeline:
         self._inv_std = 1.0 / torch.tensor(policy['std'], device=self.device).view(1, 3, 1, 1)
         self.compile = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
+        if self.compile and compile_cache_dir:
+            use_compile_cache(compile_cache_dir)
         if self.compile:
             # One compiled graph per input shape (frame size x batch size), all on the code
             # object of forward_dense, which every Pipeline in the process shares. Past dynamo's

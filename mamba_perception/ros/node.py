@@ -196,7 +196,8 @@ class PerceptionNode(LifecycleNode):
                                 score_threshold=config['score_threshold'],
                                 nms_iou=config['nms_iou'],
                                 max_detections=config['max_detections'],
-                                compile=config['compile'], cuda_graphs=config['cuda_graphs'])
+                                compile=config['compile'], cuda_graphs=config['cuda_graphs'],
+                                compile_cache_dir=config['compile_cache_dir'] or None)
             height, width = config['warmup_size_px']
             if config['warmup_iterations'] > 0 and height > 0 and width > 0:
                 started = time.perf_counter()

@@ -83,6 +83,13 @@ def _check_warmup(size) -> Optional[str]:
     return None
 
 
+def _check_cache_dir(path: str) -> Optional[str]:
+    if path and os.path.exists(os.path.expanduser(path)) and not os.path.isdir(
+            os.path.expanduser(path)):
+        return f'{path!r} exists and is not a directory'
+    return None
+
+
 def _below_one(value: float) -> Optional[str]:
     return None if value < 1.0 else 'must be below 1 (a score of 1 would drop everything)'
 
@@ -110,6 +117,10 @@ PARAMETERS = (
     ParamSpec('precision', 'fp16', 'Inference precision (fp16/bf16: 16-bit weights + autocast)',
               choices=PRECISIONS),
     ParamSpec('compile', False, 'torch.compile the dense model (slow first frame per size)'),
+    ParamSpec('compile_cache_dir', '~/.cache/mamba_perception/torch_compile',
+              'Where torch.compile keeps its on-disk caches, so that a restart or reboot loads '
+              'the compiled model instead of compiling again; empty: torch\'s default (a temp '
+              'directory, lost at reboot)', check=_check_cache_dir),
     ParamSpec('cuda_graphs', False, 'Capture the dense model in a CUDA graph per input size'),
     ParamSpec('warmup_size_px', [720, 1280],
               'Frame [height, width] run at configure so the first real frame is fast; '
