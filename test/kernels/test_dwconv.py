@@ -7,11 +7,6 @@ GPU they run compiled kernels on CUDA in-process and the subprocess test skips.
 """
 
 import importlib.util
-import os
-from pathlib import Path
-import re
-import subprocess
-import sys
 
 from mamba_perception_kernels import ScanInputError
 from mamba_perception_kernels.dwconv import dwconv2d_nhwc, dwconv2d_nhwc_torch
@@ -20,15 +15,14 @@ from scan_inputs import non_contiguous
 import torch
 from torch.autograd import gradcheck
 import torch.nn.functional as F
-
-HAS_TRITON = importlib.util.find_spec('triton') is not None
-INTERPRETER = os.environ.get('TRITON_INTERPRET') == '1'
-TRITON_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
-
-needs_triton_device = pytest.mark.skipif(
-    not HAS_TRITON or not (torch.cuda.is_available() or INTERPRETER),
-    reason='needs CUDA, or TRITON_INTERPRET=1 (test_triton_kernels_under_interpreter runs '
-           'these in a subprocess)')
+from triton_tests import (
+    HAS_TRITON,
+    INTERPRETER,
+    TRITON_DEVICE,
+    needs_triton_device,
+    only_without_gpu,
+    run_under_interpreter,
+)
 
 
 def reference(x, weight, bias=None, silu=False):
@@ -228,21 +222,9 @@ def test_export_shows_one_custom_op_node():
 # ------------------------------------------------------------------------------- Triton
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason='a GPU is present: the Triton tests run compiled kernels in-process')
-@pytest.mark.skipif(INTERPRETER, reason='already under the interpreter')
-@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+@only_without_gpu
 def test_triton_kernels_under_interpreter():
-    here = Path(__file__).resolve()
-    env = {**os.environ, 'TRITON_INTERPRET': '1'}
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k',
-           'triton_kernel_', str(here)]
-    proc = subprocess.run(cmd, cwd=here.parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    passed = re.search(r'(\d+) passed', out)
-    assert passed and int(passed.group(1)) >= 8, out[-3000:]
+    run_under_interpreter(__file__, min_passed=8, keyword='triton_kernel_')
 
 
 def _launcher():

@@ -5,13 +5,6 @@ The Triton tests (``test_triton_kernel_*``) need CUDA or the Triton interpreter;
 ``TRITON_INTERPRET=1`` (see conftest.py for why not in-process).
 """
 
-import importlib.util
-import os
-from pathlib import Path
-import re
-import subprocess
-import sys
-
 from mamba_perception_kernels import ScanInputError, norm_linear_residual, norm_mlp_residual
 from mamba_perception_kernels.prenorm import (
     norm_linear_residual_op,
@@ -22,15 +15,12 @@ from mamba_perception_kernels.prenorm import (
 import pytest
 import torch
 from torch import nn
-
-HAS_TRITON = importlib.util.find_spec('triton') is not None
-INTERPRETER = os.environ.get('TRITON_INTERPRET') == '1'
-TRITON_DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
-
-needs_triton_device = pytest.mark.skipif(
-    not HAS_TRITON or not (torch.cuda.is_available() or INTERPRETER),
-    reason='needs CUDA, or TRITON_INTERPRET=1 (test_triton_kernels_under_interpreter runs '
-           'these in a subprocess)')
+from triton_tests import (
+    TRITON_DEVICE,
+    needs_triton_device,
+    only_without_gpu,
+    run_under_interpreter,
+)
 
 
 def make(channels, hidden, dtype=torch.float16, rows=(3, 5), bias=True, device='cpu', seed=0):
@@ -121,19 +111,9 @@ def test_compiles_as_one_node():
 # Triton kernel (CUDA, or the interpreter in a subprocess)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETER or not HAS_TRITON,
-                    reason='with a GPU the kernel tests run in-process')
+@only_without_gpu
 def test_triton_kernels_under_interpreter():
-    here = Path(__file__).resolve()
-    env = {**os.environ, 'TRITON_INTERPRET': '1'}
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-k',
-           'triton_kernel_', str(here)]
-    proc = subprocess.run(cmd, cwd=here.parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    passed = re.search(r'(\d+) passed', out)
-    assert passed and int(passed.group(1)) >= 6, out[-3000:]
+    run_under_interpreter(__file__, min_passed=6, keyword='triton_kernel_')
 
 
 def _launcher():
