@@ -66,6 +66,19 @@ def make(case, seed=0):
     return x, norm, fc1, fc2
 
 
+def compare(case, ref, fused, compiled, iters) -> dict:
+    """Row of ``case`` with each path's relative L2 error against ``ref`` and its time."""
+    row = dict(case)
+    with torch.no_grad():
+        for name, fn in (('fused', fused), ('compiled', compiled)):
+            out = fn()
+            err = float((out.double() - ref).norm() / ref.norm())
+            row[f'{name}_rel_l2'] = float(f'{err:.3g}')
+            row[f'{name}_us'] = round(time_cuda(fn, iters=iters)['median_us'], 2)
+    row['speedup'] = round(row['compiled_us'] / row['fused_us'], 2)
+    return row
+
+
 def run_case(case, iters):
     from mamba_perception_kernels import norm_mlp_residual
 
@@ -83,16 +96,10 @@ def run_case(case, iters):
                                        norm.bias.to(d), norm.eps)
         ref = nn.functional.gelu(nn.functional.linear(ref, fc1.weight.to(d), fc1.bias.to(d)))
         ref = x.to(d) + nn.functional.linear(ref, fc2.weight.to(d), fc2.bias.to(d))
-        row = dict(case)
-        for name, fn in (('fused', lambda: norm_mlp_residual(*args)),
-                         ('compiled', lambda: compiled_fn(x))):
-            out = fn()
-            row[f'{name}_rel_l2'] = float(f'{float((out.double() - ref).norm() / ref.norm()):.3g}')
-            row[f'{name}_us'] = round(time_cuda(fn, iters=iters)['median_us'], 2)
+    row = compare(case, ref, lambda: norm_mlp_residual(*args), lambda: compiled_fn(x), iters)
     floor_us = 8 * case['rows'] * case['channels'] / HBM_BPS * 1e6
     row['hbm_floor_us'] = round(floor_us, 2)
     row['gemm_tflop'] = round(4 * case['rows'] * case['channels'] * case['hidden'] / 1e12, 4)
-    row['speedup'] = round(row['compiled_us'] / row['fused_us'], 2)
     return row
 
 
@@ -132,15 +139,9 @@ def run_linear_case(case, iters):
         ref = nn.functional.layer_norm(y.to(d), (k,), norm.weight.to(d), norm.bias.to(d),
                                        norm.eps)
         ref = x.to(d) + nn.functional.linear(ref, proj.weight.to(d))
-        row = dict(case)
-        for name, fn in (('fused', lambda: norm_linear_residual(*args)),
-                         ('compiled', lambda: compiled_fn(y, x))):
-            out = fn()
-            err = float((out.double() - ref).norm() / ref.norm())
-            row[f'{name}_rel_l2'] = float(f'{err:.3g}')
-            row[f'{name}_us'] = round(time_cuda(fn, iters=iters)['median_us'], 2)
+    row = compare(case, ref, lambda: norm_linear_residual(*args), lambda: compiled_fn(y, x),
+                  iters)
     row['hbm_floor_us'] = round(4 * case['rows'] * (k + 2 * c) / HBM_BPS * 1e6, 2)
-    row['speedup'] = round(row['compiled_us'] / row['fused_us'], 2)
     return row
 
 
