@@ -84,8 +84,8 @@ def _check_warmup(size) -> Optional[str]:
 
 
 def _check_cache_dir(path: str) -> Optional[str]:
-    if path and os.path.exists(os.path.expanduser(path)) and not os.path.isdir(
-            os.path.expanduser(path)):
+    full = os.path.expanduser(path)
+    if path and os.path.exists(full) and not os.path.isdir(full):
         return f'{path!r} exists and is not a directory'
     return None
 
