@@ -150,8 +150,8 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     policy = {**TINY_POLICY, 'max_long_side_px': 384, 'max_short_side_px': 384}
     bundle = tmp_path / 'slow.safetensors'
     create_random_bundle(bundle, num_classes=3, input_policy=policy)
-    # Reliable input: every flooded frame reaches the node, so any drop is the node's one-slot
-    # policy at work, never DDS discarding best-effort samples on a loaded machine.
+    # Reliable input, so the drops counted are the node's one-slot policy at work rather than
+    # DDS discarding best-effort samples on a loaded machine.
     node = start_node('perception_node', *node_args(bundle, '-p', 'cameras:=[cam]',
                                                     '-p', 'warmup_size_px:=[288, 384]',
                                                     '-p', 'input_reliability:=reliable'))
@@ -173,7 +173,9 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
 
     ros_node.spin_until(lambda: inference_p50() is not None, 10.0, 'diagnostics with timings')
     inference_ms = inference_p50()
-    period_s = max(0.005, inference_ms / 1e3 / 10)  # ~10x faster than the model
+    # >= 10x faster than the model; at most 5 ms, as a loaded machine's first inferences
+    # (all the p50 has seen) can be far slower than the ones during the flood.
+    period_s = min(0.005, max(0.001, inference_ms / 1e3 / 10))
     received.clear()
     sent = []
     templates = [image_msg(f, stamp_of(ros_node, 0), 'cam_optical') for f in video_frames_bgr]
@@ -181,7 +183,7 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     def flood():  # its own thread, so the test's executor spins (and timestamps) meanwhile
         started = time.monotonic()
         i = 0
-        while time.monotonic() - started < 4.0:
+        while time.monotonic() - started < 4.0 or i < 60:  # >= 60 frames on a slow machine
             msg = templates[i % len(templates)]
             msg.header.stamp = stamp_of(ros_node, i % 1000)
             sent.append(msg.header.stamp)
@@ -206,10 +208,16 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     ros_node.spin_until(lambda: camera_status(diagnostics.messages, 'cam') is not None, 10.0,
                         'diagnostics after the flood')
     values = status_values(camera_status(diagnostics.messages, 'cam'))
-    dropped, published = int(values['frames dropped']), int(values['frames published'])
-    assert dropped >= len(sent) - len(received) - 5, values
-    assert int(values['frames received']) >= dropped + len(received)
-    assert published >= len(received)
+    taken, dropped = int(values['frames received']), int(values['frames dropped'])
+    published, rejected = int(values['frames published']), int(values['bad inputs'])
+    # The node's books balance: every frame its callback took was served, replaced in the
+    # one-slot buffer (dropped) or rejected. How many flooded frames DDS itself delivered is
+    # the machine's business (a loaded CI runner loses some even over reliable QoS, since
+    # both histories keep the last sample only), so the drops are judged against the node's
+    # own count, and the flood, 10x faster than the model, must have been mostly replaced.
+    assert taken == published + dropped + rejected, repr(values)
+    assert published >= len(received), repr(values)
+    assert dropped >= 2 * len(received), (repr(values), len(sent), len(received))
     assert node.proc.poll() is None, node.output()
 
 
