@@ -125,6 +125,7 @@ class PerceptionNode(LifecycleNode):
         self._cameras: list = []
         self._health: dict = {}
         self._outputs: dict = {}
+        self._staging: dict = {}  # camera -> HostStaging (raw uploads to CUDA; the worker's)
         self._inputs: list = []
         self._frames: Optional[LatestFrames] = None
         self._worker: Optional[InferenceWorker] = None
@@ -230,6 +231,7 @@ class PerceptionNode(LifecycleNode):
             pubs['overlay'] = self.create_lifecycle_publisher(
                 Image, f'{camera}/debug/overlay', qos.DEBUG_QOS)
             self._outputs[camera] = pubs
+        self._staging = {camera: conversions.HostStaging() for camera in self._cameras}
         now = self._now_ns()
         with self._lock:
             self._health = {camera: CameraHealth(camera, now) for camera in self._cameras}
@@ -293,6 +295,7 @@ class PerceptionNode(LifecycleNode):
             for pub in pubs.values():
                 self.destroy_lifecycle_publisher(pub)
         self._outputs = {}
+        self._staging = {}
         if self._diagnostics_timer is not None:
             self.destroy_timer(self._diagnostics_timer)
             self._diagnostics_timer = None
@@ -352,14 +355,15 @@ class PerceptionNode(LifecycleNode):
             self._last_error_log[key] = now
             self.get_logger().error(f'camera {camera}: frame skipped: {message}')
 
-    def _decode(self, msg):
+    def _decode(self, camera: str, msg):
         max_pixels = self.get_parameter('max_input_pixels').value
         if isinstance(msg, CompressedImage):
             return conversions.compressed_to_rgb(
                 msg, max_pixels, decoder='gpu' if self._jpeg_on_gpu else 'cpu',
                 device=str(self._pipeline.device))
         if self._pipeline.device.type == 'cuda':
-            return conversions.image_to_device_rgb(msg, str(self._pipeline.device), max_pixels)
+            return conversions.image_to_device_rgb(msg, str(self._pipeline.device), max_pixels,
+                                                   self._staging.get(camera))
         return conversions.image_to_rgb(msg, max_pixels)
 
     def _process(self, taken: dict) -> None:
@@ -371,7 +375,7 @@ class PerceptionNode(LifecycleNode):
         for camera, (msg, _received) in taken.items():
             started = time.perf_counter()
             try:
-                frame = self._decode(msg)
+                frame = self._decode(camera, msg)
             except InputError as exc:
                 self._bad_frame(camera, 'input', str(exc))
                 continue

@@ -51,14 +51,45 @@ def test_colour_encodings_are_zero_copy_views(rgb, encoding):
     assert not out.flags.writeable
 
 
-@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'bgra8', 'mono8'])
+def encoded(rgb, encoding):
+    return {'rgb8': rgb, 'bgr8': rgb[..., ::-1], 'mono8': rgb[..., 1],
+            'rgba8': np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]),
+            'bgra8': np.dstack([rgb[..., ::-1], np.zeros(rgb.shape[:2], np.uint8)])}[encoding]
+
+
+@pytest.mark.parametrize('staged', [False, True])
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8'])
 @pytest.mark.parametrize('pad', [0, 8])
-def test_device_path_matches_host_path(rgb, encoding, pad):
-    pixels = {'rgb8': rgb, 'bgr8': rgb[..., ::-1], 'mono8': rgb[..., 1],
-              'bgra8': np.dstack([rgb[..., ::-1], np.zeros(rgb.shape[:2], np.uint8)])}[encoding]
-    msg = make_image(pixels, encoding, pad=pad)
-    out = conversions.image_to_device_rgb(msg, 'cpu')
+def test_device_path_matches_host_path(rgb, encoding, pad, staged):
+    msg = make_image(encoded(rgb, encoding), encoding, pad=pad)
+    staging = conversions.HostStaging() if staged else None
+    out = conversions.image_to_device_rgb(msg, 'cpu', staging=staging)
     np.testing.assert_array_equal(out.numpy(), conversions.image_to_rgb(msg))
+
+
+def staged_frames_stay_independent(device):
+    """One staging, frames of two sizes and encodings: each result keeps its own pixels."""
+    staging = conversions.HostStaging()
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (48, 64, 3), np.uint8),
+              rng.integers(0, 256, (96, 128, 3), np.uint8),  # larger: the buffer grows
+              rng.integers(0, 256, (48, 64, 3), np.uint8)]
+    msgs = [make_image(encoded(f, enc), enc, pad=pad)
+            for f, enc, pad in zip(frames, ['bgr8', 'rgba8', 'mono8'], [4, 0, 8],
+                                   strict=True)]
+    outs = [conversions.image_to_device_rgb(m, device, staging=staging) for m in msgs]
+    for out, msg in zip(outs, msgs, strict=True):
+        assert out.device.type == device.split(':')[0]
+        np.testing.assert_array_equal(out.cpu().numpy(), conversions.image_to_rgb(msg))
+
+
+def test_staged_frames_stay_independent_on_cpu():
+    staged_frames_stay_independent('cpu')
+
+
+@pytest.mark.gpu
+def test_staged_upload_to_cuda():  # page-locked staging, asynchronous copies
+    staged_frames_stay_independent('cuda')
 
 
 def test_row_padding_is_honoured(rgb):
