@@ -1,13 +1,16 @@
 """Benchmark the fused pre-norm ops against what the model runs without them.
 
 ``--ops mlp`` (default): each VMamba block ends with ``x + fc2(gelu(fc1(norm2(x))))`` on the
-fp32 residual stream; ``--ops linear``: its SS2D mixer ends with ``x + out_proj(out_norm(y))``
-on the scan's fp32 output (no bias; d_inner = C for T, 2C for S/B). For the VMamba T/S/B stage
-shapes the fused kernels take (C <= 256) at 1280x720 and 2048x2048 (batch 1, fp16 weights as
-``cast_autocast_weights`` leaves them), times in the same run, both captured in a CUDA graph
-(``common.time_cuda``):
+fp32 residual stream; ``--ops fc1``: the same MLP with only norm2 -> fc1 -> GELU fused
+(``norm_linear_gelu``) and fc2 + the residual add left to inductor / cuBLAS, so its rows
+compare directly with the ``mlp`` rows; ``--ops linear``: its SS2D mixer ends with ``x +
+out_proj(out_norm(y))`` on the scan's fp32 output (no bias; d_inner = C for T, 2C for S/B). For
+the VMamba T/S/B stage shapes the fused kernels take (C <= 256) at 1280x720 and 2048x2048
+(batch 1, fp16 weights as ``cast_autocast_weights`` leaves them), times in the same run, both
+captured in a CUDA graph (``common.time_cuda``):
 
-* ``fused``: ``norm_mlp_residual`` / ``norm_linear_residual`` (one Triton kernel);
+* ``fused``: ``norm_mlp_residual`` / ``norm_linear_residual`` (one Triton kernel); for ``fc1``
+  ``norm_linear_gelu`` + the rest compiled;
 * ``compiled``: the module path under fp16 autocast through ``torch.compile`` (inductor fuses
   the LayerNorm and the GELU into their neighbours where it can; cuBLAS GEMMs), which is what
   the compiled backbone runs without the fused op.
@@ -18,10 +21,11 @@ come from L2) at 3.35e12 B/s; the GEMM work is ``4 * rows * C * HID`` (``2 * row
 flop. The file written before the linear op existed (``norm_mlp_h100.json``) was made by this
 script under its old name, ``bench/norm_mlp.py``. ``--tune`` first sweeps the MLP kernel's
 TUNING (tiles, warps, stages, weight layout) over the shapes, per TUNING width (padded
-C <= 128, and 256), and applies the config with the least summed time.
+C <= 128, and 256), and applies the config with the least summed time; with ``fc1`` among the
+ops it sweeps GELU_TUNING the same way.
 
 Usage: ``python bench/prenorm.py --out bench/results/prenorm_h100.json [--tune]
-[--ops mlp linear]``
+[--ops mlp fc1 linear]``
 """
 
 from __future__ import annotations
@@ -100,6 +104,43 @@ def run_case(case, iters):
     floor_us = 8 * case['rows'] * case['channels'] / HBM_BPS * 1e6
     row['hbm_floor_us'] = round(floor_us, 2)
     row['gemm_tflop'] = round(4 * case['rows'] * case['channels'] * case['hidden'] / 1e12, 4)
+    return row
+
+
+def split_mlp(case):
+    """``(fn, args)``: ``x + fc2(norm_linear_gelu(x))`` compiled (fc2 and the add by inductor)."""
+    from mamba_perception_kernels import norm_linear_gelu
+
+    x, norm, fc1, fc2 = make(case)
+
+    def split(inp):
+        with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
+            hidden = norm_linear_gelu(inp, norm.weight, norm.bias, norm.eps, fc1.weight,
+                                      fc1.bias)
+            return inp + fc2(hidden)
+
+    return torch.compile(split, dynamic=False), x
+
+
+def run_fc1_case(case, iters):
+    x, norm, fc1, fc2 = make(case)
+
+    def modules(inp):
+        with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
+            return inp + fc2(nn.functional.gelu(fc1(norm(inp))))
+
+    compiled_fn = torch.compile(modules, dynamic=False)
+    split_fn, _ = split_mlp(case)  # same seed: the same x and weights
+    with torch.no_grad():
+        d = torch.float64
+        ref = nn.functional.layer_norm(x.to(d), (case['channels'],), norm.weight.to(d),
+                                       norm.bias.to(d), norm.eps)
+        ref = nn.functional.gelu(nn.functional.linear(ref, fc1.weight.to(d), fc1.bias.to(d)))
+        ref = x.to(d) + nn.functional.linear(ref, fc2.weight.to(d), fc2.bias.to(d))
+    row = compare(dict(case, op='fc1'), ref, lambda: split_fn(x), lambda: compiled_fn(x), iters)
+    # x read twice and the fp16 hidden written and read once, y written, fp32
+    row['hbm_floor_us'] = round(case['rows'] * (12 * case['channels'] + 4 * case['hidden'])
+                                / HBM_BPS * 1e6, 2)
     return row
 
 
@@ -182,11 +223,39 @@ def tune(shapes, width, iters):
             'results': results, 'best': best}
 
 
+def tune_fc1(shapes, width, iters):
+    from mamba_perception_kernels.triton import prenorm
+
+    configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s)
+               for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+    base = dict(prenorm.GELU_TUNING[width])
+    results = []
+    for cfg in configs:
+        prenorm.GELU_TUNING[width].update(cfg)
+        total, per = 0.0, []
+        try:
+            for case in shapes:
+                fn, x = split_mlp(case)
+                us = time_cuda(lambda f=fn, a=x: f(a), iters=iters)['median_us']
+                per.append(round(us, 2))
+                total += us
+            results.append({'config': cfg, 'us': per, 'total_us': round(total, 2)})
+        except Exception as exc:  # noqa: BLE001 - an infeasible config (registers, smem)
+            results.append({'config': cfg, 'error': f'{type(exc).__name__}: {str(exc)[:200]}'})
+        print('fc1', results[-1], flush=True)
+    prenorm.GELU_TUNING[width].update(base)
+    ok = [r for r in results if 'total_us' in r]
+    best = min(ok, key=lambda r: r['total_us'])
+    return {'op': 'fc1', 'width': width,
+            'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
+            'results': results, 'best': best}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='bench/results/prenorm_h100.json')
     parser.add_argument('--tune', action='store_true', help='sweep the MLP kernel first')
-    parser.add_argument('--ops', nargs='+', choices=('mlp', 'linear'), default=['mlp'])
+    parser.add_argument('--ops', nargs='+', choices=('mlp', 'fc1', 'linear'), default=['mlp'])
     parser.add_argument('--iters', type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -199,11 +268,18 @@ def main(argv=None) -> int:
         result['tune'] = []
         for width in (128, 256):
             tiny = [c for c in cases() if c['model'] == 'vmamba_tiny' and width_of(c) == width]
-            result['tune'].append(tune(tiny, width, args.iters))
-            prenorm.TUNING[width].update(result['tune'][-1]['best']['config'])
-            print('best', width, result['tune'][-1]['best'], flush=True)
+            if 'mlp' in args.ops:
+                result['tune'].append(tune(tiny, width, args.iters))
+                prenorm.TUNING[width].update(result['tune'][-1]['best']['config'])
+                print('best', width, result['tune'][-1]['best'], flush=True)
+            if 'fc1' in args.ops:
+                result['tune'].append(tune_fc1(tiny, width, args.iters))
+                prenorm.GELU_TUNING[width].update(result['tune'][-1]['best']['config'])
+                print('best fc1', width, result['tune'][-1]['best'], flush=True)
     result['tuning'] = {str(k): dict(v) for k, v in prenorm.TUNING.items()}
+    result['gelu_tuning'] = {str(k): dict(v) for k, v in prenorm.GELU_TUNING.items()}
     todo = ([(c, run_case) for c in cases()] if 'mlp' in args.ops else []) + (
+        [(c, run_fc1_case) for c in cases()] if 'fc1' in args.ops else []) + (
         [(c, run_linear_case) for c in linear_cases()] if 'linear' in args.ops else [])
     for case, run in todo:
         row = run(case, args.iters)

@@ -14,7 +14,8 @@ the conv's oracle is ``F.conv2d``):
   before the scan (``dwconv.py``).
 * ``norm_mlp_residual``: ``x + fc2(gelu(fc1(layer_norm(x))))`` in one pass (inference; the
   second half of a VMamba block, ``prenorm.py``); ``norm_linear_residual``:
-  ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add).
+  ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add);
+  ``norm_linear_gelu``: ``gelu(linear(layer_norm(x)))`` (the MLP's first half).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
@@ -30,7 +31,7 @@ from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv2d_nhwc
 from .errors import ScanInputError
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
-from .prenorm import norm_linear_residual, norm_mlp_residual
+from .prenorm import norm_linear_gelu, norm_linear_residual, norm_mlp_residual
 from .reference import (
     bidir_scan_ref,
     expand_lowrank,
@@ -46,6 +47,7 @@ __all__ = [
     "bidir_scan",
     "bidir_scan_ref",
     "dwconv2d_nhwc",
+    "norm_linear_gelu",
     "norm_linear_residual",
     "norm_mlp_residual",
     "expand_lowrank",

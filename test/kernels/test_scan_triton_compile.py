@@ -90,7 +90,8 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     assert ('wgmma' in ptx) == (weights != '*fp32')
 
 
-def test_norm_linear_kernel_compiles_for_sm90():
+@pytest.mark.parametrize('gelu', [False, True])
+def test_norm_linear_kernel_compiles_for_sm90(gelu):
     if importlib.util.find_spec('triton.backends.nvidia') is None:
         pytest.skip('triton has no NVIDIA backend here')
     from mamba_perception_kernels.triton import prenorm
@@ -99,10 +100,12 @@ def test_norm_linear_kernel_compiles_for_sm90():
     from triton.compiler import ASTSource
 
     fn = prenorm._norm_linear_kernel
-    consts = dict(HAS_B=False, HAS_RES=True, DOT_PRECISION='tf32', BLOCK_M=128, BLOCK_C=128,
-                  BLOCK_N=64)
+    # residual + linear (fp32 out), or gelu(linear) stored in the weights' dtype
+    consts = dict(HAS_B=gelu, HAS_RES=not gelu, GELU=gelu, DOT_PRECISION='tf32', BLOCK_M=128,
+                  BLOCK_C=128, BLOCK_N=64)
+    half = ('w_ptr', 'b_ptr', 'out_ptr') if gelu else ('w_ptr', 'b_ptr')
     sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
-           ('*fp16' if n in ('w_ptr', 'b_ptr') else '*fp32') if n.endswith('_ptr') else 'i32'
+           ('*fp16' if n in half else '*fp32') if n.endswith('_ptr') else 'i32'
            for n in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                               target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
