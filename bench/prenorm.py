@@ -22,7 +22,7 @@ flop. The file written before the linear op existed (``norm_mlp_h100.json``) was
 script under its old name, ``bench/norm_mlp.py``. ``--tune`` first sweeps the MLP kernel's
 TUNING (tiles, warps, stages, weight layout) over the shapes, per TUNING width (padded
 C <= 128, and 256), and applies the config with the least summed time; with ``fc1`` among the
-ops it sweeps GELU_TUNING the same way.
+ops it sweeps GELU_TUNING the same way (timing ``norm_linear_gelu`` alone).
 
 Usage: ``python bench/prenorm.py --out bench/results/prenorm_h100.json [--tune]
 [--ops mlp fc1 linear]``
@@ -224,6 +224,8 @@ def tune(shapes, width, iters):
 
 
 def tune_fc1(shapes, width, iters):
+    """Sweep GELU_TUNING on ``norm_linear_gelu`` alone (fc2 does not depend on the config)."""
+    from mamba_perception_kernels import norm_linear_gelu
     from mamba_perception_kernels.triton import prenorm
 
     configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s)
@@ -235,8 +237,9 @@ def tune_fc1(shapes, width, iters):
         total, per = 0.0, []
         try:
             for case in shapes:
-                fn, x = split_mlp(case)
-                us = time_cuda(lambda f=fn, a=x: f(a), iters=iters)['median_us']
+                x, norm, fc1, _ = make(case)
+                args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias)
+                us = time_cuda(lambda a=args: norm_linear_gelu(*a), iters=iters)['median_us']
                 per.append(round(us, 2))
                 total += us
             results.append({'config': cfg, 'us': per, 'total_us': round(total, 2)})

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The pending GPU measurements (bench/PERF_NOTES.md, "What to try next"; issues #6 and #8), in
+# parts that each fit one 10-minute device call. Run from the repo root on the lent machine:
+#
+#   bash bench/device_plan.sh kernels    # GPU tests of untimed kernels, prenorm op sweeps,
+#                                        # node conversion overhead (staged vs pageable upload)
+#   bash bench/device_plan.sh backbone   # VMamba-T ablations of the untimed fusions + ViT-S,
+#                                        # 1280x720 and 2048^2, compiled, fp16, batch 1
+#   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras
+#                                        # (carry .whl: bench/device_ros_env.sh)
+#
+# Every step has its own time limit and a failed step does not stop the next; results and a log
+# go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
+# keeping under bench/results/.
+set -uo pipefail
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|node}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/pp
+ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
+export PYTHONPATH=$PWD:/tmp/pp
+LOG=$OUT/plan_$PART.log
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
+
+step() {  # step SECONDS NAME COMMAND...
+    local limit=$1 name=$2
+    shift 2
+    local started=$SECONDS
+    echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tail -n 60 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $((SECONDS - started))s" | tee -a "$LOG"
+}
+
+backbone() {  # backbone NAME EXTRA_ARGS...: VMamba-T, 720p + 2048^2, compiled, fp16, batch 1
+    local name=$1
+    shift
+    step 170 "backbone $name" python bench/backbone_speed.py --models vmamba_tiny \
+        --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 160 \
+        --out "$OUT/backbone_speed_${name}_h100.json" "$@"
+}
+
+case $PART in
+kernels)
+    step 150 "GPU tests: prenorm kernels (fused MLP, norm_linear, norm_linear_gelu)" \
+        python -m pytest -q -x test/kernels/test_prenorm.py test/kernels/test_scan_triton.py \
+        -k "triton_kernel or lowrank"
+    step 300 "prenorm op sweeps + rows" python bench/prenorm.py --tune --ops mlp fc1 linear \
+        --iters 20 --out "$OUT/prenorm_h100.json"
+    step 100 "node conversion overhead" python bench/node_latency.py --device cuda \
+        --skip-latency --out "$OUT/node_overhead_h100.json"
+    ;;
+backbone)
+    backbone default
+    backbone fc1_256 --fused-fc1-max-channels 256
+    backbone tail_256 --fused-tail-max-channels 256
+    step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
+        --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
+        --out "$OUT/backbone_speed_anchor_h100.json"
+    ;;
+node)
+    echo "=== ROS env (bench/device_ros_env.sh)" | tee -a "$LOG"
+    # shellcheck disable=SC1091
+    source bench/device_ros_env.sh /tmp/rosvenv >> "$LOG" 2>&1 \
+        || { echo "ROS env failed: see $LOG" | tee -a "$LOG"; exit 1; }
+    set +e  # the env script sets -e; a failed step must not end the part
+    step 120 "GPU tests: conversions (staged upload, GPU JPEG)" \
+        python -m pytest -q test/ros/test_conversions.py
+    step 300 "node over DDS, raw 720p, 1/2/4 cameras" python bench/node_dds.py --device cuda \
+        --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
+        --video .whl/vtest.avi --seconds 10 --out "$OUT/node_dds_h100.json"
+    ;;
+*)
+    echo "unknown part $PART: kernels, backbone or node" >&2
+    exit 2
+    ;;
+esac
+echo "done: $PART in ${SECONDS}s" | tee -a "$LOG"
