@@ -60,6 +60,26 @@ def test_anchors_follow_mmdet_convention():
     assert torch.allclose(centres[1, 2, 1], torch.tensor([128.0, 64.0]))
 
 
+def test_anchors_are_cached_per_grid():
+    from torchvision.models.detection.image_list import ImageList
+
+    def maps(h, w):
+        return [torch.zeros(1, 1, h // 2 ** i, w // 2 ** i) for i in range(5)]
+
+    gen = MMDetAnchorGenerator()
+    images = ImageList(torch.zeros(2, 3, 736, 1280), [(720, 1280), (700, 1270)])
+    first = gen(images, maps(184, 320))
+    assert len(first) == 2 and first[0] is first[1]
+    again = gen(images, maps(184, 320))
+    assert again[0] is first[0]  # the same size: no rebuild
+    other = gen(ImageList(torch.zeros(1, 3, 512, 512), [(512, 512)]), maps(128, 128))[0]
+    fresh = MMDetAnchorGenerator()(ImageList(torch.zeros(1, 3, 512, 512), [(512, 512)]),
+                                   maps(128, 128))[0]
+    assert other.shape == fresh.shape == (3 * sum((128 // 2 ** i) ** 2 for i in range(5)), 4)
+    assert torch.equal(other, fresh)
+    assert torch.equal(gen(images, maps(184, 320))[0], first[0])  # the first grid intact
+
+
 def test_roi_align_is_aligned():
     # Feature map value = x coordinate of the cell centre in image pixels at stride 4.
     pool = AlignedMultiScaleRoIAlign(['0', '1', '2', '3'], 1, sampling_ratio=0)
