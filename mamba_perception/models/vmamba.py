@@ -340,21 +340,34 @@ class VSSM(nn.Module):
             NCHW contiguous maps of ``feature_info[i]['num_chs']`` channels and spatial size
             ceil(H / stride) x ceil(W / stride). With ``backbone=True`` each goes through its
             ``outnorm{i}``, as the official mmdet/mmseg wrapper does; otherwise it is the raw
-            stage output.
+            stage output. Under autocast the maps are in the autocast dtype: the heads' convs
+            would round them to it anyway, and kept in fp32 the four maps alone hold 180 MiB
+            at 2048x2048 (bench/activation_memory.py), more than ViT-S's whole activation peak.
         """
+        device_type = x.device.type
+        out_dtype = (torch.get_autocast_dtype(device_type)
+                     if torch.is_autocast_enabled(device_type) else None)
         take = list(range(len(self.layers))) if indices is None else [
             i % len(self.layers) for i in indices]
         outs = []
         x = self.patch_embed(x)
         for i, layer in enumerate(self.layers):
-            stage = layer.blocks(x)
+            # One name for the running map, so no earlier stage's tensors outlive their use
+            # while the next stage runs (eager / CUDA-graph peak memory).
+            x = layer.blocks(x)
             if i in take:
-                out = getattr(self, f'outnorm{i}')(stage) if self.backbone else stage
-                outs.append(out.permute(0, 3, 1, 2).contiguous())  # NHWC -> NCHW
+                outs.append(self._intermediate(i, x, out_dtype))
             if i == max(take):
                 break
-            x = layer.downsample(stage)
+            x = layer.downsample(x)
         return outs
+
+    def _intermediate(self, i: int, x: torch.Tensor, dtype: Optional[torch.dtype]
+                      ) -> torch.Tensor:
+        out = getattr(self, f'outnorm{i}')(x) if self.backbone else x
+        if dtype is not None:
+            out = out.to(dtype)
+        return out.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,18 @@ def test_non_square_intermediates_have_the_right_strides(model, hw):
         assert torch.isfinite(f).all()
 
 
+def test_intermediates_come_out_in_the_autocast_dtype(model):
+    # The heads' convs would round them to it anyway; fp32 copies cost memory (4 maps kept).
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model.forward_intermediates(x)
+    for f, r in zip(low, ref, strict=True):
+        assert f.dtype == torch.bfloat16 and f.is_contiguous() and f.shape == r.shape
+        assert ((f.float() - r).norm() / r.norm()) < 3e-2
+
+
 def test_last_intermediate_is_forward_features(model):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
