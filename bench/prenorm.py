@@ -191,36 +191,48 @@ def width_of(case) -> int:
     return 128 if case['channels'] <= 128 else 256
 
 
-def tune(shapes, width, iters):
-    from mamba_perception_kernels import norm_mlp_residual
-    from mamba_perception_kernels.triton import prenorm
+def sweep(table, configs, shapes, op, op_args, iters, name):
+    """Time ``op`` on every shape under each config of ``table`` (a TUNING entry, restored).
 
-    configs = [dict(block_m=m, block_h=h, num_warps=w, num_stages=s, layout=lay)
-               for m, h, w, s, lay in itertools.product((64, 128), (32, 64), (4, 8), (2, 3),
-                                                        prenorm.LAYOUTS)]
-    base = dict(prenorm.TUNING[width])
+    ``op_args(case)`` builds the op's arguments. Returns every config's per-shape and summed
+    times (or its error: an infeasible config) and the best.
+    """
+    base = dict(table)
     results = []
     for cfg in configs:
-        prenorm.TUNING[width].update(cfg)
+        table.update(cfg)
         total, per = 0.0, []
         try:
             for case in shapes:
-                x, norm, fc1, fc2 = make(case)
-                args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight,
-                        fc2.bias)
-                us = time_cuda(lambda a=args: norm_mlp_residual(*a), iters=iters)['median_us']
+                args = op_args(case)
+                us = time_cuda(lambda a=args: op(*a), iters=iters)['median_us']
                 per.append(round(us, 2))
                 total += us
             results.append({'config': cfg, 'us': per, 'total_us': round(total, 2)})
         except Exception as exc:  # noqa: BLE001 - an infeasible config (registers, smem)
             results.append({'config': cfg, 'error': f'{type(exc).__name__}: {str(exc)[:200]}'})
-        print(results[-1], flush=True)
-    prenorm.TUNING[width].update(base)
-    ok = [r for r in results if 'total_us' in r]
-    best = min(ok, key=lambda r: r['total_us'])
-    return {'width': width,
-            'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
+        print(name, results[-1], flush=True)
+    table.update(base)
+    best = min((r for r in results if 'total_us' in r), key=lambda r: r['total_us'])
+    return {'op': name, 'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
             'results': results, 'best': best}
+
+
+def tune(shapes, width, iters):
+    """Sweep the fused MLP's TUNING[width] (tiles, warps, stages, weight layout)."""
+    from mamba_perception_kernels import norm_mlp_residual
+    from mamba_perception_kernels.triton import prenorm
+
+    def op_args(case):
+        x, norm, fc1, fc2 = make(case)
+        return (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight,
+                fc2.bias)
+
+    configs = [dict(block_m=m, block_h=h, num_warps=w, num_stages=s, layout=lay)
+               for m, h, w, s, lay in itertools.product((64, 128), (32, 64), (4, 8), (2, 3),
+                                                        prenorm.LAYOUTS)]
+    return {'width': width, **sweep(prenorm.TUNING[width], configs, shapes, norm_mlp_residual,
+                                    op_args, iters, 'mlp')}
 
 
 def tune_fc1(shapes, width, iters):
@@ -228,30 +240,14 @@ def tune_fc1(shapes, width, iters):
     from mamba_perception_kernels import norm_linear_gelu
     from mamba_perception_kernels.triton import prenorm
 
+    def op_args(case):
+        x, norm, fc1, _ = make(case)
+        return (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias)
+
     configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s)
                for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
-    base = dict(prenorm.GELU_TUNING[width])
-    results = []
-    for cfg in configs:
-        prenorm.GELU_TUNING[width].update(cfg)
-        total, per = 0.0, []
-        try:
-            for case in shapes:
-                x, norm, fc1, _ = make(case)
-                args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias)
-                us = time_cuda(lambda a=args: norm_linear_gelu(*a), iters=iters)['median_us']
-                per.append(round(us, 2))
-                total += us
-            results.append({'config': cfg, 'us': per, 'total_us': round(total, 2)})
-        except Exception as exc:  # noqa: BLE001 - an infeasible config (registers, smem)
-            results.append({'config': cfg, 'error': f'{type(exc).__name__}: {str(exc)[:200]}'})
-        print('fc1', results[-1], flush=True)
-    prenorm.GELU_TUNING[width].update(base)
-    ok = [r for r in results if 'total_us' in r]
-    best = min(ok, key=lambda r: r['total_us'])
-    return {'op': 'fc1', 'width': width,
-            'shapes': [{k: c[k] for k in ('model', 'size', 'stage')} for c in shapes],
-            'results': results, 'best': best}
+    return {'width': width, **sweep(prenorm.GELU_TUNING[width], configs, shapes,
+                                    norm_linear_gelu, op_args, iters, 'fc1')}
 
 
 def main(argv=None) -> int:
