@@ -118,17 +118,21 @@ class HostStaging:
 
     def __init__(self) -> None:
         self._host = None  # flat uint8 tensor, page-locked for CUDA
-        self._copied = None  # torch.cuda.Event behind the last copy out of _host
+        self._pinned = False
+        # torch.cuda.Event re-recorded behind each copy out of _host (waiting on one never
+        # recorded returns at once). A replaced buffer needs no wait: torch's page-locked
+        # allocator keeps it until the copies that read it are done.
+        self._copied = None
 
     def upload(self, pixels: np.ndarray, device) -> Any:
         """``pixels`` (uint8, any strides) as a contiguous tensor on ``device``."""
         import torch
         device = torch.device(device)
         cuda = device.type == 'cuda'
-        host = self._host
-        if host is None or host.numel() < pixels.size or host.is_pinned() != cuda:
+        if self._host is None or self._host.numel() < pixels.size or self._pinned != cuda:
             self._host = torch.empty(pixels.size, dtype=torch.uint8, pin_memory=cuda)
-            self._copied = None
+            self._pinned = cuda
+            self._copied = torch.cuda.Event() if cuda else None
         if self._copied is not None:
             self._copied.synchronize()
         host = self._host[:pixels.size].view(pixels.shape)
@@ -137,7 +141,6 @@ class HostStaging:
             return host.to(device, copy=True)
         with torch.cuda.device(device):
             out = host.to(device, non_blocking=True)
-            self._copied = torch.cuda.Event()
             self._copied.record()
         return out
 
