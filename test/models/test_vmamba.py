@@ -167,59 +167,55 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
     assert [c[-1] for c in calls] == [16] * model.depths[0] + [32] * model.depths[1]
 
 
-def test_fused_ss2d_tail_matches_the_modules(monkeypatch):
-    # FUSED_SS2D_TAIL_MAX_CHANNELS on: out_norm -> out_proj -> + x is norm_linear_residual.
+def _spy_widths(monkeypatch, name):
+    """Record the channel width of every call of ``mamba_perception_kernels.<name>``."""
     import mamba_perception_kernels
 
-    from mamba_perception.models import vmamba
+    calls = []
+    real = getattr(mamba_perception_kernels, name)
+    monkeypatch.setattr(mamba_perception_kernels, name,
+                        lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+    return calls
+
+
+def _inference_matches_module_path(x):
+    """vmamba_test with bf16 weights: its no-grad (fused) forward against the module path."""
     from mamba_perception.models.layers import cast_autocast_weights
 
-    calls = []
-    real = mamba_perception_kernels.norm_linear_residual
-    monkeypatch.setattr(mamba_perception_kernels, 'norm_linear_residual',
-                        lambda *a: calls.append(a[0].shape[-1]) or real(*a))
-    monkeypatch.setattr(vmamba, 'FUSED_SS2D_TAIL_MAX_CHANNELS', 64)
     torch.manual_seed(0)
     model = cast_autocast_weights(create_model('vmamba_test', num_classes=0).eval(),
                                   torch.bfloat16)
-    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         fused = model.forward_intermediates(x)
-    # d_inner = 2 * dims (16, 32, 64, 128): the stages up to 64 wide
-    assert calls == [32] * model.depths[0] + [64] * model.depths[1]
     with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         ref = model.forward_intermediates(x)
     for f, r in zip(fused, ref, strict=True):
         assert ((f.float() - r.float()).norm() / r.float().norm()) < 2e-2
+    return model
+
+
+def test_fused_ss2d_tail_matches_the_modules(monkeypatch):
+    # FUSED_SS2D_TAIL_MAX_CHANNELS on: out_norm -> out_proj -> + x is norm_linear_residual.
+    from mamba_perception.models import vmamba
+
+    calls = _spy_widths(monkeypatch, 'norm_linear_residual')
+    monkeypatch.setattr(vmamba, 'FUSED_SS2D_TAIL_MAX_CHANNELS', 64)
+    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
+    # d_inner = 2 * dims (16, 32, 64, 128): the stages up to 64 wide
+    assert calls == [32] * model.depths[0] + [64] * model.depths[1]
 
 
 def test_fused_fc1_matches_the_modules(monkeypatch):
     # FUSED_FC1_MAX_CHANNELS above FUSED_MLP_MAX_CHANNELS: the stages in between run
     # norm2 -> fc1 -> GELU as norm_linear_gelu and fc2 as their Linear; the full fusion keeps
     # the narrower stages.
-    import mamba_perception_kernels
-
     from mamba_perception.models import vmamba
-    from mamba_perception.models.layers import cast_autocast_weights
 
-    calls = {'gelu': [], 'mlp': []}
-    for name, key in (('norm_linear_gelu', 'gelu'), ('norm_mlp_residual', 'mlp')):
-        real = getattr(mamba_perception_kernels, name)
-        monkeypatch.setattr(mamba_perception_kernels, name,
-                            lambda *a, _r=real, _k=key: calls[_k].append(a[0].shape[-1])
-                            or _r(*a))
+    gelu = _spy_widths(monkeypatch, 'norm_linear_gelu')
+    mlp = _spy_widths(monkeypatch, 'norm_mlp_residual')
     monkeypatch.setattr(vmamba, 'FUSED_MLP_MAX_CHANNELS', 16)
     monkeypatch.setattr(vmamba, 'FUSED_FC1_MAX_CHANNELS', 64)
-    torch.manual_seed(0)
-    model = cast_autocast_weights(create_model('vmamba_test', num_classes=0).eval(),
-                                  torch.bfloat16)
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        fused = model.forward_intermediates(x)
+    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
     # dims (16, 32, 64, 128): stage 1 fully fused, stages 2-3 fc1 only, stage 4 modules
-    assert calls['mlp'] == [16] * model.depths[0]
-    assert calls['gelu'] == [32] * model.depths[1] + [64] * model.depths[2]
-    with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        ref = model.forward_intermediates(x)
-    for f, r in zip(fused, ref, strict=True):
-        assert ((f.float() - r.float()).norm() / r.float().norm()) < 2e-2
+    assert mlp == [16] * model.depths[0]
+    assert gelu == [32] * model.depths[1] + [64] * model.depths[2]
