@@ -17,8 +17,13 @@ PART=${1:?usage: bench/device_plan.sh kernels|backbone|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
-export PYTHONPATH=$PWD:/tmp/pp
+export PYTHONPATH=$PWD:/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT/plan_$PART.log
+# The lent machine has no pytest: carry its wheels in .whl (pip download pytest pluggy iniconfig).
+if ! python -c 'import pytest' 2>/dev/null; then
+    python -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest-*.whl \
+        .whl/pluggy-*.whl .whl/iniconfig-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
 
 step() {  # step SECONDS NAME COMMAND...
@@ -51,11 +56,13 @@ kernels)
     ;;
 backbone)
     backbone default
-    backbone fc1_256 --fused-fc1-max-channels 256
     backbone tail_256 --fused-tail-max-channels 256
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
         --out "$OUT/backbone_speed_anchor_h100.json"
+    step 150 "Vim-S" python bench/backbone_speed.py --models vim_small \
+        --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 140 \
+        --out "$OUT/backbone_speed_vim_h100.json"
     ;;
 node)
     echo "=== ROS env (bench/device_ros_env.sh)" | tee -a "$LOG"
@@ -63,11 +70,12 @@ node)
     source bench/device_ros_env.sh /tmp/rosvenv >> "$LOG" 2>&1 \
         || { echo "ROS env failed: see $LOG" | tee -a "$LOG"; exit 1; }
     set +e  # the env script sets -e; a failed step must not end the part
+    export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
     step 120 "GPU tests: conversions (staged upload, GPU JPEG)" \
         python -m pytest -q test/ros/test_conversions.py
     step 300 "node over DDS, raw 720p, 1/2/4 cameras" python bench/node_dds.py --device cuda \
         --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
-        --video .whl/vtest.avi --seconds 10 --out "$OUT/node_dds_h100.json"
+        --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 --out "$OUT/node_dds_h100.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone or node" >&2

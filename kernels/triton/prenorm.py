@@ -39,24 +39,27 @@ from .common import pow2_option, prepared
 
 # MLP launch configuration per padded channel width (<= 128, and wider), read at every call.
 # Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
-# (bench/prenorm.py --tune, then named norm_mlp.py: bench/results/norm_mlp_h100.json).
+# (bench/prenorm.py --tune --ops mlp fc1 linear: bench/results/prenorm_h100.json).
 # ``layout``: "linear" reads W1 / W2 as nn.Linear holds them, with masked, transposed tile
-# loads (the timed default); "padded_t" reads copies transposed and zero-padded to whole tiles
-# once (cached per weight tensor, common.prepared): unmasked loads along the contiguous N axis
-# of each dot's B operand, which the pipeliner can stage asynchronously. Not yet timed on a GPU.
+# loads; "padded_t" reads copies transposed and zero-padded to whole tiles once (cached per
+# weight tensor, common.prepared): unmasked loads along the contiguous N axis of each dot's B
+# operand, which the pipeliner can stage asynchronously. padded_t won the sweep at both widths
+# (C <= 128: 98 -> 69 us per stage-1 block at 1280x720; C = 256 is still slower than the
+# compiled modules, 77 vs 64 us, so FUSED_MLP_MAX_CHANNELS keeps it off).
 TUNING = {
-    128: {"block_m": 128, "block_h": 64, "num_warps": 8, "num_stages": 2, "layout": "linear"},
-    256: {"block_m": 64, "block_h": 32, "num_warps": 4, "num_stages": 2, "layout": "linear"},
+    128: {"block_m": 64, "block_h": 64, "num_warps": 4, "num_stages": 3, "layout": "padded_t"},
+    256: {"block_m": 64, "block_h": 32, "num_warps": 4, "num_stages": 2, "layout": "padded_t"},
 }
 LAYOUTS = ("linear", "padded_t")
-# norm -> linear: not yet swept (a first guess by analogy with the MLP's best at C <= 128).
+# norm -> linear: not swept (a first guess by analogy with the MLP); timed against the
+# compiled modules in prenorm_h100.json (43 vs 42 us at stage 1, 19 vs 24 at stage 2, 720p).
 LINEAR_TUNING = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
-# norm -> fc1 -> GELU per padded channel width: not yet swept. First guesses from offline SASS
-# (sm_90a): 125 registers at C <= 128 (two CTAs per SM), 141 at 256 with these tiles (205 with
-# block_m 128 / block_n 64).
+# norm -> fc1 -> GELU per padded channel width, swept on the H100 (prenorm_h100.json). With
+# cuBLAS fc2 after it, the split MLP is no faster than the compiled modules at stage 2 (67 vs
+# 64 us) and slower than the fused kernel at stage 1 (103 vs 68): FUSED_FC1_MAX_CHANNELS = 0.
 GELU_TUNING = {
-    128: {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    256: {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 2},
+    128: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    256: {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
 }
 MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live in registers
 
