@@ -160,18 +160,38 @@ def _compare(fused, separate_ours, separate_mamba, torch_only, iters):
     return row
 
 
-def bidir_case(batch, length, dtype, mamba, iters):
-    dev, dim, n = "cuda", VIM_S_DIM, VIM_N
-    u = torch.randn(batch, 2, dim, length, device=dev, dtype=dtype)
-    delta = (torch.randn(batch, 2, dim, length, device=dev) * 0.5 - 2).to(dtype)
-    A = -torch.rand(2, dim, n, device=dev) - 0.1
-    B = torch.randn(batch, 2, n, length, device=dev, dtype=dtype)
-    C = torch.randn(batch, 2, n, length, device=dev, dtype=dtype)
-    D = torch.randn(2, dim, device=dev)
-    z = torch.randn(batch, dim, length, device=dev, dtype=dtype)
-    bias = torch.randn(2, dim, device=dev) * 0.1
+def bidir_inputs(batch, dim, length, dtype, n=VIM_N, dev="cuda"):
+    """Vim scan inputs with u, Δ, B, C, z token-major.
+
+    Token-major: channel-first views of (.., L, dim) maps, as Vim's block passes them (what
+    the "seq" kernels take).
+    """
+    def act(*shape, scale=1.0, shift=0.0):
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], device=dev) * scale + shift
+        return t.to(dtype).transpose(-1, -2)
+
+    return dict(
+        u=act(batch, 2, dim, length), delta=act(batch, 2, dim, length, scale=0.5, shift=-2),
+        A=-torch.rand(2, dim, n, device=dev) - 0.1,
+        B=act(batch, 2, n, length), C=act(batch, 2, n, length),
+        D=torch.randn(2, dim, device=dev), z=act(batch, dim, length),
+        delta_bias=torch.randn(2, dim, device=dev) * 0.1)
+
+
+def bidir_case(batch, length, dtype, mamba, iters, dim=VIM_S_DIM):
+    """Time the Vim scan paths on one shape.
+
+    ``fused``: bidir_scan on token-major inputs (Vim's layout, "seq" kernels); ``tiles``: the
+    same op on channel-first copies (the tile kernels, Vim's layout before the seq kernels);
+    the separate paths and the torch path on the channel-first copies.
+    """
+    ins = bidir_inputs(batch, dim, length, dtype)
+    u, delta, A, B, C, D, z, bias = (t.contiguous() for t in ins.values())
 
     def fused():
+        return K.bidir_scan(**ins)
+
+    def tiles():
         return K.bidir_scan(u, delta, A, B, C, D, z, bias, True)
 
     def separate_ours():  # Vim: scan(x), scan(x.flip) with z.flip, flip back, add
@@ -191,9 +211,14 @@ def bidir_case(batch, length, dtype, mamba, iters):
     def torch_only():
         return torch_path.bidir_fwd(u, delta, A, B, C, D, z, bias, True)
 
-    torch_ok = batch == 1 and 2 * dim * n * length <= TORCH_PATH_MAX_ELEMS
-    return _compare(fused, separate_ours, separate_mamba if mamba else None,
-                    torch_only if torch_ok else None, iters)
+    torch_ok = batch == 1 and 2 * dim * VIM_N * length <= TORCH_PATH_MAX_ELEMS
+    row = _compare(fused, separate_ours, separate_mamba if mamba else None,
+                   torch_only if torch_ok else None, iters)
+    row["tiles"] = _t(tiles, iters)
+    ref = tiles().float()
+    row["fused_vs_tiles_max_rel_err"] = float((fused().float() - ref).abs().max()
+                                              / ref.abs().max())
+    return row
 
 
 def lowrank_floor_bytes(batch, dim, length, rank, dstate, out_bytes=4, k=4):
@@ -324,6 +349,72 @@ def tune_lowrank(dtype, what=("seq", "state")):
     return {"sweep": results, "applied": dict(lr.TUNING)}
 
 
+# Vim-T / Vim-S inner widths at 1280x720 (45x80 tokens + the class token) and 2048x2048.
+BIDIR_TUNE_SHAPES = [(1, 384, 3601), (1, 768, 3601), (1, 768, 16385)]
+
+
+def tune_bidir(dtype):
+    """Sweep the "seq" bidir kernels' launch parameters greedily and apply the best.
+
+    Channels per program x warps, steps per segment x unroll, the minimum program count, then
+    the state pass; the whole op timed on token-major Vim-T / Vim-S shapes.
+    """
+    from mamba_perception_kernels.triton import bidir
+
+    groups = [
+        [{"seq_block_d": d, "seq_num_warps": w}
+         for d, w in ((32, 1), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4))],
+        [{"seq_steps": t, "seq_unroll": u}
+         for t, u in ((16, 2), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4), (128, 2))],
+        [{"seq_min_programs": m} for m in (512, 1024, 2048, 4096, 8192)],
+        [{"state_block_m": m, "state_block_s": b} for m in (16, 64, 256) for b in (16, 64)],
+    ]
+    inputs = [bidir_inputs(*shape, dtype) for shape in BIDIR_TUNE_SHAPES]
+    results = []
+    for candidates in groups:
+        best = None
+        for cand in candidates:
+            saved = {key: bidir.TUNING[key] for key in cand}
+            bidir.TUNING.update(cand)
+            try:
+                per_shape = [time_cuda(lambda a=a: K.bidir_scan(**a), iters=10,
+                                       reps=3)["median_us"] for a in inputs]
+            except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
+                results.append({**cand, "error": str(exc)[:200]})
+                continue
+            finally:
+                bidir.TUNING.update(saved)
+            results.append({**cand, "per_shape_us": per_shape, "sum_us": sum(per_shape)})
+            print(f"bidir tune {cand}: {[round(v, 1) for v in per_shape]}", flush=True)
+            if best is None or sum(per_shape) < best[0]:
+                best = (sum(per_shape), cand)
+        if best is not None:
+            bidir.TUNING.update(best[1])
+    print("bidir tuned:", bidir.TUNING, flush=True)
+    return {"shapes": BIDIR_TUNE_SHAPES, "sweep": results, "applied": dict(bidir.TUNING)}
+
+
+def bidir_rows(report, args, dtypes, batches):
+    """Only the Vim rows: Vim-T / Vim-S widths at 1280x720 and 2048x2048 token counts."""
+    mamba = load_mamba()
+    for dname in dtypes:
+        for dim, model in ((384, "Vim-T"), (VIM_S_DIM, "Vim-S")):
+            for size, length in (("1280x720", 45 * 80 + 1), ("2048x2048", 128 * 128 + 1)):
+                for batch in batches:
+                    row = bidir_case(batch, length, DTYPES[dname], mamba, args.iters, dim=dim)
+                    row = {"model": model, "input": size, "L": length, "D": dim, "N": VIM_N,
+                           "batch": batch, "dtype": dname,
+                           **summarize(row, bidir_floor_bytes(batch, dim, length, VIM_N))}
+                    report["bidir"].append(row)
+                    print(_line(row) + f" tiles{row['tiles'].get('median_us', 0):9.1f}",
+                          flush=True)
+                    write_json(args.out, report)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
 def summarize(row, floor_bytes):
     fused = row["fused"].get("median_us")
     floor_us = floor_bytes / HBM_BYTES_PER_S * 1e6
@@ -332,7 +423,7 @@ def summarize(row, floor_bytes):
     if fused:
         row["fused_achieved_GBps"] = floor_bytes / fused * 1e-3
         row["fused_over_floor"] = fused / floor_us
-        for other in ("separate_ours", "separate_mamba", "torch_path"):
+        for other in ("separate_ours", "separate_mamba", "torch_path", "tiles"):
             t = row.get(other, {}).get("median_us")
             if t:
                 row[f"speedup_vs_{other}"] = t / fused
@@ -445,6 +536,10 @@ def main(argv=None):
     parser.add_argument("--tune-lowrank", nargs="*", choices=("seq", "state"),
                         help="sweep the low-rank kernels' launch parameters first: the seq "
                              "walks and / or the state pass (no value: both)")
+    parser.add_argument("--bidir", action="store_true",
+                        help="only the Vim (bidir) cases: Vim-T/S at 1280x720 and 2048x2048")
+    parser.add_argument("--tune-bidir", action="store_true",
+                        help="sweep the bidir seq kernels' launch parameters first")
     parser.add_argument("--cpu", action="store_true",
                         help="time the CPU path vs the reference on the CPU instead")
     parser.add_argument("--profile-one", nargs=6,
@@ -477,8 +572,13 @@ def main(argv=None):
     if args.tune_lowrank is not None:
         report["lowrank_tuning"] = tune_lowrank(DTYPES["fp16"],
                                                 tuple(args.tune_lowrank or ("seq", "state")))
+    if args.tune_bidir:
+        report["bidir_tuning"] = tune_bidir(DTYPES["fp16"])
     if args.lowrank:
         lowrank_rows(report, args, dtypes, batches)
+        return
+    if args.bidir:
+        bidir_rows(report, args, dtypes, batches)
         return
     for dname in dtypes:
         dtype = DTYPES[dname]

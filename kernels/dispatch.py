@@ -156,6 +156,21 @@ def check_bidir(u, delta, A, B, C, D, z, delta_bias):
     return batch, dim, length, dstate
 
 
+def bidir_out(u, dtype):
+    """Allocate ``bidir_scan``'s output (batch, dim, L) in the layout of ``u``.
+
+    A channel-first view of a (batch, L, dim) buffer when ``u`` is one (dim stride 1, as Vim's
+    block passes it), else contiguous.
+
+    Every backend and the fake (compile-time) implementation allocate through this, so the
+    output strides that torch.compile records are the ones the kernels produce.
+    """
+    batch, _, dim, length = u.shape
+    if u.stride(2) == 1:
+        return u.new_empty(batch, length, dim, dtype=dtype).transpose(1, 2)
+    return u.new_empty(batch, dim, length, dtype=dtype)
+
+
 def check_out_dtype(out_dtype):
     """Validate ``ss2d_scan``'s ``out_dtype``."""
     if out_dtype not in ACT_DTYPES:

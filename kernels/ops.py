@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .dispatch import backend_name
+from .dispatch import backend_name, bidir_out
 from .reference import expand_lowrank
 
 LIB = "mamba_perception"
@@ -155,13 +155,14 @@ def bidir_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """Return y (batch, dim, L) in u.dtype."""
     if backend_name(u.device) == "triton":
         return _triton().bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return cpu.bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    y = cpu.bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out = bidir_out(u, u.dtype)
+    return y if y.stride() == out.stride() else out.copy_(y)
 
 
 @bidir_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    batch, _, dim, length = u.shape
-    return u.new_empty(batch, dim, length)
+    return bidir_out(u, u.dtype)
 
 
 @torch.library.custom_op(f"{LIB}::bidir_scan_bwd", mutates_args=())

@@ -59,26 +59,39 @@ TUNING = {
 
 
 @triton.jit
-def _state_kernel(agg_a_ptr, agg_h_ptr, N_SEG, M, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Scan route k's segment aggregates (batch, 4, N_SEG, M) in route order, in place.
+def state_kernel(agg_a_ptr, agg_h_ptr, A_ptr, N_SEG, M, DIM, sA_k, sA_c, sA_n,
+                 ROUTES: tl.constexpr, DT_SUM: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Scan route k's segment aggregates (batch, ROUTES, N_SEG, M) in route order, in place.
 
-    Reversed routes (k >= 2) visit the segments last to first. The state after each segment
-    replaces its local state h.
+    Routes k >= ROUTES // 2 are reversed: they visit the segments last to first. The state
+    after each segment replaces its local state h. ``agg_a`` holds each segment's decay
+    (prod a), or with DT_SUM its Δ sums (batch, ROUTES, N_SEG, DIM) for states m = n * DIM + c
+    of A (ROUTES, DIM, N): prod_t exp(Δ_t A) = exp(A Σ_t Δ_t), N times fewer bytes.
     """
     pid_m = tl.program_id(0)
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    is_rev = k >= 2
+    is_rev = k >= ROUTES // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    base = (b * 4 + k) * N_SEG * M
+    base = (b * ROUTES + k) * N_SEG * M
+    if DT_SUM:
+        chan = offs_m % DIM
+        a2 = tl.load(A_ptr + k * sA_k + chan * sA_c + (offs_m // DIM) * sA_n, mask=m_ok,
+                     other=0.0).to(tl.float32) * 1.4426950408889634
     carry = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t0 in range(0, N_SEG, BLOCK_S):
         t = t0 + tl.arange(0, BLOCK_S)
         s = tl.where(is_rev, N_SEG - 1 - t, t)  # step t of the route visits segment s
         ok = (t < N_SEG)[:, None] & m_ok[None, :]
         ptr = base + s[:, None] * M + offs_m[None, :]
-        a = tl.load(agg_a_ptr + ptr, mask=ok, other=1.0)
+        if DT_SUM:
+            dts = tl.load(agg_a_ptr + (b * ROUTES + k) * N_SEG * DIM + s[:, None] * DIM
+                          + chan[None, :], mask=ok, other=0.0)
+            a = tl.exp2(dts * a2[None, :])
+        else:
+            a = tl.load(agg_a_ptr + ptr, mask=ok, other=1.0)
         h = tl.load(agg_h_ptr + ptr, mask=ok, other=0.0)
         a_s, h_s = tl.associative_scan((a, h), 0, _ssm_combine)
         h_s = h_s + a_s * carry[None, :]
@@ -95,6 +108,16 @@ def _state_kernel(agg_a_ptr, agg_h_ptr, N_SEG, M, BLOCK_S: tl.constexpr, BLOCK_M
 # outputs are summed in an fp32 NHWC buffer: the row kernel writes route 0 (+ D·u) and adds
 # route 2, the column kernel adds routes 1 and 3 (and casts on its last store): no atomics and
 # a fixed summation order.
+
+
+@triton.jit
+def softplus(dt, FAST_LOG: tl.constexpr):
+    """log(1 + e^dt) (dt itself above 20, as mamba_ssm); FAST_LOG: lg2.approx (CUDA only)."""
+    if FAST_LOG:  # MUFU.LG2 instead of the ~20-instruction precise logf
+        sp = libdevice.fast_log2f(1.0 + tl.exp2(dt * 1.4426950408889634)) * 0.6931471805599453
+    else:
+        sp = tl.log(1.0 + tl.exp(dt))
+    return tl.where(dt <= 20.0, sp, dt)
 
 
 @triton.jit
@@ -134,12 +157,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                     v = tl.load(p_ptr + po + r * sp_c, mask=valid, other=0.0).to(tl.float32)
                     dt += v * tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32)
             if SOFTPLUS:
-                if FAST_LOG:  # MUFU.LG2 instead of the ~20-instruction precise logf
-                    sp = libdevice.fast_log2f(1.0 + tl.exp2(dt * 1.4426950408889634))
-                    sp = sp * 0.6931471805599453
-                else:
-                    sp = tl.log(1.0 + tl.exp(dt))
-                dt = tl.where(dt <= 20.0, sp, dt)
+                dt = softplus(dt, FAST_LOG)
             bv = tl.load(p_ptr + po + R * sp_c, mask=valid, other=0.0).to(tl.float32)
             a = tl.where(m, tl.exp2(dt * a2), 1.0)  # padding = identity pair (1, 0)
             h = a * h + (dt * bv) * u
@@ -286,16 +304,16 @@ def _seq_out_kernel(
                   DELTA, SOFTPLUS, FAST_LOG)
 
 
-def _seq_steps(length, n_programs_per_segment):
-    """Return (steps per segment, unroll): TUNING["seq_steps"], halved while too few programs.
+def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank"):
+    """Return (steps per segment, unroll): tuning["seq_steps"], halved while too few programs.
 
     Both are powers of two, so whole unrolled groups tile a segment exactly (a walk that ran
     past its segment would write its neighbour's outputs).
     """
-    steps = _pow2("seq_steps", TUNING["seq_steps"])
-    unroll = _pow2("seq_unroll", TUNING["seq_unroll"])
+    steps = pow2_option(table, "seq_steps", tuning["seq_steps"])
+    unroll = pow2_option(table, "seq_unroll", tuning["seq_unroll"])
     while (steps > unroll
-           and triton.cdiv(length, steps) * n_programs_per_segment < TUNING["seq_min_programs"]):
+           and triton.cdiv(length, steps) * n_programs_per_segment < tuning["seq_min_programs"]):
         steps //= 2
     return steps, min(unroll, steps)
 
@@ -334,7 +352,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
     bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
-    steps, unroll = _seq_steps(length, 2 * n_cblk * batch)
+    steps, unroll = seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
     agg_h = torch.empty_like(agg_a)
@@ -361,9 +379,9 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     bm = min(_pow2("state_block_m", TUNING["state_block_m"]), triton.next_power_of_2(dim))
-    _state_kernel[(triton.cdiv(dim, bm), 4, batch)](
-        agg_a, agg_h, n_seg, dim, BLOCK_S=_pow2("state_block_s", TUNING["state_block_s"]),
-        BLOCK_M=bm, num_warps=4)
+    state_kernel[(triton.cdiv(dim, bm), 4, batch)](
+        agg_a, agg_h, A, n_seg, dim, dim, 0, 0, 0, ROUTES=4, DT_SUM=False,
+        BLOCK_S=_pow2("state_block_s", TUNING["state_block_s"]), BLOCK_M=bm, num_warps=4)
     for axis in (0, 1):
         _seq_out_kernel[(n_seg, n_cblk, batch)](
             x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out,

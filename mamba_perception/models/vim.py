@@ -15,9 +15,9 @@ official code, all at run time only:
   with the class-token slot (index M // 2, not 0) kept out of the interpolation and re-inserted
   in the middle; it is computed once per grid and cached (identity at the training grid).
 * Both scan directions run in one ``mamba_perception_kernels.bidir_scan`` call on the natural
-  token order. The backward branch's causal conv1d over the reversed sequence is computed as an
-  anti-causal conv over the natural order (flipped 4-tap kernel, right padding), so no reversed
-  copy of the activations is made.
+  token order, on token-major (channels innermost) maps. The backward branch's causal conv1d
+  over the reversed sequence is computed as an anti-causal conv over the natural order
+  (flipped 4-tap kernel, right padding), so no reversed copy of the activations is made.
 * No Triton RMSNorm / causal-conv1d extension: plain PyTorch ops, RMSNorm in fp32, the residual
   stream in fp32 (``residual_in_fp32`` of the released models).
 """
@@ -90,39 +90,55 @@ class BiMambaMixer(nn.Module):
         self.out_proj = nn.Linear(e, d_model, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Mix tokens ``h`` (B, L, D) -> (B, L, D)."""
-        n, r, k = self.d_state, self.dt_rank, self.d_conv
-        length = h.shape[1]
-        xz = self.in_proj(h).transpose(1, 2)  # [B, L, 2E] -> [B, 2E, L] view
-        x, z = xz.chunk(2, dim=1)
-        # Forward branch: causal depthwise conv (left pad k-1). Backward branch: the official code
-        # runs a causal conv on x.flip(-1) and flips back; that equals an anti-causal conv with
-        # the flipped kernel on the natural order (right pad k-1), computed here without a copy.
-        x_f = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, padding=k - 1,
-                       groups=self.d_inner)[..., :length]
-        x_b = F.conv1d(F.pad(x, (0, k - 1)), self.conv1d_b.weight.flip(-1), self.conv1d_b.bias,
-                       groups=self.d_inner)
-        u = F.silu(torch.stack((x_f, x_b), dim=1))  # [B, 2, E, L]
+        """Mix tokens ``h`` (B, L, D) -> (B, L, D).
+
+        Every map stays token-major (channels innermost) from in_proj to out_proj; the scan
+        reads channel-first views of them (its "seq" kernels walk contiguous channel vectors)
+        and returns y as a view of a (B, L, E) buffer: no layout copies.
+        """
+        n, r = self.d_state, self.dt_rank
+        xz = self.in_proj(h)  # [B, L, 2E]
+        x, z = xz.split(self.d_inner, dim=-1)
+        u = self._convs_silu(x)  # [B, 2, L, E]
         w_x = torch.stack((self.x_proj.weight, self.x_proj_b.weight)).to(u.dtype)  # [2, R+2N, E]
-        x_dbl = torch.matmul(w_x, u)  # [B, 2, R+2N, L]
-        dt, b, c = torch.split(x_dbl, [r, n, n], dim=2)
+        x_dbl = torch.matmul(u, w_x.transpose(1, 2))  # [B, 2, L, R+2N]
+        dt, b, c = torch.split(x_dbl, [r, n, n], dim=-1)
         w_dt = torch.stack((self.dt_proj.weight, self.dt_proj_b.weight)).to(u.dtype)  # [2, E, R]
-        delta = torch.matmul(w_dt, dt)  # [B, 2, E, L]
+        delta = torch.matmul(dt, w_dt.transpose(1, 2))  # [B, 2, L, E]
         y = _bidir_scan(
-            u, delta,
+            u.transpose(2, 3), delta.transpose(2, 3),
             -torch.exp(torch.stack((self.A_log, self.A_b_log)).float()),
-            b.contiguous(), c.contiguous(),
+            b.transpose(2, 3), c.transpose(2, 3),
             D=torch.stack((self.D, self.D_b)).float(),
-            z=z.contiguous(),
+            z=z.transpose(1, 2),
             delta_bias=torch.stack((self.dt_proj.bias, self.dt_proj_b.bias)).float(),
             delta_softplus=True,
-        )  # [B, E, L] = (y_f + y_b) * silu(z)
+        ).transpose(1, 2)  # [B, L, E] = (y_f + y_b) * silu(z)
         if self.divide_out:
             y = y / 2
-        y = y.transpose(1, 2)  # [B, E, L] -> [B, L, E]
         if not torch.is_autocast_enabled(y.device.type):
             y = y.to(self.out_proj.weight.dtype)
         return self.out_proj(y)
+
+    def _convs_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(conv) of both directions over x (B, L, E), token-major: [B, 2, L, E].
+
+        Forward: causal (left pad k-1), as the official conv1d. Backward: the official code
+        runs a causal conv on the reversed sequence and flips back; that equals an anti-causal
+        conv with the flipped kernel on the natural order (right pad k-1). Written as k
+        multiply-adds of shifted views, both directions stacked tap by tap, so torch.compile
+        makes the whole thing one pointwise pass over x (a channel-first conv1d would need a
+        transposed copy in and out, and stacking finished directions cost an extra pass).
+        """
+        k, length = self.d_conv, x.shape[1]
+        xp = F.pad(x, (0, 0, k - 1, k - 1))  # [B, L + 2(k-1), E]
+        w = torch.stack((self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0].flip(-1)))
+        w = w.to(x.dtype)  # [2, E, k]
+        acc = torch.stack((self.conv1d.bias, self.conv1d_b.bias)).to(x.dtype)[:, None]
+        for j in range(k):
+            taps = torch.stack((xp[:, j:j + length], xp[:, k - 1 + j:k - 1 + j + length]), 1)
+            acc = acc + taps * w[:, None, :, j]
+        return F.silu(acc)
 
 
 class Block(nn.Module):

@@ -85,3 +85,11 @@ def tol(dtype):
     """(rtol, atol) for comparing an op against the fp32 reference at the given input dtype."""
     return {torch.float32: (2e-4, 2e-4), torch.float64: (1e-9, 1e-9),
             torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}[dtype]
+
+
+def token_major(t):
+    """Same values as a view of a copy with the last two axes swapped in memory: a (.., dim, L)
+    channel-first view of (.., L, dim) token-major maps, as Vim's block passes them."""
+    if t is None:
+        return t
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)

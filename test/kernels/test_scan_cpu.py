@@ -6,6 +6,7 @@ import sys
 import mamba_perception_kernels as K
 from mamba_perception_kernels import cpu
 import pytest
+import scan_inputs
 from scan_inputs import (
     make_bidir,
     make_selective,
@@ -380,6 +381,21 @@ def test_export_shows_one_custom_op_node():
     targets = [str(n.target) for n in ep.graph.nodes if n.op == 'call_function']
     ours = [t for t in targets if t.startswith('mamba_perception.')]
     assert ours == ['mamba_perception.ss2d_scan.default'], targets
+
+
+def test_bidir_output_layout_follows_u_in_the_op_and_its_fake():
+    # torch.compile checks the real output's strides against the fake's: both follow u.
+    args = make_bidir(2, 5, 7, 4)
+    token_major = {k: (scan_inputs.token_major(v) if k in ('u', 'delta', 'B', 'C', 'z') else v)
+                   for k, v in args.items()}
+    ref = K.bidir_scan_ref(**args)
+    for ins, want in ((args, (35, 7, 1)), (token_major, (35, 1, 5))):
+        out = K.bidir_scan(**ins)
+        assert out.stride() == want
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = {k: (None if v is None else mode.from_tensor(v)) for k, v in ins.items()}
+            assert K.bidir_scan(**fake).stride() == want
 
 
 def test_ops_registered_with_fake_impls():

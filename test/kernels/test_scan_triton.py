@@ -17,6 +17,7 @@ from scan_inputs import (
     make_ss2d,
     make_ss2d_lowrank,
     non_contiguous,
+    token_major,
     tol,
 )
 import torch
@@ -135,6 +136,62 @@ def test_bidir_fwd_non_contiguous(triton_device):
     ref = K.bidir_scan_ref(**args)
     nc = {k: non_contiguous(v) for k, v in _on(args, device).items()}
     _close(launch.bidir_fwd(*nc.values(), True), ref, torch.float32)
+
+
+def _bidir_token_major(args, device):
+    args = _on(args, device)
+    for name in ('u', 'delta', 'B', 'C', 'z'):
+        args[name] = token_major(args[name])
+    return args
+
+
+@pytest.mark.parametrize('batch,dim,length,dstate,dtype,opts,seq', [
+    # seq = (steps per segment, unroll, channels per program, state pass channels per program,
+    #        segments per state-pass step)
+    (1, 3, 1, 2, torch.float32, {}, (4, 2, 4, 8, 4)),            # one step, idle lanes
+    # 8-step segments with a last partial one (37 = 4*8 + 5) walked both ways, 2 channel
+    # blocks (the second partial), batch 2; the state pass over 3 programs, 2 segments a step
+    (2, 12, 37, 4, torch.float32, {}, (8, 4, 8, 16, 2)),
+    (1, 40, 70, 16, torch.float32, dict(with_d=False, with_z=False, with_bias=False),
+     (16, 2, 32, 64, 4)),
+    (1, 24, 50, 16, torch.float16, {}, (16, 4, 16, 64, 8)),     # y_0 kept in the fp16 output
+    (1, 8, 33, 8, torch.bfloat16, {}, (4, 1, 8, 32, 16)),
+])
+def test_bidir_fwd_seq_token_major(triton_device, batch, dim, length, dstate, dtype, opts, seq,
+                                   monkeypatch):
+    device, launch = triton_device
+    from mamba_perception_kernels.triton import bidir
+
+    for key, value in zip(('seq_steps', 'seq_unroll', 'seq_block_d', 'state_block_m',
+                           'state_block_s'), seq, strict=True):
+        monkeypatch.setitem(bidir.TUNING, key, value)
+    monkeypatch.setitem(bidir.TUNING, 'seq_min_programs', 1)  # keep the given steps
+    monkeypatch.setitem(bidir.TUNING, 'impl', 'seq')
+    walks = []
+    monkeypatch.setattr(bidir, '_seq_fwd', lambda *a, f=bidir._seq_fwd: walks.append(f(*a)))
+    args = make_bidir(batch, dim, length, dstate, dtype=dtype, **opts)
+    out = launch.bidir_fwd(*_bidir_token_major(args, device).values(), True)
+    assert walks, 'token-major inputs take the seq kernels'
+    assert out.shape == (batch, dim, length) and out.transpose(1, 2).is_contiguous()
+    _close(out, K.bidir_scan_ref(**args), dtype)
+
+
+def test_bidir_seq_leaves_other_layouts_and_states_to_the_tiles(triton_device, monkeypatch):
+    device, launch = triton_device
+    from mamba_perception_kernels.triton import bidir
+
+    monkeypatch.setitem(bidir.TUNING, 'impl', 'seq')
+    walks = []
+    monkeypatch.setattr(bidir, '_seq_fwd', lambda *a: walks.append(a))
+    contiguous = make_bidir(1, 4, 9, 4)
+    odd_states = make_bidir(1, 4, 9, 3)  # N = 3: not a power of two
+    for args, prep in ((contiguous, _on), (odd_states, _bidir_token_major)):
+        out = launch.bidir_fwd(*prep(args, device).values(), True)
+        _close(out, K.bidir_scan_ref(**args), torch.float32)
+    assert not walks
+    monkeypatch.setitem(bidir.TUNING, 'impl', 'tile')
+    with pytest.raises(ValueError, match="bidir TUNING\\['impl'\\] must be 'seq' or 'tiles'"):
+        launch.bidir_fwd(*_on(contiguous, device).values(), True)
 
 
 # ------------------------------------------------------------------ backward kernels

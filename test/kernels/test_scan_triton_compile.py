@@ -14,10 +14,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None,
                                 reason='triton is not installed')
 
 ACT = {'u_ptr', 'delta_ptr', 'Bm_ptr', 'Cm_ptr', 'z_ptr', 'out_ptr', 'dy_ptr',  # activations
-       'x_ptr', 'p_ptr', 'd_ptr'}
+       'x_ptr', 'p_ptr', 'd_ptr', 'b_ptr', 'c_ptr'}
 
 
-def _compile(fn, consts):
+def _compile(fn, consts, num_warps=4):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -27,7 +27,7 @@ def _compile(fn, consts):
                ('*bf16' if n in ACT else '*fp32') if n.endswith('_ptr') else 'i32')
            for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                          target=GPUTarget('cuda', 90, 32))
+                          target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
 
 
 @pytest.mark.parametrize('mode,k,block', [(0, 1, (16, 64)), (1, 2, (16, 64)), (2, 4, (16, 32))])
@@ -61,7 +61,24 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     assert ('lg2.approx' in agg.asm['ptx']) == fast_log
     for axis in (0, 1):
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
-    assert _compile(lr._state_kernel, dict(BLOCK_S=512, BLOCK_M=4)).asm['cubin']
+    for dt_sum in (False, True):
+        assert _compile(lr.state_kernel, dict(ROUTES=4 - 2 * dt_sum, DT_SUM=dt_sum,
+                                              BLOCK_S=512, BLOCK_M=4)).asm['cubin']
+
+
+@pytest.mark.parametrize('out,fast_log', [(False, True), (True, True), (True, False)])
+def test_bidir_seq_kernel_compiles_for_sm90(out, fast_log):
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import bidir
+
+    k = _compile(bidir._bidir_seq_kernel,
+                 dict(N=16, T=64, UNROLL=2, OUT=out, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+                      SOFTPLUS=True, FAST_LOG=fast_log, BLOCK_D=64), num_warps=2)
+    assert ('lg2.approx' in k.asm['ptx']) == fast_log
+    # The state tile keeps every state of a channel in one thread (BLOCK_D >= 32 x warps):
+    # C·h and the row stores need no shuffle.
+    assert 'shfl' not in k.asm['ptx']
 
 
 @pytest.mark.parametrize('padded_t,weights,precision', [(False, '*fp16', 'tf32'),
