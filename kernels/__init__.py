@@ -11,7 +11,8 @@ the conv's oracle is ``F.conv2d``):
   (VMamba's x_proj output and dt_projs weight): the Δ projection is part of the op.
 * ``bidir_scan``: Vim's forward + backward scan as one op.
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
-  before the scan (``dwconv.py``).
+  before the scan (``dwconv.py``); ``dwconv1d_bidir_silu``: Vim's causal + anti-causal 1-D
+  convs (+ bias, + SiLU) of a token-major map, both directions in one pass.
 * ``norm_mlp_residual``: ``x + fc2(gelu(fc1(layer_norm(x))))`` in one pass (inference; the
   second half of a VMamba block, ``prenorm.py``); ``norm_linear_residual``:
   ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add);
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
-from .dwconv import dwconv2d_nhwc
+from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc
 from .errors import ScanInputError
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
 from .prenorm import norm_linear_gelu, norm_linear_residual, norm_mlp_residual
@@ -46,6 +47,7 @@ __all__ = [
     "backend_name",
     "bidir_scan",
     "bidir_scan_ref",
+    "dwconv1d_bidir_silu",
     "dwconv2d_nhwc",
     "norm_linear_gelu",
     "norm_linear_residual",

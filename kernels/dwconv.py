@@ -1,4 +1,8 @@
-"""Depthwise k x k convolution over a channels-last (B, H, W, C) map, optional bias and SiLU.
+"""Depthwise convolutions over channels-last maps (+ bias, + SiLU): VMamba's and Vim's.
+
+``dwconv2d_nhwc``: depthwise k x k convolution over a (B, H, W, C) map, optional bias and SiLU.
+``dwconv1d_bidir_silu``: Vim's two 1-D convs of a token-major (B, L, E) map (causal for the
+forward scan, anti-causal for the backward one) + bias + SiLU, written as (B, 2, L, E).
 
 ``dwconv2d_nhwc(x, weight, bias, silu)`` is the custom op ``mamba_perception::dwconv2d_nhwc``:
 on CUDA a single Triton kernel (``triton/dwconv.py``) reads the NHWC activation in place and
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 from .dispatch import ACT_DTYPES, backend_name, check_tensor
 from .errors import ScanInputError
 
-__all__ = ["dwconv2d_nhwc", "dwconv2d_nhwc_op", "dwconv2d_nhwc_torch"]
+__all__ = ["dwconv1d_bidir_silu", "dwconv1d_bidir_silu_op", "dwconv1d_bidir_silu_torch",
+           "dwconv2d_nhwc", "dwconv2d_nhwc_op", "dwconv2d_nhwc_torch"]
 
 LIB = "mamba_perception"
 
@@ -159,3 +164,74 @@ def dwconv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     check_dwconv(x, weight, bias)
     return dwconv2d_nhwc_op(x, weight, bias, bool(silu))
+
+
+# ----------------------------------------------------------------------- dwconv1d_bidir_silu
+
+
+def dwconv1d_bidir_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """PyTorch path of :func:`dwconv1d_bidir_silu` (no validation).
+
+    k shifted multiply-adds per direction on the token-major map, then bias + SiLU.
+    """
+    k, length = weight.shape[2], x.shape[1]
+    w, b = weight.to(x.dtype), bias.to(x.dtype)
+    xp = F.pad(x, (0, 0, k - 1, k - 1))  # [B, L + 2(k-1), E]
+    x_f = b[0] + sum(xp[:, j:j + length] * w[0, :, j] for j in range(k))
+    x_b = b[1] + sum(xp[:, k - 1 + j:k - 1 + j + length] * w[1, :, j] for j in range(k))
+    return F.silu(torch.stack((x_f, x_b), dim=1))
+
+
+@torch.library.custom_op(f"{LIB}::dwconv1d_bidir_silu", mutates_args=())
+def dwconv1d_bidir_silu_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Return u (B, 2, L, E) contiguous in x.dtype."""
+    if backend_name(x.device) == "triton" and x.stride(2) == 1:
+        return _triton().dwconv1d_bidir_silu_fwd(x, weight, bias)
+    return dwconv1d_bidir_silu_torch(x, weight, bias).contiguous()
+
+
+@dwconv1d_bidir_silu_op.register_fake
+def _(x, weight, bias):
+    batch, length, channels = x.shape
+    return x.new_empty(batch, 2, length, channels)
+
+
+def _bidir_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bidir_backward(ctx, du):
+    # Autograd through the PyTorch path, recomputed (the op is inference-tuned; this is exact).
+    inputs = [t.detach().requires_grad_(need)
+              for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=True)]
+    with torch.enable_grad():
+        u = dwconv1d_bidir_silu_torch(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(u, wanted, du))
+    return tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+dwconv1d_bidir_silu_op.register_autograd(_bidir_backward, setup_context=_bidir_setup_context)
+
+
+def dwconv1d_bidir_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Vim's two depthwise 1-D convs + bias + SiLU over a token-major map, in one pass.
+
+    ``u[:, 0, t] = silu(bias[0] + sum_j weight[0, :, j] * x[:, t - (k-1) + j])`` (causal, as
+    the forward branch's ``conv1d``) and ``u[:, 1, t] = silu(bias[1] + sum_j weight[1, :, j] *
+    x[:, t + j])`` (anti-causal: the backward branch's causal conv over the reversed sequence
+    with its kernel flipped), zero padding::
+
+        x:       (B, L, E)     fp32 / fp16 / bf16 (fp64 on the CPU); channel stride 1 is the
+                               Triton path, other strides the PyTorch one
+        weight:  (2, E, k)     direction 1's taps already flipped; any float dtype (cast)
+        bias:    (2, E)
+        returns  (B, 2, L, E)  new contiguous tensor in x.dtype
+
+    Triton kernel on CUDA (fp32 accumulation, one rounding per output), shifted multiply-adds
+    elsewhere. Raises ScanInputError (a ValueError) naming the offending tensor.
+    """
+    check_tensor("x", x, (None, None, None), ACT_DTYPES, None)
+    check_tensor("weight", weight, (2, x.shape[2], None), ACT_DTYPES, x.device)
+    check_tensor("bias", bias, (2, x.shape[2]), ACT_DTYPES, x.device)
+    return dwconv1d_bidir_silu_op(x, weight, bias)

@@ -154,3 +154,60 @@ def dwconv2d_nhwc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=cfg["num_warps"])
     return out
 
+
+
+# Vim's two depthwise 1-D convs (+ bias + SiLU) of one token-major (B, L, E) map: direction 0
+# causal (taps t-k+1..t), direction 1 anti-causal (taps t..t+k-1), written as u (B, 2, L, E).
+# One program owns BLOCK_L tokens x BLOCK_E channels; the 2k-1 shifted rows it reads overlap
+# its neighbours' (L1/L2), so HBM sees about one read of x and one write of u. Not yet swept.
+BIDIR_TUNING = {"block_l": 32, "block_e": 64, "num_warps": 4}
+
+
+@triton.jit
+def _dwconv1d_bidir_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, L, E, sx_b, sx_l, sw_d, sw_e, sw_k, sb_d,
+        KSIZE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    b = tl.program_id(2).to(tl.int64)
+    e_ok = e < E
+    x_b = x_ptr + b * sx_b + e[None, :]
+    acc0 = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32) + tl.load(
+        bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    acc1 = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32) + tl.load(
+        bias_ptr + sb_d + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    for s in tl.static_range(2 * KSIZE - 1):  # token t + s - (k-1): both directions share it
+        src = t + (s - (KSIZE - 1))
+        ok = (src >= 0) & (src < L)
+        xv = tl.load(x_b + src[:, None] * sx_l, mask=ok[:, None] & e_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if s < KSIZE:  # causal tap s of direction 0
+            acc0 += xv * tl.load(w_ptr + e * sw_e + s * sw_k, mask=e_ok,
+                                 other=0.0).to(tl.float32)[None, :]
+        if s >= KSIZE - 1:  # anti-causal tap s-(k-1) of direction 1
+            acc1 += xv * tl.load(w_ptr + sw_d + e * sw_e + (s - (KSIZE - 1)) * sw_k, mask=e_ok,
+                                 other=0.0).to(tl.float32)[None, :]
+    ok = (t < L)[:, None] & e_ok[None, :]
+    out = out_ptr + b * 2 * L * E + t[:, None] * E + e[None, :]
+    tl.store(out, (acc0 / (1.0 + tl.exp(-acc0))).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + L * E, (acc1 / (1.0 + tl.exp(-acc1))).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dwconv1d_bidir_silu_fwd(x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor) -> torch.Tensor:
+    """Return u (B, 2, L, E) contiguous in x.dtype; see ``dwconv1d_bidir_silu`` (validated)."""
+    batch, length, channels = x.shape
+    out = torch.empty(batch, 2, length, channels, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    bl = min(pow2_option("dwconv1d_bidir", "block_l", BIDIR_TUNING["block_l"]),
+             triton.next_power_of_2(length))
+    be = min(pow2_option("dwconv1d_bidir", "block_e", BIDIR_TUNING["block_e"]),
+             triton.next_power_of_2(channels))
+    grid = (triton.cdiv(length, bl), triton.cdiv(channels, be), batch)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _dwconv1d_bidir_kernel[grid](
+            x, weight, bias, out, length, channels, x.stride(0), x.stride(1),
+            *weight.stride(), bias.stride(0), KSIZE=weight.shape[2], BLOCK_L=bl, BLOCK_E=be,
+            num_warps=pow2_option("dwconv1d_bidir", "num_warps", BIDIR_TUNING["num_warps"]))
+    return out

@@ -47,6 +47,12 @@ def _bidir_scan(*args, **kwargs):
     return bidir_scan(*args, **kwargs)
 
 
+def _dwconv1d_bidir_silu(*args):
+    from mamba_perception_kernels import dwconv1d_bidir_silu
+
+    return dwconv1d_bidir_silu(*args)
+
+
 class BiMambaMixer(nn.Module):
     """The "bimamba v2" mixer: shared in/out projections, two independent SSM parameter sets.
 
@@ -99,9 +105,21 @@ class BiMambaMixer(nn.Module):
         n, r = self.d_state, self.dt_rank
         xz = self.in_proj(h)  # [B, L, 2E]
         x, z = xz.split(self.d_inner, dim=-1)
-        u = F.silu(torch.stack(self._convs(x), dim=1))  # [B, 2, L, E]
-        w_x = torch.stack((self.x_proj.weight, self.x_proj_b.weight)).to(u.dtype)  # [2, R+2N, E]
-        x_dbl = torch.matmul(u, w_x.transpose(1, 2))  # [B, 2, L, R+2N]
+        # Both directions' convs + SiLU in one pass. Forward: causal (left pad k-1), as the
+        # official conv1d. Backward: the official code runs a causal conv on the reversed
+        # sequence and flips back, which equals an anti-causal conv with the flipped kernel
+        # on the natural order: no reversed copy.
+        u = _dwconv1d_bidir_silu(  # [B, 2, L, E]
+            x, torch.stack((self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0].flip(-1))),
+            torch.stack((self.conv1d.bias, self.conv1d_b.bias)))
+        w_x = torch.stack((self.x_proj.weight, self.x_proj_b.weight))  # [2, R+2N, E]
+        d_skip = torch.stack((self.D, self.D_b)).float()
+        if self.divide_out:
+            # y = (C·h + D·u) * silu(z) is linear in C and D: halving their weights halves y
+            # exactly (a power of two), with no pass over y (a whole (B, L, E) read + write).
+            w_x = torch.cat((w_x[:, :r + n], w_x[:, r + n:] * 0.5), dim=1)
+            d_skip = d_skip * 0.5
+        x_dbl = torch.matmul(u, w_x.to(u.dtype).transpose(1, 2))  # [B, 2, L, R+2N]
         dt, b, c = torch.split(x_dbl, [r, n, n], dim=-1)
         w_dt = torch.stack((self.dt_proj.weight, self.dt_proj_b.weight)).to(u.dtype)  # [2, E, R]
         delta = torch.matmul(dt, w_dt.transpose(1, 2))  # [B, 2, L, E]
@@ -109,38 +127,14 @@ class BiMambaMixer(nn.Module):
             u.transpose(2, 3), delta.transpose(2, 3),
             -torch.exp(torch.stack((self.A_log, self.A_b_log)).float()),
             b.transpose(2, 3), c.transpose(2, 3),
-            D=torch.stack((self.D, self.D_b)).float(),
+            D=d_skip,
             z=z.transpose(1, 2),
             delta_bias=torch.stack((self.dt_proj.bias, self.dt_proj_b.bias)).float(),
             delta_softplus=True,
-        ).transpose(1, 2)  # [B, L, E] = (y_f + y_b) * silu(z)
-        if self.divide_out:
-            y = y / 2
+        ).transpose(1, 2)  # [B, L, E] = (y_f + y_b) * silu(z), halved with divide_out
         if not torch.is_autocast_enabled(y.device.type):
             y = y.to(self.out_proj.weight.dtype)
         return self.out_proj(y)
-
-    def _convs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Both directions' depthwise convs of x (B, L, E), token-major, as shifted sums.
-
-        Forward: causal (left pad k-1), as the official conv1d. Backward: the official code
-        runs a causal conv on the reversed sequence and flips back; that equals an anti-causal
-        conv with the flipped kernel on the natural order (right pad k-1). k shifted
-        multiply-adds per direction over token-major maps: torch.compile makes them one pass
-        and bias + silu + stack a second (a channel-first conv1d would need a transposed copy
-        in and out). Stacking the directions tap by tap instead gave one pass but a slower one
-        on the H100 (30 vs 22 us per Vim-S layer at 1280x720, bench/PERF_NOTES.md).
-        """
-        k, length = self.d_conv, x.shape[1]
-        xp = F.pad(x, (0, 0, k - 1, k - 1))  # [B, L + 2(k-1), E]
-        w_f = self.conv1d.weight[:, 0].to(x.dtype)  # [E, k]
-        w_b = self.conv1d_b.weight[:, 0].flip(-1).to(x.dtype)
-        x_f = self.conv1d.bias.to(x.dtype) + sum(
-            xp[:, j:j + length] * w_f[:, j] for j in range(k))
-        x_b = self.conv1d_b.bias.to(x.dtype) + sum(
-            xp[:, k - 1 + j:k - 1 + j + length] * w_b[:, j] for j in range(k))
-        return x_f, x_b
-
 
 class Block(nn.Module):
     """Add -> RMSNorm -> mixer, returning (mixer output, fp32 residual) as the official Block."""

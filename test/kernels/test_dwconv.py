@@ -1,4 +1,5 @@
-"""Depthwise NHWC convolution op: CPU path, gradients, errors, fake impl, and the Triton kernel.
+"""Depthwise conv ops (NHWC 2-D, Vim's bidirectional 1-D): CPU path, gradients, errors, fake
+impl, and the Triton kernels.
 
 The Triton tests (``test_triton_kernel_*``) need CUDA or the Triton interpreter. Without a GPU
 ``test_triton_kernels_under_interpreter`` reruns just those tests of this file in a subprocess
@@ -9,7 +10,11 @@ GPU they run compiled kernels on CUDA in-process and the subprocess test skips.
 import importlib.util
 
 from mamba_perception_kernels import ScanInputError
-from mamba_perception_kernels.dwconv import dwconv2d_nhwc, dwconv2d_nhwc_torch
+from mamba_perception_kernels.dwconv import (
+    dwconv1d_bidir_silu,
+    dwconv2d_nhwc,
+    dwconv2d_nhwc_torch,
+)
 import pytest
 from scan_inputs import non_contiguous
 import torch
@@ -219,6 +224,58 @@ def test_export_shows_one_custom_op_node():
     assert ours == ['mamba_perception.dwconv2d_nhwc.default'], targets
 
 
+# --------------------------------------------------------------- dwconv1d_bidir_silu, CPU
+
+
+def bidir_reference(x, weight_f, weight_b, bias):
+    """Vim's official composition in float64: conv1d (causal) of x for the forward branch,
+    conv1d of the reversed sequence flipped back for the backward one, then SiLU."""
+    k, length = weight_f.shape[-1], x.shape[1]
+    xc = x.double().transpose(1, 2)  # (B, E, L)
+
+    def causal(seq, w, b):
+        return F.conv1d(seq, w.double()[:, None], b.double(), padding=k - 1,
+                        groups=w.shape[0])[..., :length]
+
+    y_f = causal(xc, weight_f, bias[0])
+    y_b = causal(xc.flip(-1), weight_b, bias[1]).flip(-1)
+    return F.silu(torch.stack((y_f, y_b), 1)).transpose(2, 3)  # (B, 2, L, E)
+
+
+def make_bidir_conv(batch, length, channels, k=4, dtype=torch.float32, device='cpu'):
+    x = torch.randn(batch, length, channels).to(dtype=dtype, device=device)
+    weight_f, weight_b = (torch.randn(channels, k) / k for _ in range(2))
+    bias = torch.randn(2, channels)
+    # The op takes direction 1's kernel flipped (the anti-causal form of the official conv).
+    weight = torch.stack((weight_f, weight_b.flip(-1)))
+    return x, weight.to(device), bias.to(device), (weight_f, weight_b)
+
+
+@pytest.mark.parametrize('batch,length,channels,k,dtype', [
+    (2, 9, 5, 4, torch.float64), (1, 3, 4, 4, torch.float32),   # L < k: padding on both sides
+    (1, 17, 8, 2, torch.float32), (2, 6, 16, 4, torch.bfloat16)])
+def test_bidir_conv1d_matches_official_composition(batch, length, channels, k, dtype):
+    x, weight, bias, (w_f, w_b) = make_bidir_conv(batch, length, channels, k, dtype)
+    u = dwconv1d_bidir_silu(x, weight, bias)
+    assert u.shape == (batch, 2, length, channels) and u.is_contiguous()
+    _close(u, bidir_reference(x, w_f, w_b, bias), dtype)
+
+
+def test_bidir_conv1d_strided_input_gradcheck_and_fake():
+    x, weight, bias, (w_f, w_b) = make_bidir_conv(1, 7, 3, dtype=torch.float64)
+    weight, bias = weight.double(), bias.double()
+    xz = torch.cat((x, torch.randn_like(x)), -1)  # x as Vim's in_proj half: row stride 2E
+    _close(dwconv1d_bidir_silu(xz[..., :3], weight, bias), bidir_reference(x, w_f, w_b, bias),
+           torch.float64)
+    assert gradcheck(dwconv1d_bidir_silu, (x.requires_grad_(), weight.requires_grad_(),
+                                           bias.requires_grad_()))
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = dwconv1d_bidir_silu(*(mode.from_tensor(t) for t in (x, weight, bias)))
+    assert fake.shape == (1, 2, 7, 3) and fake.stride() == (42, 21, 3, 1)
+    with pytest.raises(ScanInputError, match=r'weight must have shape \(2, 3, \*\)'):
+        dwconv1d_bidir_silu(x, weight[:, :2], bias)
+
+
 # ------------------------------------------------------------------------------- Triton
 
 
@@ -315,3 +372,38 @@ def test_kernel_compiles_for_sm90(silu, has_bias, c_contig):
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                               target=GPUTarget('cuda', 90, 32))
     assert compiled.asm['ptx']
+
+
+@needs_triton_device
+@pytest.mark.parametrize('batch,length,channels,dtype,cfg', [
+    # several token blocks with a partial last one, a partial channel block, batch 2
+    (2, 37, 40, torch.float32, dict(block_l=8, block_e=16)),
+    (1, 3, 8, torch.float16, None),                              # L < k
+    (1, 50, 24, torch.bfloat16, dict(block_l=16, block_e=32)),
+])
+def test_triton_kernel_bidir_conv1d(batch, length, channels, dtype, cfg, monkeypatch):
+    launcher = _launcher()
+    for key, value in (cfg or {}).items():
+        monkeypatch.setitem(launcher.BIDIR_TUNING, key, value)
+    x, weight, bias, (w_f, w_b) = make_bidir_conv(batch, length, channels, dtype=dtype,
+                                                  device=TRITON_DEVICE)
+    xz = torch.cat((x, torch.zeros_like(x)), -1)[..., :channels]  # row stride 2E, as Vim's
+    u = launcher.dwconv1d_bidir_silu_fwd(xz, weight, bias)
+    assert u.shape == (batch, 2, length, channels) and u.is_contiguous()
+    _close(u, bidir_reference(x, w_f, w_b, bias), dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETER, reason='needs the Triton compiler')
+def test_bidir_conv1d_kernel_compiles_for_sm90():
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _launcher()._dwconv1d_bidir_kernel
+    consts = dict(KSIZE=4, BLOCK_L=32, BLOCK_E=64)
+    ptr_types = {'x_ptr': '*fp16', 'out_ptr': '*fp16', 'w_ptr': '*fp16', 'bias_ptr': '*fp32'}
+    sig = {n: 'constexpr' if n in consts else ptr_types.get(n, 'i32') for n in fn.arg_names}
+    assert triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget('cuda', 90, 32)).asm['ptx']
