@@ -248,7 +248,7 @@ def make_bidir_conv(batch, length, channels, k=4, dtype=torch.float32, device='c
     bias = torch.randn(2, channels)
     # The op takes direction 1's kernel flipped (the anti-causal form of the official conv).
     weight = torch.stack((weight_f, weight_b.flip(-1)))
-    return x, weight.to(device), bias.to(device), (weight_f, weight_b)
+    return x, weight.to(device), bias.to(device), (weight_f.to(device), weight_b.to(device))
 
 
 @pytest.mark.parametrize('batch,length,channels,k,dtype', [
