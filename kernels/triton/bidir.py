@@ -107,9 +107,6 @@ TUNING = {
     "seq_block_d": 64,
     "seq_num_warps": 2,
     "seq_fast_log": True,
-    # B and C loaded as 16-byte vectors where their strides allow (see _bidir_seq_kernel);
-    # offline SASS: 32 scalar loads per step -> 4. Not yet timed on a GPU.
-    "seq_vector_bc": True,
     "state_block_s": 64,
     "state_block_m": 64,
 }
@@ -200,13 +197,9 @@ def _bidir_seq_kernel(
     sc_b, sc_k, sc_n, sc_l, sz_b, sz_c, sz_l, so_b, so_c, so_l, sA_k, sA_c, sA_n, sbias_k, sD_k,
     N: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr, OUT: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BC_ALIGN: tl.constexpr,
+    FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segment program_id(0), channel block program_id(1).
-
-    BC_ALIGN = 8: B and C's strides other than the states' are multiples of 8 elements (the
-    host checked; the states are contiguous and the pointers 16-byte aligned), so each step's
-    N values load as whole 16-byte vectors instead of N scalar loads per thread.
 
     Without OUT (grid axis 2 = batch * 2 + direction): store the segment's local state and
     Σ Δ. With OUT (axis 2 = batch): both directions' outputs, forward then backward.
@@ -215,10 +208,6 @@ def _bidir_seq_kernel(
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ch_ok = chans < DIM
     states = tl.arange(0, N)
-    sb_b, sb_k, sb_l = (sb_b // BC_ALIGN) * BC_ALIGN, (sb_k // BC_ALIGN) * BC_ALIGN, (
-        sb_l // BC_ALIGN) * BC_ALIGN
-    sc_b, sc_k, sc_l = (sc_b // BC_ALIGN) * BC_ALIGN, (sc_k // BC_ALIGN) * BC_ALIGN, (
-        sc_l // BC_ALIGN) * BC_ALIGN
     if OUT:
         b = tl.program_id(2).to(tl.int64)
     else:
@@ -280,16 +269,11 @@ def _seq_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out):
             delta_bias.stride(0) if delta_bias is not None else 0,
             D.stride(0) if D is not None else 0)
     # The fast log (lg2.approx) exists only compiled: the interpreter runs the precise one.
-    bc_align = 8 if TUNING["seq_vector_bc"] and all(
-        t.stride(2) == 1 and t.data_ptr() % 16 == 0
-        and all(st % 8 == 0 for st in (t.stride(0), t.stride(1), t.stride(3)))
-        for t in (B, C)) else 1
     # At most BLOCK_D / 32 warps: more would spread the states of a channel over warps.
     warps = min(pow2_option("bidir", "seq_num_warps", TUNING["seq_num_warps"]), max(bd // 32, 1))
     meta = dict(N=dstate, T=steps, UNROLL=unroll, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                FAST_LOG=u.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, BC_ALIGN=bc_align,
-                num_warps=warps)
+                FAST_LOG=u.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, num_warps=warps)
     _bidir_seq_kernel[(n_seg, n_cblk, 2 * batch)](*args, OUT=False, **meta)
     bm = min(pow2_option("bidir", "state_block_m", TUNING["state_block_m"]),
              triton.next_power_of_2(dstate * dim))

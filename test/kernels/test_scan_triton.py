@@ -152,7 +152,6 @@ def _bidir_token_major(args, device):
     # 8-step segments with a last partial one (37 = 4*8 + 5) walked both ways, 2 channel
     # blocks (the second partial), batch 2; the state pass over 3 programs, 2 segments a step
     (2, 12, 37, 4, torch.float32, {}, (8, 4, 8, 16, 2)),
-    # N = 16 and 8: B / C strides are multiples of 8, loaded as vectors (BC_ALIGN = 8)
     (1, 40, 70, 16, torch.float32, dict(with_d=False, with_z=False, with_bias=False),
      (16, 2, 32, 64, 4)),
     (1, 24, 50, 16, torch.float16, {}, (16, 4, 16, 64, 8)),     # y_0 kept in the fp16 output
