@@ -28,7 +28,7 @@ from common import provenance, time_cuda, write_json  # noqa: E402
 
 KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
     ('scan', re.compile(r'segment_agg|state_pass|output_kernel|seq_agg|seq_out|state_kernel|'
-                        r'ss2d|selective_scan|bidir')),
+                        r'ss2d|selective_scan|bidir_scan|bidir_seq')),
     ('gemm', re.compile(r'gemm|sm90_xmma|cutlass|cublas|nvjet|wgmma|matmul|mm_')),
     ('conv', re.compile(r'conv|cudnn|implicit|winograd|depthwise|dgrad|wgrad')),
     ('norm', re.compile(r'layer_norm|layernorm|rms_norm|welford|norm')),
