@@ -2,10 +2,11 @@
 # The pending GPU measurements (bench/PERF_NOTES.md, "What to try next"; issues #6 and #8), in
 # parts that each fit one 10-minute device call. Run from the repo root on the lent machine:
 #
-#   bash bench/device_plan.sh kernels    # GPU tests of untimed kernels, prenorm op sweeps,
-#                                        # node conversion overhead (staged vs pageable upload)
-#   bash bench/device_plan.sh backbone   # VMamba-T ablations of the untimed fusions + ViT-S,
-#                                        # 1280x720 and 2048^2, compiled, fp16, batch 1
+#   bash bench/device_plan.sh kernels    # GPU tests of the scan / conv / prenorm kernels,
+#                                        # ncu of the Vim scan and the fused MLP
+#   bash bench/device_plan.sh backbone   # VMamba-T (+ inductor freezing), ViT-S; 1280x720 and
+#                                        # 2048^2, compiled, fp16, batch 1
+#   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
@@ -13,7 +14,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
@@ -46,23 +47,30 @@ backbone() {  # backbone NAME EXTRA_ARGS...: VMamba-T, 720p + 2048^2, compiled, 
 
 case $PART in
 kernels)
-    step 150 "GPU tests: prenorm kernels (fused MLP, norm_linear, norm_linear_gelu)" \
-        python -m pytest -q -x test/kernels/test_prenorm.py test/kernels/test_scan_triton.py \
-        -k "triton_kernel or lowrank"
-    step 300 "prenorm op sweeps + rows" python bench/prenorm.py --tune --ops mlp fc1 linear \
-        --iters 20 --out "$OUT/prenorm_h100.json"
-    step 100 "node conversion overhead" python bench/node_latency.py --device cuda \
-        --skip-latency --out "$OUT/node_overhead_h100.json"
+    step 200 "GPU tests: scan, conv and prenorm kernels" python -m pytest -q -x \
+        test/kernels/test_prenorm.py test/kernels/test_scan_triton.py test/kernels/test_dwconv.py
+    # Is the Vim scan bound by MUFU (16 ex2 per channel-step in each pass), issue or latency?
+    # (the reports' text lands in $OUT/ncu_*.txt)
+    step 200 "ncu: Vim-S scan at 1280x720" bash -c "ncu --set full -k regex:_bidir_seq_kernel \
+        --launch-skip 2 --launch-count 2 python bench/scan.py --profile-one bidir 1 768 45 80 \
+        fp16 > $OUT/ncu_bidir_seq_h100.txt 2>&1"
+    step 150 "ncu: fused MLP at stage 1" bash -c "ncu --set full -k regex:_norm_mlp_kernel \
+        --launch-skip 1 --launch-count 1 python bench/prenorm.py --ops mlp --iters 2 \
+        --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_h100.txt 2>&1"
     ;;
 backbone)
     backbone default
-    backbone tail_256 --fused-tail-max-channels 256
+    backbone freezing --inductor-freezing
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
         --out "$OUT/backbone_speed_anchor_h100.json"
-    step 150 "Vim-S" python bench/backbone_speed.py --models vim_small \
-        --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 140 \
-        --out "$OUT/backbone_speed_vim_h100.json"
+    ;;
+vim)
+    for extra in "" --inductor-freezing; do
+        step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
+            --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 \
+            --budget-s 190 --out "$OUT/backbone_speed_vim${extra:+_freezing}_h100.json" $extra
+    done
     ;;
 node)
     echo "=== ROS env (bench/device_ros_env.sh)" | tee -a "$LOG"
@@ -78,7 +86,7 @@ node)
         --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 --out "$OUT/node_dds_h100.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone or node" >&2
+    echo "unknown part $PART: kernels, backbone, vim or node" >&2
     exit 2
     ;;
 esac

@@ -544,7 +544,7 @@ def main(argv=None):
                         help="time the CPU path vs the reference on the CPU instead")
     parser.add_argument("--profile-one", nargs=6,
                         metavar=("OP", "BATCH", "DIM", "H", "W", "DTYPE"),
-                        help="only run one op (ss2d | lowrank-<impl>, impl one of "
+                        help="only run one op (ss2d | bidir | lowrank-<impl>, impl one of "
                              f"{', '.join(LOWRANK_IMPLS)}) a few "
                              "times, for a profiler such as ncu")
     args = parser.parse_args(argv)
@@ -638,6 +638,9 @@ def profile_one(op, batch, dim, height, width, dtype, calls=5):
         lr.TUNING["impl"] = op.split("-", 1)[1]
         args = lowrank_inputs(batch, dim, height, width, dt)
         run = lambda: K.ss2d_scan_lowrank(*args, True, torch.float32)  # noqa: E731
+    elif op == "bidir":  # token-major Vim scan: L = height * width (+ 1 class token)
+        args = bidir_inputs(batch, dim, height * width + 1, dt)
+        run = lambda: K.bidir_scan(**args)  # noqa: E731
     else:
         sys.exit(f"--profile-one: unknown op {op!r}")
     for _ in range(calls + 1):
