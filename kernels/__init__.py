@@ -145,6 +145,11 @@ def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
         D, delta_bias:  (2, dim) fp32
         z:              (batch, dim, L)     shared gate
         returns         (batch, dim, L) in u.dtype = y_0 * silu(z) + y_1 * silu(z)
+
+    Any strides. Token-major inputs -- channel-first views of (batch, L, dim) maps, dim
+    stride 1, as Vim's block passes them -- take the fast CUDA kernels (step-by-step walks
+    over contiguous channels) and get the output in the same layout: a view of a
+    (batch, L, dim) buffer. Otherwise the output is contiguous (batch, dim, L).
     """
     _dispatch.check_bidir(u, delta, A, B, C, D, z, delta_bias)
     return bidir_scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
