@@ -251,6 +251,20 @@ def test_bidir_bwd(triton_device, length, dstate):
     _grads_close(got, want, 'bidir')
 
 
+def test_bidir_bwd_token_major(triton_device):
+    # Training Vim: the gate's backward recomputes y through the seq kernels (token-major
+    # inputs), the tile backward kernels read the same views; gradients as for contiguous ones.
+    from mamba_perception_kernels import cpu
+
+    device, launch = triton_device
+    args = make_bidir(2, 6, 21, 4)
+    dy = torch.randn(2, 6, 21)
+    want = cpu.bidir_bwd(dy, *args.values(), True)
+    got = launch.bidir_bwd(token_major(dy.to(device)), *_bidir_token_major(args, device).values(),
+                           True)
+    _grads_close(got, want, 'bidir token-major')
+
+
 @pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
     # seq = (steps per segment, unroll, channels per program, largest rank projected inline
     #        [, state pass channels per program, segments per step])
