@@ -18,8 +18,9 @@ official code, all at run time only:
   token order, on token-major (channels innermost) maps. The backward branch's causal conv1d
   over the reversed sequence is computed as an anti-causal conv over the natural order
   (flipped 4-tap kernel, right padding), so no reversed copy of the activations is made.
-* No Triton RMSNorm / causal-conv1d extension: plain PyTorch ops, RMSNorm in fp32, the residual
-  stream in fp32 (``residual_in_fp32`` of the released models).
+* No mamba_ssm RMSNorm / causal-conv1d extensions: RMSNorm in plain PyTorch (fp32), both
+  directions' convs + SiLU in our ``dwconv1d_bidir_silu`` op (one Triton pass on CUDA), the
+  residual stream in fp32 (``residual_in_fp32`` of the released models).
 """
 
 import math
