@@ -83,23 +83,32 @@ def compare(case, ref, fused, compiled, iters) -> dict:
     return row
 
 
-def run_case(case, iters):
-    from mamba_perception_kernels import norm_mlp_residual
+def mlp_baseline(case):
+    """Return ``(x, norm, fc1, fc2, compiled, ref)`` of one MLP case.
 
+    ``compiled``: the block as compiled modules (fp16 autocast); ``ref``: its fp64 reference.
+    Every MLP row compares against these two.
+    """
     x, norm, fc1, fc2 = make(case)
-    args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
     def modules(inp):
         with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
             return inp + fc2(nn.functional.gelu(fc1(norm(inp))))
 
-    compiled_fn = torch.compile(modules, dynamic=False)
     with torch.no_grad():
         d = torch.float64
         ref = nn.functional.layer_norm(x.to(d), (case['channels'],), norm.weight.to(d),
                                        norm.bias.to(d), norm.eps)
         ref = nn.functional.gelu(nn.functional.linear(ref, fc1.weight.to(d), fc1.bias.to(d)))
         ref = x.to(d) + nn.functional.linear(ref, fc2.weight.to(d), fc2.bias.to(d))
+    return x, norm, fc1, fc2, torch.compile(modules, dynamic=False), ref
+
+
+def run_case(case, iters):
+    from mamba_perception_kernels import norm_mlp_residual
+
+    x, norm, fc1, fc2, compiled_fn, ref = mlp_baseline(case)
+    args = (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     row = compare(case, ref, lambda: norm_mlp_residual(*args), lambda: compiled_fn(x), iters)
     floor_us = 8 * case['rows'] * case['channels'] / HBM_BPS * 1e6
     row['hbm_floor_us'] = round(floor_us, 2)
@@ -107,36 +116,18 @@ def run_case(case, iters):
     return row
 
 
-def split_mlp(case):
-    """``(fn, args)``: ``x + fc2(norm_linear_gelu(x))`` compiled (fc2 and the add by inductor)."""
+def run_fc1_case(case, iters):
     from mamba_perception_kernels import norm_linear_gelu
 
-    x, norm, fc1, fc2 = make(case)
+    x, norm, fc1, fc2, compiled_fn, ref = mlp_baseline(case)
 
-    def split(inp):
+    def split(inp):  # norm -> fc1 -> GELU in one kernel; fc2 and the add by inductor
         with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
             hidden = norm_linear_gelu(inp, norm.weight, norm.bias, norm.eps, fc1.weight,
                                       fc1.bias)
             return inp + fc2(hidden)
 
-    return torch.compile(split, dynamic=False), x
-
-
-def run_fc1_case(case, iters):
-    x, norm, fc1, fc2 = make(case)
-
-    def modules(inp):
-        with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
-            return inp + fc2(nn.functional.gelu(fc1(norm(inp))))
-
-    compiled_fn = torch.compile(modules, dynamic=False)
-    split_fn, _ = split_mlp(case)  # same seed: the same x and weights
-    with torch.no_grad():
-        d = torch.float64
-        ref = nn.functional.layer_norm(x.to(d), (case['channels'],), norm.weight.to(d),
-                                       norm.bias.to(d), norm.eps)
-        ref = nn.functional.gelu(nn.functional.linear(ref, fc1.weight.to(d), fc1.bias.to(d)))
-        ref = x.to(d) + nn.functional.linear(ref, fc2.weight.to(d), fc2.bias.to(d))
+    split_fn = torch.compile(split, dynamic=False)
     row = compare(dict(case, op='fc1'), ref, lambda: split_fn(x), lambda: compiled_fn(x), iters)
     # x read twice and the fp16 hidden written and read once, y written, fp32
     row['hbm_floor_us'] = round(case['rows'] * (12 * case['channels'] + 4 * case['hidden'])
