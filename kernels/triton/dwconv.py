@@ -165,7 +165,7 @@ BIDIR_TUNING = {"block_l": 32, "block_e": 64, "num_warps": 4}
 
 @triton.jit
 def _dwconv1d_bidir_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, L, E, sx_b, sx_l, sw_d, sw_e, sw_k, sb_d,
+        x_ptr, w_ptr, bias_ptr, out_ptr, L, E, sx_b, sx_l, sw_d, sw_e, sw_k, sb_d, sb_e,
         KSIZE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -173,9 +173,9 @@ def _dwconv1d_bidir_kernel(
     e_ok = e < E
     x_b = x_ptr + b * sx_b + e[None, :]
     acc0 = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32) + tl.load(
-        bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        bias_ptr + e * sb_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     acc1 = tl.zeros((BLOCK_L, BLOCK_E), dtype=tl.float32) + tl.load(
-        bias_ptr + sb_d + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        bias_ptr + sb_d + e * sb_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     for s in tl.static_range(2 * KSIZE - 1):  # token t + s - (k-1): both directions share it
         src = t + (s - (KSIZE - 1))
         ok = (src >= 0) & (src < L)
@@ -208,6 +208,6 @@ def dwconv1d_bidir_silu_fwd(x: torch.Tensor, weight: torch.Tensor,
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _dwconv1d_bidir_kernel[grid](
             x, weight, bias, out, length, channels, x.stride(0), x.stride(1),
-            *weight.stride(), bias.stride(0), KSIZE=weight.shape[2], BLOCK_L=bl, BLOCK_E=be,
+            *weight.stride(), *bias.stride(), KSIZE=weight.shape[2], BLOCK_L=bl, BLOCK_E=be,
             num_warps=pow2_option("dwconv1d_bidir", "num_warps", BIDIR_TUNING["num_warps"]))
     return out

@@ -388,7 +388,9 @@ def test_triton_kernel_bidir_conv1d(batch, length, channels, dtype, cfg, monkeyp
     x, weight, bias, (w_f, w_b) = make_bidir_conv(batch, length, channels, dtype=dtype,
                                                   device=TRITON_DEVICE)
     xz = torch.cat((x, torch.zeros_like(x)), -1)[..., :channels]  # row stride 2E, as Vim's
-    u = launcher.dwconv1d_bidir_silu_fwd(xz, weight, bias)
+    # strided weight and bias (channel stride 2): the kernel reads them through their strides
+    u = launcher.dwconv1d_bidir_silu_fwd(xz, non_contiguous(weight.transpose(1, 2)).transpose(
+        1, 2), non_contiguous(bias))
     assert u.shape == (batch, 2, length, channels) and u.is_contiguous()
     _close(u, bidir_reference(x, w_f, w_b, bias), dtype)
 
