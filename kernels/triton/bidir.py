@@ -177,15 +177,17 @@ def _store_rows(ptr, row_stride, tile, ch_ok, states):
 
 @triton.jit
 def _bidir_seq_params(A_ptr, bias_ptr, D_ptr, k, chans, ch_ok, states, sA_k, sA_c, sA_n,
-                      sbias_k, sD_k, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+                      sbias_k, sbias_c, sD_k, sD_c, HAS_BIAS: tl.constexpr,
+                      HAS_D: tl.constexpr):
     """Direction k's A·log2(e) (N, BLOCK_D), Δ bias and D over the channel block."""
     a2 = _load_rows(A_ptr + k * sA_k + chans * sA_c, sA_n, ch_ok, states) * 1.4426950408889634
     bias = tl.zeros(chans.shape, dtype=tl.float32)
     if HAS_BIAS:
-        bias += tl.load(bias_ptr + k * sbias_k + chans, mask=ch_ok, other=0.0).to(tl.float32)
+        bias += tl.load(bias_ptr + k * sbias_k + chans * sbias_c, mask=ch_ok,
+                        other=0.0).to(tl.float32)
     dskip = tl.zeros(chans.shape, dtype=tl.float32)
     if HAS_D:
-        dskip += tl.load(D_ptr + k * sD_k + chans, mask=ch_ok, other=0.0).to(tl.float32)
+        dskip += tl.load(D_ptr + k * sD_k + chans * sD_c, mask=ch_ok, other=0.0).to(tl.float32)
     return a2, bias, dskip
 
 
@@ -194,7 +196,8 @@ def _bidir_seq_kernel(
     u_ptr, d_ptr, b_ptr, c_ptr, z_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, dt_sum_ptr, out_ptr,
     DIM, L, N_SEG,
     su_b, su_k, su_c, su_l, sd_b, sd_k, sd_c, sd_l, sb_b, sb_k, sb_n, sb_l,
-    sc_b, sc_k, sc_n, sc_l, sz_b, sz_c, sz_l, so_b, so_c, so_l, sA_k, sA_c, sA_n, sbias_k, sD_k,
+    sc_b, sc_k, sc_n, sc_l, sz_b, sz_c, sz_l, so_b, so_c, so_l, sA_k, sA_c, sA_n, sbias_k,
+    sbias_c, sD_k, sD_c,
     N: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr, OUT: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -221,7 +224,8 @@ def _bidir_seq_kernel(
             else:
                 kk = tl.program_id(2) % 2
             a2, bias, dskip = _bidir_seq_params(A_ptr, bias_ptr, D_ptr, kk, chans, ch_ok,
-                                                states, sA_k, sA_c, sA_n, sbias_k, sD_k,
+                                                states, sA_k, sA_c, sA_n, sbias_k, sbias_c,
+                                                sD_k, sD_c,
                                                 HAS_BIAS, HAS_D)
             u_off = b * su_b + kk * su_k + chans * su_c
             d_off = b * sd_b + kk * sd_k + chans * sd_c
@@ -266,8 +270,8 @@ def _seq_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out):
             delta_bias if delta_bias is not None else A, agg_h, dt_sum, out, dim, length, n_seg,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
             *(z.stride() if z is not None else (0, 0, 0)), *out.stride(), *A.stride(),
-            delta_bias.stride(0) if delta_bias is not None else 0,
-            D.stride(0) if D is not None else 0)
+            *(delta_bias.stride() if delta_bias is not None else (0, 0)),
+            *(D.stride() if D is not None else (0, 0)))
     # The fast log (lg2.approx) exists only compiled: the interpreter runs the precise one.
     # At most BLOCK_D / 32 warps: more would spread the states of a channel over warps.
     warps = min(pow2_option("bidir", "seq_num_warps", TUNING["seq_num_warps"]), max(bd // 32, 1))

@@ -188,7 +188,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
 
 
 @triton.jit
-def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c,
+def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c, s_bias,
                       HAS_BIAS: tl.constexpr):
     """Route k's dt-weight pointers (rank 0), bias and A·log2(e), each over the channel block.
 
@@ -198,7 +198,8 @@ def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c,
     a2 = tl.load(A_ptr + (k * DIM + chans) * sA_c, mask=ch_ok,
                  other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * DIM + chans, mask=ch_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + (k * DIM + chans) * s_bias, mask=ch_ok,
+                       other=0.0).to(tl.float32)
     else:
         bias = tl.zeros(chans.shape, dtype=tl.float32)
     return w_row, a2, bias
@@ -215,6 +216,7 @@ def _seq_agg_kernel(
     x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, bias_ptr, agg_a_ptr, agg_h_ptr,
     H, W, DIM, L, N_SEG,
     sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
+    s_bias, s_D,
     R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
     DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -235,7 +237,7 @@ def _seq_agg_kernel(
     for rev in tl.static_range(2):
         k = axis + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, sA_c, HAS_BIAS)
+                                            sw_k, sA_c, s_bias, HAS_BIAS)
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
                               d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
@@ -251,6 +253,7 @@ def _seq_out_kernel(
     x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, acc_ptr, out_ptr,
     H, W, DIM, L, N_SEG,
     sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
+    s_bias, s_D,
     sy_b, sy_h, sy_w, sy_c,
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -277,11 +280,12 @@ def _seq_out_kernel(
     if HAS_D:
         if AXIS == 0:
             for k in tl.static_range(4):
-                dskip += tl.load(D_ptr + k * DIM + chans, mask=ch_ok, other=0.0).to(tl.float32)
+                dskip += tl.load(D_ptr + (k * DIM + chans) * s_D, mask=ch_ok,
+                                 other=0.0).to(tl.float32)
     for rev in tl.static_range(2):
         k = AXIS + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, sA_c, HAS_BIAS)
+                                            sw_k, sA_c, s_bias, HAS_BIAS)
         # A route enters a segment with the state after its predecessor in route order:
         # segment seg - 1 going forward, seg + 1 going backward.
         if rev == 0:
@@ -369,7 +373,8 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     bias = dt_bias if dt_bias is not None else x
     common = (height, width, dim, length, n_seg, *x.stride(), *x_proj.stride(),
               delta.stride(0), delta.stride(1), delta.stride(2), weight.stride(0),
-              weight.stride(1), A.stride(0))
+              weight.stride(1), A.stride(0),
+              dt_bias.stride(0) if dt_bias is not None else 0, D.stride(0) if D is not None else 0)
     # The fast log (lg2.approx) exists only compiled; the interpreter (CPU tensors, CI) runs
     # the precise one, and the GPU run of test_scan_triton.py checks the fast one.
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,

@@ -142,6 +142,8 @@ def _bidir_token_major(args, device):
     args = _on(args, device)
     for name in ('u', 'delta', 'B', 'C', 'z'):
         args[name] = token_major(args[name])
+    for name in ('D', 'delta_bias'):  # read through their strides too
+        args[name] = non_contiguous(args[name])
     return args
 
 
@@ -293,7 +295,10 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
     ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
-    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, out_dtype)
+    dev_args = _on(args, device)
+    for name in ('D', 'dt_bias'):  # read through their strides
+        dev_args[name] = non_contiguous(dev_args[name])
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*dev_args.values(), True, out_dtype)
     assert out.shape == ref.shape and out.is_contiguous() and out.dtype == out_dtype
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
