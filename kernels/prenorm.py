@@ -62,12 +62,18 @@ def _triton():
     return prenorm
 
 
+def _dense(*vectors):
+    """Return contiguous copies (or None): the kernels read norms and biases as dense vectors."""
+    return tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 @torch.library.custom_op(f"{LIB}::norm_mlp_residual", mutates_args=())
 def norm_mlp_residual_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                          w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                          b2: Optional[Tensor]) -> Tensor:
     """Return ``x + fc2(gelu(fc1(LN(x))))``: a new contiguous fp32 tensor shaped like x."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
+        norm_weight, norm_bias, b1, b2 = _dense(norm_weight, norm_bias, b1, b2)
         return _triton().norm_mlp_residual_fwd(
             x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2)
     return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
@@ -140,6 +146,7 @@ def norm_linear_residual_op(y: Tensor, norm_weight: Tensor, norm_bias: Tensor, e
                             residual: Optional[Tensor]) -> Tensor:
     """Return ``residual + linear(LN(y), w, b)``: a new contiguous fp32 tensor."""
     if backend_name(y.device) == "triton" and y.shape[-1] <= MAX_CHANNELS:
+        norm_weight, norm_bias, b = _dense(norm_weight, norm_bias, b)
         return _triton().norm_linear_residual_fwd(y, norm_weight, norm_bias, eps,
                                                   w.contiguous(), b, residual)
     return norm_linear_residual_torch(y, norm_weight, norm_bias, eps, w, b, residual)
@@ -194,6 +201,7 @@ def norm_linear_gelu_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: 
                         w: Tensor, b: Optional[Tensor]) -> Tensor:
     """Return ``gelu(linear(LN(x), w, b))``: a new contiguous tensor in ``w``'s dtype."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
+        norm_weight, norm_bias, b = _dense(norm_weight, norm_bias, b)
         return _triton().norm_linear_gelu_fwd(x, norm_weight, norm_bias, eps, w.contiguous(), b)
     return norm_linear_gelu_torch(x, norm_weight, norm_bias, eps, w, b)
 
