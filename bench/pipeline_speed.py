@@ -73,14 +73,24 @@ def percentile(values, q):
 _PIPELINES: dict = {}
 
 
+HEAD_LAYOUT = {'layout': 'default'}  # --head-layout, read by get_pipeline
+
+
 def get_pipeline(bundles, task, precision, mode):
     """One Pipeline (one model build) per task / precision / mode, reused across sizes."""
     from mamba_perception.pipeline import Pipeline
     key = (task, precision, mode)
     if key not in _PIPELINES:
-        _PIPELINES[key] = Pipeline(bundles[task], device='cuda', precision=precision,
-                                   cuda_graphs=mode in ('cuda_graphs', 'compile_graphs'),
-                                   compile=mode == 'compile_graphs')
+        pipe = Pipeline(bundles[task], device='cuda', precision=precision,
+                        cuda_graphs=mode in ('cuda_graphs', 'compile_graphs'),
+                        compile=mode == 'compile_graphs')
+        if HEAD_LAYOUT['layout'] != 'default':  # experiment: head conv weights' memory format
+            fmt = {'channels_last': torch.channels_last,
+                   'contiguous': torch.contiguous_format}[HEAD_LAYOUT['layout']]
+            for head in (pipe.model.detector, pipe.model.decode_head):
+                if head is not None:
+                    head.to(memory_format=fmt)
+        _PIPELINES[key] = pipe
     return _PIPELINES[key]
 
 
@@ -188,6 +198,54 @@ def profile_table(bundles, cfg, out_path, calls=30):
         f.write(table.table(sort_by='cpu_time_total', row_limit=40, max_name_column_width=70))
 
 
+def profile_sparse(bundles, cfg, out_path, calls=20):
+    """torch.profiler tables of ``model.detect`` alone (the eager sparse part) for one config.
+
+    The file's first line also gives the synchronised wall time per call (p50 and min).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from mamba_perception.pipeline import padded_size, resized_size, validate_frame
+    task, size, batch, precision, mode = cfg
+    h, w = SIZES[size]
+    pipe = get_pipeline(bundles, task, precision, mode)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch)]
+    tensors = [validate_frame(f, i).cuda() for i, f in enumerate(frames)]
+    geometry = [(h, w, *resized_size(h, w, pipe.input_policy)) for _ in tensors]
+    shape = padded_size(*geometry[0][2:], pipe._pad)
+    sizes = [(g[2], g[3]) for g in geometry]
+    with torch.inference_mode():
+        x = pipe._preprocess(tensors, geometry, shape)
+        dense = pipe._dense(x)
+
+        def detect():
+            with pipe.autocast():
+                return pipe.model.detect(dense, sizes)
+
+        for _ in range(5):
+            detect()
+        torch.cuda.synchronize()
+        wall = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            detect()
+            torch.cuda.synchronize()
+            wall.append((time.perf_counter() - t) * 1e3)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                detect()
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    with open(out_path, 'w') as f:
+        f.write(f'# model.detect only, {cfg}, {calls} calls, torch.profiler; synchronised wall '
+                f'per call p50 {percentile(wall, 50):.2f} ms, min {min(wall):.2f} ms\n')
+        f.write(table.table(sort_by='cuda_time_total', row_limit=30, max_name_column_width=70))
+        f.write('\n')
+        f.write(table.table(sort_by='cpu_time_total', row_limit=40, max_name_column_width=70))
+    print(f'{cfg}: detect wall p50 {percentile(wall, 50):.2f} ms -> {out_path}', flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', required=True)
@@ -204,8 +262,18 @@ def main(argv=None) -> int:
                         help='gc.collect() + gc.freeze() after each warm-up (p99 experiment)')
     parser.add_argument('--profile', metavar='TXT',
                         help='also write a torch.profiler table of the first configuration')
+    parser.add_argument('--profile-sparse', metavar='PREFIX',
+                        help='write a torch.profiler table of model.detect alone for every '
+                             'selected detection configuration to PREFIX_<task>_<size>_b<B>.txt')
+    parser.add_argument('--head-layout', choices=('default', 'channels_last', 'contiguous'),
+                        default='default',
+                        help="memory format of the heads' conv weights (experiment)")
+    parser.add_argument('--cudnn-benchmark', action='store_true',
+                        help='torch.backends.cudnn.benchmark = True (experiment)')
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    HEAD_LAYOUT['layout'] = args.head_layout
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     import mamba_perception_kernels as kernels
 
@@ -234,11 +302,17 @@ def main(argv=None) -> int:
         'timing': 'perf_counter around pipeline(frames) (synchronous: ends with the host copy)'
                   '; stage split from CUDA events; p50/p99 over the timed calls',
         'target': 'VMamba-T det+seg 1280x720 batch 1 <= 8 ms p99',
+        'head_layout': args.head_layout, 'cudnn_benchmark': args.cudnn_benchmark,
         'results': [], 'skipped': [], 'errors': [],
     }
     todo = select(configs(args.quick, tuple(args.modes)), args)
     if args.profile and todo:
         profile_table(bundles, todo[0], args.profile)
+    if args.profile_sparse:
+        for cfg in todo:
+            if cfg[0] != 'seg':
+                profile_sparse(bundles, cfg, f'{args.profile_sparse}_{cfg[0]}_{cfg[1]}_b{cfg[2]}'
+                                             '.txt')
     for cfg in todo:
         if time.perf_counter() - start > args.budget_s:
             report['skipped'].append(dict(zip(('task', 'size', 'batch', 'precision', 'mode'),
