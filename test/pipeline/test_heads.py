@@ -96,6 +96,31 @@ def test_roi_align_is_aligned():
     assert unaligned.item() != pytest.approx(56.0, abs=1e-1)
 
 
+def test_roi_align_levels_match_box_by_box():
+    """Boxes of several images and all four levels pool exactly as one roi_align per box."""
+    torch.manual_seed(0)
+    pool = AlignedMultiScaleRoIAlign(['0', '1', '2', '3'], 7, sampling_ratio=0)
+    feats = {str(i): torch.randn(2, 8, 256 // (4 * 2 ** i), 384 // (4 * 2 ** i))
+             for i in range(4)}
+    sizes = [(256, 384), (240, 380)]
+    boxes = []
+    for n in (30, 17):
+        xy = torch.rand(n, 2) * torch.tensor([300.0, 200.0])
+        side = torch.exp(torch.rand(n, 1) * 6.6)  # 1..735 px: every level gets boxes
+        wh = side * (0.7 + 0.6 * torch.rand(n, 2))
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    out = pool(feats, boxes, sizes)
+    levels = pool.map_levels(boxes)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1)
+                      for i, b in enumerate(boxes)])
+    for k in range(len(rois)):
+        level = int(levels[k])
+        want = roi_align(feats[str(level)], rois[k:k + 1], 7, spatial_scale=1 / 2 ** (level + 2),
+                         sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(out[k:k + 1], want, rtol=0, atol=0)
+
+
 def test_maskrcnn_inference_parts():
     head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
                         mask_channels=16, rpn_post_nms_top_n_test=50).eval()

@@ -59,12 +59,12 @@ from torchvision.ops import (
     FeaturePyramidNetwork,
     MultiScaleRoIAlign,
     clip_boxes_to_image,
-    nms,
-    remove_small_boxes,
     roi_align,
 )
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
+
+from .nms_streams import nms_each
 
 FEATURE_NAMES = ('0', '1', '2', '3')  # FPN levels P2..P5; torchvision adds 'pool' (P6)
 ANCHOR_STRIDES = (4, 8, 16, 32, 64)
@@ -129,8 +129,15 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes)
         result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
-        for level, (feat, scale) in enumerate(zip(feats, self.scales, strict=True)):
-            idx = torch.where(levels == level)[0]
+        # boxes grouped by level with one host synchronisation (torchvision: one per level)
+        order = levels.argsort(stable=True)
+        counts = torch.bincount(levels, minlength=len(feats)).tolist()
+        start = 0
+        for feat, scale, n in zip(feats, self.scales, counts, strict=True):
+            idx = order[start:start + n]
+            start += n
+            if not n:
+                continue
             pooled = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
                                sampling_ratio=self.sampling_ratio, aligned=True)
             result[idx] = pooled.to(result.dtype)
@@ -202,12 +209,19 @@ class MaskRCNNHead(nn.Module):
                   image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """RPN proposals per image, (N_i, 4) xyxy in padded-input pixels (eval mode).
 
-        torchvision's ``RegionProposalNetwork.filter_proposals`` with one change: the NMS
-        "independently per level" runs as one ``torchvision.ops.nms`` per level instead of one
-        ``batched_nms`` over all levels. The result is the same set in the same order (boxes of
-        different levels never suppress each other either way), but torchvision's NMS kernel
-        ends in a single-block pass that is quadratic in the box count: ~4700 boxes at
-        1280x720 cost ~1.5 ms on an H100, five calls of <= 1000 boxes about a fifth of that.
+        The same boxes in the same order as torchvision's ``RegionProposalNetwork.
+        filter_proposals`` (tested), computed with one host synchronisation instead of about
+        seven per image:
+
+        * NMS "independently per level" runs as one ``torchvision.ops.nms`` per image and
+          level instead of one ``batched_nms`` over all levels: torchvision's NMS kernel ends
+          in a one-block pass that is quadratic in the box count (~4700 boxes at 1280x720 cost
+          ~1.5 ms on an H100, five calls of <= 1000 boxes a fifth of that), and the calls run
+          side by side on CUDA streams (:func:`.nms_streams.nms_each`).
+        * Small boxes (and boxes under the score threshold) are not removed before NMS, which
+          would size each level's slice on the host: they enter NMS with score -1, below every
+          sigmoid score, so they come after every real box and cannot suppress one; they are
+          dropped after NMS.
         """
         rpn = self.rpn
         images = ImageList(pyramid[0], image_sizes)
@@ -219,30 +233,33 @@ class MaskRCNNHead(nn.Module):
         boxes = rpn.box_coder.decode(reg.float(), anchors).view(num_images, -1, 4)
         obj = obj.float().reshape(num_images, -1)
         top_n_idx = rpn._get_top_n_idx(obj, per_level)  # level-major, so levels stay contiguous
-        kept_per_level = [min(rpn.pre_nms_top_n(), n) for n in per_level]
-        levels = torch.cat([torch.full((n,), level, device=obj.device)
-                            for level, n in enumerate(kept_per_level)])  # no host sync
         batch_idx = torch.arange(num_images, device=obj.device)[:, None]
-        scores_all = torch.sigmoid(obj[batch_idx, top_n_idx])
-        boxes_all = boxes[batch_idx, top_n_idx]
-        out = []
-        for boxes_i, scores_i, size in zip(boxes_all, scores_all, image_sizes, strict=True):
-            boxes_i = clip_boxes_to_image(boxes_i, size)
-            keep = remove_small_boxes(boxes_i, rpn.min_size)
-            if rpn.score_thresh > 0:  # sigmoid scores are >= 0: skip a host sync otherwise
-                keep = keep[scores_i[keep] >= rpn.score_thresh]  # >= as torchvision
-            boxes_i, scores_i, lvl = boxes_i[keep], scores_i[keep], levels[keep]
-            counts = torch.bincount(lvl, minlength=len(per_level)).tolist()
-            kept, start = [], 0
-            for n in counts:
-                if n:
-                    kept.append(nms(boxes_i[start:start + n], scores_i[start:start + n],
-                                    rpn.nms_thresh) + start)
-                start += n
-            keep = torch.cat(kept) if kept else lvl.new_zeros(0)
-            keep = keep[scores_i[keep].argsort(descending=True, stable=True)]
-            out.append(boxes_i[keep[:rpn.post_nms_top_n()]])
-        return out
+        scores = torch.sigmoid(obj[batch_idx, top_n_idx])
+        boxes = torch.stack([clip_boxes_to_image(b, size) for b, size in
+                             zip(boxes[batch_idx, top_n_idx], image_sizes, strict=True)])
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths >= rpn.min_size) & (heights >= rpn.min_size)  # remove_small_boxes
+        if rpn.score_thresh > 0:  # sigmoid scores are >= 0: nothing to do otherwise
+            valid &= scores >= rpn.score_thresh  # >= as torchvision
+        scores = torch.where(valid, scores, -1.0)
+        slices, start = [], 0  # each level's run of top-n boxes, fixed by the input size
+        for n in per_level:
+            n = min(rpn.pre_nms_top_n(), n)
+            slices.append(slice(start, start + n))
+            start += n
+        keeps = nms_each([(boxes[i, s], scores[i, s]) for i in range(num_images)
+                          for s in slices], rpn.nms_thresh)
+        ranked, counts = [], []
+        for i in range(num_images):
+            levels = keeps[i * len(slices):(i + 1) * len(slices)]
+            keep = torch.cat([k + s.start for k, s in zip(levels, slices, strict=True)])
+            kept_scores = scores[i, keep]
+            keep = keep[kept_scores.argsort(descending=True, stable=True)]
+            ranked.append(keep[:rpn.post_nms_top_n()])
+            counts.append((kept_scores >= 0).sum())
+        counts = torch.stack(counts).tolist()  # the one synchronisation (the NMS calls aside)
+        return [boxes[i, keep[:min(n, len(keep))]]
+                for i, (keep, n) in enumerate(zip(ranked, counts, strict=True))]
 
     def candidates(self, pyramid: Sequence[torch.Tensor], proposals: list[torch.Tensor],
                    image_sizes: list[tuple[int, int]]
