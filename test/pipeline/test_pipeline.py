@@ -12,6 +12,7 @@ from mamba_perception.pipeline import (
     padded_size,
     resized_size,
     select_detections,
+    select_detections_batch,
 )
 from mamba_perception.results import Detections, FrameResult, StageTimes
 
@@ -77,6 +78,30 @@ def test_select_detections_nms_per_class():
     # Nothing above the threshold: empty, with the right shapes.
     b, s, c = select_detections(boxes, scores, ids, 0.99, 0.5, 10)
     assert b.shape == (0, 4) and s.shape == (0,) and c.shape == (0,)
+
+
+def test_select_detections_batch_equals_each_frame_alone():
+    """Several frames at once give each frame's torchvision threshold + batched_nms + top-k."""
+    from torchvision.ops import batched_nms, remove_small_boxes
+    torch.manual_seed(0)
+    frames = []
+    for n in (300, 0, 1, 120):
+        xy = torch.rand(n, 2) * 200
+        wh = torch.rand(n, 2) * 60
+        wh[::17] = 0.0  # degenerate boxes
+        frames.append((torch.cat([xy, xy + wh], 1), torch.rand(n), torch.randint(0, 5, (n,))))
+    frames[2] = (torch.tensor([[10.0, 10.0, 50.0, 50.0]]), torch.tensor([0.9]), torch.tensor([3]))
+    got = select_detections_batch(frames, 0.4, 0.5, 25)
+    assert len(got) == len(frames)
+    for (boxes, scores, ids), (b, s, c) in zip(frames, got, strict=True):
+        keep = scores > 0.4
+        boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
+        keep = remove_small_boxes(boxes, 1e-2)
+        boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
+        keep = batched_nms(boxes, scores, ids, 0.5)[:25]
+        assert torch.equal(b, boxes[keep]) and torch.equal(s, scores[keep])
+        assert torch.equal(c, ids[keep])
+    assert [len(s) for _, s, _ in got] == [25, 0, 1, 25]  # the cap, empty and single frames
 
 
 # -- geometry: boxes and masks land exactly on source pixels ----------------------------------
