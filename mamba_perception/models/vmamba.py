@@ -337,7 +337,8 @@ class VSSM(nn.Module):
             indices: stages to return (default all four); the forward stops after the last.
 
         Returns:
-            NCHW contiguous maps of ``feature_info[i]['num_chs']`` channels and spatial size
+            NCHW maps in channels-last memory format (views of the NHWC stage outputs) of
+            ``feature_info[i]['num_chs']`` channels and spatial size
             ceil(H / stride) x ceil(W / stride). With ``backbone=True`` each goes through its
             ``outnorm{i}``, as the official mmdet/mmseg wrapper does; otherwise it is the raw
             stage output. Under autocast the maps are in the autocast dtype: the heads' convs
@@ -367,7 +368,10 @@ class VSSM(nn.Module):
         out = getattr(self, f'outnorm{i}')(x) if self.backbone else x
         if dtype is not None:
             out = out.to(dtype)
-        return out.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        # NCHW view of the NHWC map (channels-last memory format), not an NCHW copy: the heads'
+        # convs run NHWC on the GPU (cuDNN; their weights are channels-last in Pipeline), so a
+        # contiguous copy here was transposed back by every conv that reads it.
+        return out.permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------
