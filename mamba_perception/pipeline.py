@@ -139,12 +139,11 @@ def select_detections_batch(candidates: Sequence[tuple], score_threshold: float,
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     # torchvision's remove_small_boxes (>=) after the threshold, as RoIHeads does
     keep = (scores > score_threshold) & (widths >= MIN_BOX_SIZE_PX) & (heights >= MIN_BOX_SIZE_PX)
-    # One synchronisation for all frames (no host-to-device copy either: that would be one)
-    counts = torch.stack([k.sum() for k in keep.split(sizes)]).tolist()
-    index = keep.nonzero().squeeze(1)  # the GPU is idle now: a cheap second read
-    groups = []
-    for i in index.split(counts):
-        groups.append((boxes[i], scores[i], class_ids[i]))
+    # One synchronisation for all frames (and no host-to-device copy: that would be another)
+    per_frame = torch.stack([k.sum() for k in keep.split(sizes)]) if len(sizes) > 1 else None
+    index = keep.nonzero().squeeze(1)
+    counts = per_frame.tolist() if per_frame is not None else [index.numel()]  # GPU idle: cheap
+    groups = [(boxes[i], scores[i], class_ids[i]) for i in index.split(counts)]
     keeps = nms_each(groups, nms_iou)
     return [(b[k[:max_detections]], s[k[:max_detections]], c[k[:max_detections]])
             for (b, s, c), k in zip(groups, keeps, strict=True)]
