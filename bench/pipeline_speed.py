@@ -267,7 +267,8 @@ def main(argv=None) -> int:
                              'selected detection configuration to PREFIX_<task>_<size>_b<B>.txt')
     parser.add_argument('--head-layout', choices=('default', 'channels_last', 'contiguous'),
                         default='default',
-                        help="memory format of the heads' conv weights (experiment)")
+                        help="memory format of the heads' conv weights, set after Pipeline "
+                             "made them channels-last on CUDA (experiment)")
     parser.add_argument('--cudnn-benchmark', action='store_true',
                         help='torch.backends.cudnn.benchmark = True (experiment)')
     args = parser.parse_args(argv)
