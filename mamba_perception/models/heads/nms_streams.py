@@ -6,10 +6,10 @@ size its output. Mask R-CNN inference runs one NMS per image and FPN level (5 pe
 4 cameras), so one after another they cost ~1 ms of a mostly idle GPU per image plus a host
 round trip each. The calls are independent: here each runs in a worker thread on its own
 stream, so the host waits are concurrent (torch ops release the GIL while they wait) and the
-one-block kernels may overlap. Measured on an H100 (bench/PERF_NOTES.md, "Pipeline"): 20 calls
-of 1000 boxes 8.4 -> 6.0 ms (the GPU passes overlap only partly), the det+seg pipeline 0.7-0.9
-ms faster at batch 1 and 1.7-1.9 ms at batch 4. Results are exactly those of the calls made
-one by one.
+one-block kernels may overlap. Measured on H100s: 20 calls of 1000 boxes 8.4 -> 6.0 ms (the GPU
+passes overlap only partly; bench/results/nms_streams_h100.json), the det+seg pipeline 0.7-0.9
+ms faster at batch 1 and 1.7-1.9 ms at batch 4 (bench/PERF_NOTES.md, "Pipeline"). Results are
+exactly those of the calls made one by one.
 
 On the CPU, or for a single call, the calls simply run in order.
 """
