@@ -7,6 +7,9 @@
 #   bash bench/device_plan.sh backbone   # VMamba-T (+ inductor freezing), ViT-S; 1280x720 and
 #                                        # 2048^2, compiled, fp16, batch 1
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
+#   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
+#                                        # head-layout change is worth (one process), the
+#                                        # sparse part's profile, compiled batch 1 and 4
 #   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
@@ -14,7 +17,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|pipeline|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
@@ -72,6 +75,16 @@ vim)
             --budget-s 190 --out "$OUT/backbone_speed_vim${extra:+_freezing}_h100.json" $extra
     done
     ;;
+pipeline)
+    step 150 "pipeline factors (same process)" env OUT="$OUT" python bench/pipeline_factors.py
+    step 150 "pipeline, CUDA graphs, sparse-part profiles" python bench/pipeline_speed.py \
+        --tasks detseg --sizes 720p --batches 1 4 --precisions fp16 --frames 200 --warmup 10 \
+        --modes cuda_graphs --profile-sparse "$OUT/pipeline_profile_sparse" \
+        --out "$OUT/pipeline_graphs_h100.json"
+    step 250 "pipeline, compiled" python bench/pipeline_speed.py --tasks detseg --sizes 720p \
+        --batches 1 4 --precisions fp16 --frames 200 --warmup 10 --modes compile_graphs \
+        --out "$OUT/pipeline_compile_h100.json"
+    ;;
 node)
     echo "=== ROS env (bench/device_ros_env.sh)" | tee -a "$LOG"
     # shellcheck disable=SC1091
@@ -86,7 +99,7 @@ node)
         --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 --out "$OUT/node_dds_h100.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, vim or node" >&2
+    echo "unknown part $PART: kernels, backbone, vim, pipeline or node" >&2
     exit 2
     ;;
 esac
