@@ -133,9 +133,12 @@ def select_detections_batch(candidates: Sequence[tuple], score_threshold: float,
     (:func:`~mamba_perception.models.heads.nms_streams.nms_each`).
     """
     sizes = [c[1].shape[0] for c in candidates]
-    boxes = torch.cat([c[0] for c in candidates]).float()
-    scores = torch.cat([c[1] for c in candidates]).float()
-    class_ids = torch.cat([c[2] for c in candidates])
+
+    def joined(which: int) -> torch.Tensor:  # one frame: no copy of its ~80k candidates
+        parts = [c[which] for c in candidates]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    boxes, scores, class_ids = joined(0).float(), joined(1).float(), joined(2)
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     # torchvision's remove_small_boxes (>=) after the threshold, as RoIHeads does
     keep = (scores > score_threshold) & (widths >= MIN_BOX_SIZE_PX) & (heights >= MIN_BOX_SIZE_PX)

@@ -79,7 +79,8 @@ def nms_each(groups: Sequence[tuple], iou_threshold: float) -> list[torch.Tensor
     for stream in used:
         stream.wait_stream(main)  # the inputs were produced on main
     # More groups than streams: some share a stream (legal from several threads; they queue).
-    futures = [_executor().submit(on_stream, k, g) for k, g in enumerate(groups)]
+    executor = _executor()
+    futures = [executor.submit(on_stream, k, g) for k, g in enumerate(groups)]
     keeps = [f.result() for f in futures]
     for stream in used:
         main.wait_stream(stream)
