@@ -152,6 +152,28 @@ def sample_cuda(run, iters: int = 50, warmup: int = 2) -> dict:
             "min_ms": min(samples), "iters": iters}
 
 
+def wall_ms(fn, iters: int = 40, warmup: int = 5) -> list:
+    """Host wall-clock times (ms) of ``fn()`` each followed by ``torch.cuda.synchronize()``.
+
+    For work that is host-bound or synchronises inside (NMS, a whole ``Pipeline`` call): the
+    span is what a caller waits, GPU idle gaps included. ``warmup`` untimed calls first.
+    """
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` as indented JSON, creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -15,11 +15,13 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, nms, remove_small_boxes
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import wall_ms  # noqa: E402
 
 from mamba_perception.models.bundle import create_random_bundle
 import mamba_perception.models.heads.detection as detection
@@ -55,16 +57,7 @@ def select_per_frame(boxes, scores, class_ids, threshold, iou, max_detections):
 
 
 def p50_ms(fn, reps=40):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(float(np.median(times)), 3)
+    return round(float(np.median(wall_ms(fn, iters=reps, warmup=5))), 3)
 
 
 def set_nms(fn):

@@ -18,12 +18,16 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import wall_ms  # noqa: E402
 
 TASKS = {'det': ('detection',), 'seg': ('segmentation',),
          'detseg': ('detection', 'segmentation')}
@@ -223,15 +227,7 @@ def profile_sparse(bundles, cfg, out_path, calls=20):
             with pipe.autocast():
                 return pipe.model.detect(dense, sizes)
 
-        for _ in range(5):
-            detect()
-        torch.cuda.synchronize()
-        wall = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            detect()
-            torch.cuda.synchronize()
-            wall.append((time.perf_counter() - t) * 1e3)
+        wall = wall_ms(detect, iters=calls, warmup=5)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
                 detect()
