@@ -7,11 +7,13 @@ so there is never a backlog — the worker always sees the newest frame of each 
 
 The worker thread (:class:`InferenceWorker`) waits until at least one slot is full, takes every
 full slot at once (frames of cameras that arrived together run as one batch) and hands them to
-the node's processing function, off the executor thread.
+the node's processing function, off the executor thread; with two stages a second thread
+finishes each batch while the first starts the next.
 """
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
@@ -72,42 +74,98 @@ class LatestFrames:
 
 
 class InferenceWorker:
-    """A daemon thread: ``process(taken_frames)`` for each batch of newest frames until stopped.
+    """Daemon thread(s) running ``process(taken_frames)`` on each batch of newest frames.
 
-    ``process`` must handle its own errors; an exception that escapes it is logged through
-    ``on_crash`` (or ``logging``) and the loop goes on with the next frames.
+    One stage (``finish`` None): one thread takes the full slots and calls ``process``.
+
+    Two stages (``finish`` given): the first thread calls ``process(taken)``, which starts the
+    work and returns a handle (or None when there is nothing to finish); a second thread calls
+    ``finish(handle)``. The first stage of the next frames then overlaps the second stage of
+    these (for the node: the next batch's forward on the GPU while this batch's detection and
+    publishing run on the host). At most one handle waits between the stages and the first
+    thread takes new frames only when the second is free to take its handle, so frames wait
+    in the one-slot buffers (where newer ones replace them) rather than in a queue: never more
+    than two batches are in flight, and none is stale by more than one batch.
+
+    ``process`` / ``finish`` must handle their own errors; an exception that escapes them is
+    logged through ``on_crash`` (or ``logging``) and the loop goes on with the next frames.
     """
 
-    def __init__(self, frames: LatestFrames, process: Callable[[dict], None],
+    def __init__(self, frames: LatestFrames, process: Callable[[dict], Any],
                  on_crash: Optional[Callable[[BaseException], None]] = None,
-                 name: str = 'mamba_perception_inference') -> None:
+                 name: str = 'mamba_perception_inference',
+                 finish: Optional[Callable[[Any], None]] = None) -> None:
         self.frames = frames
         self._process = process
+        self._finish = finish
         self._on_crash = on_crash
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)]
+        if finish is not None:
+            self._threads.append(threading.Thread(target=self._finish_loop,
+                                                  name=f'{name}_finish', daemon=True))
+        self._handoff: Optional[Any] = None  # the handle waiting for the second stage
+        self._handoff_cond = threading.Condition()
+        self._stopped = False
         self.batches = 0
 
     def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
+        """Start the thread(s)."""
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        """Close the buffer and join; True when the thread ended within ``timeout_s``."""
+        """Close the buffer and join; True when the threads ended within ``timeout_s``.
+
+        A handle already between the stages is still finished (its results published).
+        """
         self.frames.close()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        with self._handoff_cond:
+            self._stopped = True
+            self._handoff_cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.is_alive() and threading.current_thread() is not thread:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _crashed(self, exc: BaseException) -> None:
+        if self._on_crash is not None:
+            self._on_crash(exc)
+        else:
+            log.exception('inference worker: unexpected error')
 
     def _loop(self) -> None:
         while not self.frames.closed:
+            if self._finish is not None:
+                with self._handoff_cond:  # the second stage has taken the last handle
+                    self._handoff_cond.wait_for(lambda: self._handoff is None or self._stopped)
+                    if self._stopped:
+                        return
             taken = self.frames.take_all(timeout_s=0.5)
             if not taken or self.frames.closed:
                 continue
             try:
-                self._process(taken)
-                self.batches += 1
+                handle = self._process(taken)
             except Exception as exc:  # the worker must survive anything a frame can cause
-                if self._on_crash is not None:
-                    self._on_crash(exc)
-                else:
-                    log.exception('inference worker: unexpected error')
+                self._crashed(exc)
+                continue
+            if self._finish is None:
+                self.batches += 1
+            elif handle is not None:
+                with self._handoff_cond:
+                    self._handoff = handle
+                    self._handoff_cond.notify_all()
+
+    def _finish_loop(self) -> None:
+        while True:
+            with self._handoff_cond:
+                self._handoff_cond.wait_for(lambda: self._handoff is not None or self._stopped)
+                handle, self._handoff = self._handoff, None
+                self._handoff_cond.notify_all()  # taken: the first stage may start the next
+                if handle is None:  # stopped with nothing left to finish
+                    return
+            try:
+                self._finish(handle)
+                self.batches += 1
+            except Exception as exc:
+                self._crashed(exc)

@@ -11,8 +11,11 @@ A thin lifecycle layer over :class:`mamba_perception.pipeline.Pipeline`:
   memory. The ``enabled`` parameter pauses processing without unloading.
 
 The subscription callback only stores the message in its camera's one-slot buffer
-(:mod:`.latest_frame`); decoding, inference and publishing run in the worker thread, so stale
-frames are dropped (and counted) and there is never a backlog. Every output carries the source
+(:mod:`.latest_frame`); decoding, inference and publishing run in worker threads, so stale
+frames are dropped (and counted) and there is never a backlog. With ``pipelined`` (default) the
+worker has two stages on two CUDA streams: decode + the dense forward (``Pipeline.submit``),
+then detection + postprocess + publishing (``Pipeline.collect``), so the GPU runs the next
+batch's forward while the host-bound detection of this one runs. Every output carries the source
 image's header. A frame that cannot be processed (bad encoding or size, corrupt JPEG, non-finite
 model output, CUDA out of memory) is skipped with a throttled error log and a diagnostics status;
 the node goes on with the next frame.
@@ -23,12 +26,13 @@ Run::
         -p cameras:="[front, left]" -r front/image:=/sensing/camera/front/image_raw
 """
 
+import contextlib
 import functools
 import sys
 import threading
 import time
 import traceback
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -111,6 +115,17 @@ def _check_model_output_finite(pipeline) -> None:
                                            'bundle weights are broken (NaN/Inf weights?)')
 
 
+class _Batch(NamedTuple):
+    """Frames between the worker's two stages (submitted to the pipeline, not yet finished)."""
+
+    pipeline: Any
+    cameras: list
+    msgs: list
+    frames: list  # decoded frames (device tensors on CUDA), for the overlay
+    decode_ms: list
+    pending: Any  # PendingFrames
+
+
 class PerceptionNode(LifecycleNode):
     """Lifecycle node running one shared Pipeline for all configured cameras."""
 
@@ -129,6 +144,7 @@ class PerceptionNode(LifecycleNode):
         self._inputs: list = []
         self._frames: Optional[LatestFrames] = None
         self._worker: Optional[InferenceWorker] = None
+        self._stage_streams: list = []  # CUDA streams of the worker's two stages (pipelined)
         self._diagnostics_pub = None
         self._diagnostics_timer = None
         self._enabled = bool(self.get_parameter('enabled').value)
@@ -254,7 +270,13 @@ class PerceptionNode(LifecycleNode):
         for camera in self._cameras:
             self._outputs[camera]['label_info'].publish(info)
         self._frames = LatestFrames(self._cameras)
-        self._worker = InferenceWorker(self._frames, self._process, self._worker_crashed)
+        if self._config['pipelined']:
+            self._stage_streams = self._new_streams(2)
+            self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,
+                                           finish=self._finish)
+        else:
+            self._stage_streams = []
+            self._worker = InferenceWorker(self._frames, self._process, self._worker_crashed)
         self._worker.start()
         now = self._now_ns()
         with self._lock:
@@ -271,6 +293,13 @@ class PerceptionNode(LifecycleNode):
         self.get_logger().info('active: subscribed to ' + ', '.join(
             s.topic_name for s in self._inputs))
         return result
+
+    def _new_streams(self, count: int) -> list:
+        """``count`` CUDA streams on the pipeline's device; none off CUDA."""
+        if self._pipeline.device.type != 'cuda':
+            return []
+        import torch
+        return [torch.cuda.Stream(self._pipeline.device) for _ in range(count)]
 
     def _stop_input(self) -> None:
         self._active = False
@@ -367,53 +396,84 @@ class PerceptionNode(LifecycleNode):
         return conversions.image_to_rgb(msg, max_pixels)
 
     def _process(self, taken: dict) -> None:
-        """Worker: decode the newest frames, run them as one batch, publish the outputs."""
+        """Worker, one stage: start and finish the batch in this thread."""
+        batch = self._submit(taken)
+        if batch is not None:
+            self._finish(batch)
+
+    def _on_stream(self, stage: int):
+        """Make this stage's CUDA stream the current one (a no-op when there are none).
+
+        Off CUDA, and when not pipelined, both stages use the default stream.
+        """
+        if not self._stage_streams:
+            return contextlib.nullcontext()
+        import torch
+        return torch.cuda.stream(self._stage_streams[stage])
+
+    def _submit(self, taken: dict) -> Optional[_Batch]:
+        """Worker, first stage: decode the newest frames and queue their dense forward."""
         pipeline = self._pipeline
         if pipeline is None or not self._enabled:
-            return
+            return None
         cameras, msgs, frames, decode_ms = [], [], [], []
-        for camera, (msg, _received) in taken.items():
-            started = time.perf_counter()
+        with self._on_stream(0):
+            for camera, (msg, _received) in taken.items():
+                started = time.perf_counter()
+                try:
+                    frame = self._decode(camera, msg)
+                except InputError as exc:
+                    self._bad_frame(camera, 'input', str(exc))
+                    continue
+                except Exception as exc:  # the upload / GPU JPEG decode can run out of memory
+                    text = out_of_memory_text(exc)
+                    if text is None:
+                        raise
+                    self._bad_frame(camera, 'out of memory', text)
+                    continue
+                decode_ms.append((time.perf_counter() - started) * 1e3)
+                cameras.append(camera)
+                msgs.append(msg)
+                frames.append(frame)
+            if not frames:
+                return None
             try:
-                frame = self._decode(camera, msg)
+                pending = pipeline.submit(frames)
             except InputError as exc:
-                self._bad_frame(camera, 'input', str(exc))
-                continue
-            except Exception as exc:  # the upload / GPU JPEG decode can run out of memory too
-                text = out_of_memory_text(exc)
-                if text is None:
-                    raise
-                self._bad_frame(camera, 'out of memory', text)
-                continue
-            decode_ms.append((time.perf_counter() - started) * 1e3)
-            cameras.append(camera)
-            msgs.append(msg)
-            frames.append(frame)
-        if not frames:
-            return
-        try:
-            results = pipeline.run(frames)
-        except NonFiniteOutputError as exc:
-            results = self._non_finite_frames(cameras, exc)
-        except InputError as exc:
-            for camera in cameras:
-                self._bad_frame(camera, 'input', str(exc))
-            return
-        except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
-            text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'
-            for camera in cameras:
-                self._bad_frame(camera, 'inference', text)
-            return
-        for camera, msg, frame, result, dec in zip(cameras, msgs, frames, results, decode_ms,
-                                                   strict=True):
-            if result is None:  # non-finite model output, already reported
-                continue
+                for camera in cameras:
+                    self._bad_frame(camera, 'input', str(exc))
+                return None
+            except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
+                self._failed_batch(cameras, exc)
+                return None
+        return _Batch(pipeline, cameras, msgs, frames, decode_ms, pending)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Worker, second stage: detection and postprocess of a submitted batch, then publish."""
+        cameras = batch.cameras
+        with self._on_stream(1):
             try:
-                conversions.check_result(result)
-            except InputError as exc:
-                self._bad_frame(camera, 'output', str(exc))
-                continue
-            self._publish(camera, msg.header, frame, result, dec)
+                results = batch.pipeline.collect(batch.pending)
+            except NonFiniteOutputError as exc:
+                results = self._non_finite_frames(cameras, exc)
+            except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
+                self._failed_batch(cameras, exc)
+                return
+            for camera, msg, frame, result, dec in zip(cameras, batch.msgs, batch.frames,
+                                                       results, batch.decode_ms, strict=True):
+                if result is None:  # non-finite model output, already reported
+                    continue
+                try:
+                    conversions.check_result(result)
+                except InputError as exc:
+                    self._bad_frame(camera, 'output', str(exc))
+                    continue
+                self._publish(camera, msg.header, frame, result, dec)
+
+    def _failed_batch(self, cameras: list, exc: BaseException) -> None:
+        text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'
+        for camera in cameras:
+            self._bad_frame(camera, 'inference', text)
 
     def _non_finite_frames(self, cameras: list, exc: NonFiniteOutputError) -> list:
         """Report each camera whose frame gave NaN/Inf model output; the batch's results.

@@ -122,6 +122,10 @@ PARAMETERS = (
               'the compiled model instead of compiling again; empty: torch\'s default (a temp '
               'directory, lost at reboot)', check=_check_cache_dir),
     ParamSpec('cuda_graphs', False, 'Capture the dense model in a CUDA graph per input size'),
+    ParamSpec('pipelined', True,
+              'Two worker threads: the next frames\' dense forward runs on the GPU while this '
+              'batch\'s detection, postprocess and publishing run on the host (more frames per '
+              'second with several cameras); false: one thread, each batch start to end'),
     ParamSpec('warmup_size_px', [720, 1280],
               'Frame [height, width] run at configure so the first real frame is fast; '
               '[0, 0] skips warmup', check=_check_warmup),

@@ -302,3 +302,59 @@ def test_vim_backbone_pipeline():
     results = pipe([random_frame(96, 128), random_frame(70, 50, seed=2)])
     check_result(results[0], 96, 128)
     check_result(results[1], 70, 50)
+
+
+def _same_results(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x.height_px, x.width_px) == (y.height_px, y.width_px)
+        np.testing.assert_array_equal(x.class_mask, y.class_mask)
+        np.testing.assert_array_equal(x.detections.boxes_xyxy_px, y.detections.boxes_xyxy_px)
+        np.testing.assert_array_equal(x.detections.scores, y.detections.scores)
+        np.testing.assert_array_equal(x.detections.class_ids, y.detections.class_ids)
+
+
+def test_submit_collect_in_another_thread_equals_run(bundle_path):
+    """Two batches queued before either is collected, collected in another thread, in order."""
+    import threading
+    pipe = Pipeline(bundle_path, score_threshold=0.0)
+    first = [random_frame(96, 128, seed=3), random_frame(70, 50, seed=4)]
+    second = [random_frame(96, 128, seed=5)]
+    expected = [pipe.run(first), pipe.run(second)]
+    pending = [pipe.submit(first), pipe.submit(second)]
+    assert [len(p) for p in pending] == [2, 1]
+    collected = []
+    worker = threading.Thread(target=lambda: collected.extend(pipe.collect(p) for p in pending))
+    worker.start()
+    worker.join(60)
+    _same_results(collected[0], expected[0])
+    _same_results(collected[1], expected[1])
+    for result in collected[0]:
+        check_result(result, result.height_px, result.width_px)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('cuda_graphs', [False, True])
+def test_cuda_submit_and_collect_on_two_streams(bundle_path, cuda_graphs):
+    """Submit on one stream and thread, collect on another: the next frames' forward (a graph
+    replay writes the same buffers) must not change a batch that is not collected yet."""
+    import threading
+    pipe = Pipeline(bundle_path, device='cuda', precision='fp16', score_threshold=0.0,
+                    cuda_graphs=cuda_graphs)
+    batches = [[random_frame(96, 128, seed=10 + k)] for k in range(4)]
+    expected = [pipe.run(b) for b in batches]
+    submit_stream, collect_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(submit_stream):
+        pending = [pipe.submit(b) for b in batches]  # all queued before any is collected
+    collected = []
+
+    def collect_all():
+        with torch.cuda.stream(collect_stream):
+            collected.extend(pipe.collect(p) for p in pending)
+
+    worker = threading.Thread(target=collect_all)
+    worker.start()
+    worker.join(120)
+    for got, want in zip(collected, expected, strict=True):
+        _same_results(got, want)

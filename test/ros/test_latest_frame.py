@@ -58,3 +58,73 @@ def test_worker_survives_exceptions():
     assert done.wait(5.0)
     assert worker.stop(5.0)
     assert seen == ['bad', 'good'] and [str(c) for c in crashes] == ['boom']
+
+
+def test_two_stages_overlap_and_keep_no_backlog():
+    """The next batch's first stage runs while this batch finishes; at most two batches are
+    in flight; under a flood only the newest frames are served, in order."""
+    frames = LatestFrames(['cam'])
+    lock = threading.Lock()
+    events, state = [], {'in_flight': 0, 'max_in_flight': 0}
+
+    def process(taken):
+        with lock:
+            state['in_flight'] += 1
+            state['max_in_flight'] = max(state['max_in_flight'], state['in_flight'])
+            events.append(('process', taken['cam'], time.monotonic()))
+        time.sleep(0.02)
+        return taken['cam']
+
+    def finish(handle):
+        start = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            state['in_flight'] -= 1
+            events.append(('finish', handle, start, time.monotonic()))
+
+    worker = InferenceWorker(frames, process, finish=finish)
+    worker.start()
+    for i in range(200):  # ~10x faster than the finishing stage
+        frames.put('cam', i)
+        time.sleep(0.005)
+    time.sleep(0.3)
+    assert worker.stop(5.0)
+    processed = [e[1] for e in events if e[0] == 'process']
+    finished = [e[1] for e in events if e[0] == 'finish']
+    assert finished == processed  # every started batch finished, in order
+    assert finished[-1] == 199 and finished == sorted(finished)
+    assert len(finished) + frames.dropped['cam'] == 200
+    assert state['max_in_flight'] == 2  # one finishing, one started behind it; never more
+    assert worker.batches == len(finished)
+    # overlap: some batch's first stage started while the previous batch was finishing
+    starts = {e[1]: e[2] for e in events if e[0] == 'process'}
+    spans = [(e[2], e[3]) for e in events if e[0] == 'finish']
+    assert any(a < starts[nxt] < b for (a, b), nxt in zip(spans[:-1], finished[1:], strict=True))
+
+
+def test_two_stages_survive_exceptions_in_either_stage():
+    frames = LatestFrames(['cam'])
+    crashes, finished = [], []
+    done = threading.Event()
+
+    def process(taken):
+        if taken['cam'] == 'bad_start':
+            raise RuntimeError('start failed')
+        return None if taken['cam'] == 'skip' else taken['cam']
+
+    def finish(handle):
+        if handle == 'bad_finish':
+            raise RuntimeError('finish failed')
+        finished.append(handle)
+        done.set()
+
+    worker = InferenceWorker(frames, process, crashes.append, finish=finish)
+    worker.start()
+    for item in ('bad_start', 'skip', 'bad_finish'):
+        frames.put('cam', item)
+        time.sleep(0.1)
+    frames.put('cam', 'good')
+    assert done.wait(5.0)
+    assert worker.stop(5.0)
+    assert finished == ['good']
+    assert [str(c) for c in crashes] == ['start failed', 'finish failed']
