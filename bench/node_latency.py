@@ -2,7 +2,8 @@
 
 Two parts, each writing JSON (``--out``):
 
-* ``overhead``: per frame, the node's own work for 1280x720 and 1920x1080 frames — raw bgr8
+* ``overhead``: per frame, the node's own work for 1280x720 and 1920x1080 frames — the
+  received CDR bytes to a message (rclpy's conversion vs the node's rosbags view), raw bgr8
   to RGB (``image_to_rgb``, a zero-copy view) plus the host->device upload the pipeline then
   does, JPEG decode on the CPU (OpenCV) and on the GPU (nvJPEG through torchvision), and, where
   the ROS message packages are installed, building the output messages (Detection2DArray of
@@ -100,6 +101,18 @@ def overhead(args):
             entry['jpeg_decode_gpu'] = timed(
                 lambda: conversions.compressed_to_rgb(jpeg, decoder='gpu', device=args.device),
                 args.repeats, True)
+        try:  # the executor thread's share: the received bytes -> a message
+            from rclpy.serialization import deserialize_message, serialize_message
+            from sensor_msgs.msg import Image
+            image = Image(height=h, width=w, encoding='bgr8', step=w * 3)
+            image.data = bgr.tobytes()
+            cdr = serialize_message(image)
+            entry['input_rclpy_message_from_cdr'] = timed(
+                lambda: deserialize_message(cdr, Image), args.repeats, False)
+            entry['input_node_path_from_cdr'] = timed(  # raw subscription + rosbags
+                lambda: conversions.deserialize_image(cdr), args.repeats, False)
+        except ImportError:
+            entry['input_rclpy_message_from_cdr'] = 'not measured: no rclpy here'
         try:
             from std_msgs.msg import Header
             boxes = np.tile(np.array([[10, 20, 200, 300]], np.float32), (20, 1))

@@ -53,6 +53,49 @@ DEFAULT_MAX_PIXELS = 16_777_216  # 16 MP (4096 x 4096)
 JPEG_DECODERS = ('auto', 'cpu', 'gpu')
 
 
+_TYPESTORE: list = []  # the rosbags typestore, built on first use
+SERIALIZED_TYPES = {False: 'sensor_msgs/msg/Image', True: 'sensor_msgs/msg/CompressedImage'}
+
+
+def deserialize_image(raw: bytes, compressed: bool = False) -> Any:
+    """Deserialize an ``Image`` (or ``CompressedImage``) from its CDR bytes with rosbags.
+
+    The node subscribes to camera topics in serialized form: rclpy's own conversion of a
+    1280x720 bgr8 Image into Python objects copies the pixels twice into fresh memory and holds
+    the GIL for ~1.2 ms (development CPU; several ms per frame on the GPU host, where it was
+    the largest single user of the GIL with 4 cameras), while rosbags' deserializer returns
+    ``data`` as a numpy view of ``raw`` (tens of µs). The result has the ROS field names
+    (``header.stamp.sec``, ``encoding``, ``step``, ``data``...), so every decoder here takes it.
+
+    Raises:
+        InputError: ``raw`` is not a complete message of that type (truncated, corrupt).
+    """
+    typename = SERIALIZED_TYPES[bool(compressed)]
+    store = input_typestore()
+    try:
+        # a memoryview: rosbags slices off the CDR header, which would copy a bytes object
+        return store.deserialize_cdr(memoryview(raw), typename)
+    except Exception as exc:  # rosbags raises struct / numpy / unicode errors on bad bytes
+        raise InputError(f'corrupt serialized {typename} ({len(raw)} bytes): '
+                         f'{type(exc).__name__}: {exc}') from exc
+
+
+def input_typestore() -> Any:
+    """Return the rosbags typestore of :func:`deserialize_image` (built once: ~50 ms)."""
+    if not _TYPESTORE:
+        from mamba_perception.replay.bag import make_typestore
+        _TYPESTORE.append(make_typestore())
+    return _TYPESTORE[0]
+
+
+def ros_header(header: Any):
+    """Return a ``std_msgs/Header`` (rclpy) with the stamp and frame_id of ``header``."""
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header as RosHeader
+    return RosHeader(stamp=Time(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec)),
+                     frame_id=str(header.frame_id))
+
+
 def stamp_ns(header: Header) -> int:
     """Integer nanoseconds of a header's stamp."""
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)

@@ -150,6 +150,7 @@ class PerceptionNode(LifecycleNode):
         self._enabled = bool(self.get_parameter('enabled').value)
         self._last_error_log: dict = {}
         self._jpeg_on_gpu = False
+        self._compressed_input = False  # set at activate from input_transport
         self._active = False
 
     # -- parameters --------------------------------------------------------------------------
@@ -282,13 +283,15 @@ class PerceptionNode(LifecycleNode):
         with self._lock:
             for health in self._health.values():
                 health.restart(now)
-        compressed = self._config['input_transport'] == 'compressed'
+        compressed = self._compressed_input = self._config['input_transport'] == 'compressed'
+        conversions.input_typestore()  # built here, not in the first frame's callback
         in_qos = qos.input_qos(self._config['input_reliability'], self._config['input_depth'])
         for camera in self._cameras:
             topic = f'{camera}/image/compressed' if compressed else f'{camera}/image'
+            # raw=True: the callback gets the serialized bytes (see _on_frame)
             self._inputs.append(self.create_subscription(
                 CompressedImage if compressed else Image, topic,
-                lambda msg, camera=camera: self._on_frame(camera, msg), in_qos))
+                lambda raw, camera=camera: self._on_frame(camera, raw), in_qos, raw=True))
         self._active = True
         self.get_logger().info('active: subscribed to ' + ', '.join(
             s.topic_name for s in self._inputs))
@@ -368,12 +371,25 @@ class PerceptionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     # -- data path ---------------------------------------------------------------------------
-    def _on_frame(self, camera: str, msg) -> None:
-        """Subscription callback: never blocks; keep only the newest frame per camera."""
+    def _on_frame(self, camera: str, raw: bytes) -> None:
+        """Subscription callback: never blocks; keep only the newest frame per camera.
+
+        Frames arrive serialized and are deserialized here with rosbags: the pixels stay in
+        ``raw`` (``msg.data`` is a numpy view of it), where rclpy's own message conversion
+        would hold the GIL for milliseconds per raw frame on this thread, which also takes
+        every other camera's frames (``conversions.deserialize_image``).
+        """
         if not self._enabled or not self._active:
             return
         frames = self._frames
         now = self._now_ns()
+        try:
+            msg = conversions.deserialize_image(raw, self._compressed_input)
+        except InputError as exc:
+            with self._lock:
+                self._health[camera].record_input(now)
+            self._bad_frame(camera, 'input', str(exc))
+            return
         with self._lock:
             self._health[camera].record_input(now, conversions.stamp_ns(msg.header))
         if frames is not None and frames.put(camera, (msg, time.perf_counter())):
@@ -392,7 +408,7 @@ class PerceptionNode(LifecycleNode):
 
     def _decode(self, camera: str, msg):
         max_pixels = self.get_parameter('max_input_pixels').value
-        if isinstance(msg, CompressedImage):
+        if self._compressed_input:
             return conversions.compressed_to_rgb(
                 msg, max_pixels, decoder='gpu' if self._jpeg_on_gpu else 'cpu',
                 device=str(self._pipeline.device))
@@ -474,7 +490,7 @@ class PerceptionNode(LifecycleNode):
                 except InputError as exc:
                     self._bad_frame(camera, 'output', str(exc))
                     continue
-                self._publish(camera, msg.header, frame, result, dec)
+                self._publish(camera, conversions.ros_header(msg.header), frame, result, dec)
 
     def _failed_batch(self, cameras: list, exc: BaseException) -> None:
         text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'

@@ -258,3 +258,40 @@ def test_check_result_rejects_non_finite_output():
     bad_mask = FrameResult(10, 10, None, np.zeros((5, 5), np.uint8))
     with pytest.raises(InputError, match='mask shape'):
         conversions.check_result(bad_mask)
+
+
+@pytest.mark.parametrize('encoding,pad', [('bgr8', 0), ('rgb8', 8), ('mono8', 0)])
+def test_serialized_image_decodes_like_the_rclpy_message(rgb, encoding, pad):
+    """The node's input path (CDR bytes -> rosbags) gives the same frame and header as rclpy's
+    message, with the pixels read in place (a view of the received bytes, not a copy)."""
+    from rclpy.serialization import serialize_message
+    pixels = {'bgr8': rgb[..., ::-1], 'rgb8': rgb,
+              'mono8': cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)}[encoding]
+    msg = make_image(pixels, encoding, pad=pad)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 1_700_000_000, 123_456_789
+    msg.header.frame_id = 'front_optical'
+    raw = serialize_message(msg)
+    got = conversions.deserialize_image(raw)
+    np.testing.assert_array_equal(conversions.image_to_rgb(got), conversions.image_to_rgb(msg))
+    assert np.shares_memory(np.asarray(got.data), np.frombuffer(raw, np.uint8))
+    header = conversions.ros_header(got.header)
+    assert isinstance(header, Header) and header == msg.header
+
+
+def test_serialized_compressed_image_decodes_like_the_rclpy_message(rgb):
+    from rclpy.serialization import serialize_message
+    ok, encoded = cv2.imencode('.jpg', rgb[..., ::-1])
+    msg = compressed(encoded.tobytes())
+    msg.header.frame_id = 'left'
+    got = conversions.deserialize_image(serialize_message(msg), compressed=True)
+    assert got.format == msg.format and got.header.frame_id == 'left'
+    np.testing.assert_array_equal(conversions.compressed_to_rgb(got),
+                                  conversions.compressed_to_rgb(msg))
+
+
+@pytest.mark.parametrize('cut', [0, 3, 30, -1])
+def test_corrupt_serialized_image_is_an_input_error(rgb, cut):
+    from rclpy.serialization import serialize_message
+    raw = serialize_message(make_image(rgb, 'rgb8'))
+    with pytest.raises(InputError, match='corrupt serialized sensor_msgs/msg/Image'):
+        conversions.deserialize_image(raw[:cut])

@@ -7,6 +7,7 @@ import time
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import pytest
+from rclpy.serialization import serialize_message
 from ros_node_helpers import (
     TINY_POLICY,
     Collector,
@@ -111,6 +112,10 @@ def test_every_bad_input_is_followed_by_a_served_frame(start_node, ros_node, tin
         ('0x0 frame', bad_image(width=0, height=0, step=0, data=array.array('B'))),
         ('absurd size', bad_image(width=100_000, height=100_000, step=300_000)),
         ('frame over max_input_pixels', lambda: image_msg(big, stamp_of(ros_node, 998), 'c')),
+        # The node takes frames serialized and deserializes them itself: bytes that are not a
+        # whole Image (published as raw CDR) must be a bad input, not a crash.
+        ('truncated serialized Image', lambda: serialize_message(
+            image_msg(frame, stamp_of(ros_node, 993), 'cam_optical'))[:2000]),
     ]
     ok, encoded = cv2.imencode('.jpg', frame)
     good_jpeg = encoded.tobytes()
