@@ -12,14 +12,19 @@ Two parts, each writing JSON (``--out``):
 * ``latency``: the node's data path without DDS — one feeder thread per camera stamps frames at
   ``--rate-hz`` into the node's one-slot buffers (:class:`LatestFrames`), the node's worker
   (:class:`InferenceWorker`) decodes, batches and runs the Pipeline, then builds the outputs;
-  latency = publish time - stamp. p50/p99 per camera count, with frames dropped.
+  latency = publish time - stamp. p50/p99 per camera count, with frames dropped; the worker in
+  one stage or in two (``--pipelined``: decode + ``Pipeline.submit``, then ``collect`` + build,
+  on ``Pipeline.stage_streams``, as the node); ``--profile-dir`` adds a 1 s GPU timeline
+  (torch.profiler) of the largest camera count and the GPU's busy fraction in it.
 
 Run: ``python bench/node_latency.py --device cuda --precision fp16 --backbone vmamba_tiny``.
 """
 
 # ruff: noqa: B023  (each closure runs inside the loop iteration that defines it)
 import argparse
+import contextlib
 import json
+import os
 import platform
 import threading
 import time
@@ -130,76 +135,142 @@ def overhead(args):
     return results
 
 
+def gpu_timeline(trace_path: str) -> dict:
+    """GPU busy time per stream and overall (union of kernel intervals) from a chrome trace."""
+    with open(trace_path) as f:
+        events = json.load(f).get('traceEvents', [])
+    kernels = [e for e in events if e.get('cat') == 'kernel' and 'dur' in e]
+    if not kernels:
+        return {'kernels': 0}
+    spans = sorted((float(e['ts']), float(e['ts']) + float(e['dur'])) for e in kernels)
+    window = spans[-1][1] - spans[0][0]
+    busy, end = 0.0, -1e30
+    for a, b in spans:  # union of the intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    per_stream: dict = {}
+    for e in kernels:
+        stream = str(e.get('args', {}).get('stream', '?'))
+        per_stream[stream] = per_stream.get(stream, 0.0) + float(e['dur'])
+    return {'kernels': len(kernels), 'window_ms': window / 1e3, 'gpu_busy_ms': busy / 1e3,
+            'gpu_busy_fraction': busy / window if window > 0 else None,
+            'kernel_ms_per_stream': {k: v / 1e3 for k, v in sorted(per_stream.items())}}
+
+
 def latency(args, pipeline):
+    """Run the node's worker path without DDS, in one or two stages, per camera count."""
     size = SIZES[args.latency_size]
+    cuda = args.device.startswith('cuda')
     out = {}
-    for cameras in (1, 2, 4):
-        names = [f'cam{i}' for i in range(cameras)]
-        frames = LatestFrames(names)
-        bgr = [fake_frame(*size, seed=i) for i in range(cameras)]
-        lat_ms = {n: [] for n in names}
-        stage = {'decode_ms': [], 'pipeline_ms': [], 'build_ms': []}
-        staging = {n: conversions.HostStaging() for n in names}
-
-        def process(taken):
-            t0 = time.perf_counter()
-            keys = list(taken)
-            rgb = [conversions.image_to_device_rgb(taken[k], args.device, staging=staging[k])
-                   if args.device.startswith('cuda') else conversions.image_to_rgb(taken[k])
-                   for k in keys]
-            t1 = time.perf_counter()
-            results = pipeline.run(rgb)
-            t2 = time.perf_counter()
-            for k, r in zip(keys, results, strict=True):
-                conversions.check_result(r)
-                try:
-                    from std_msgs.msg import Header
-                    conversions.detections_to_msg(r, Header())
-                    conversions.mask_to_image(r.class_mask, Header())
-                except ImportError:
-                    pass
-                lat_ms[k].append((time.time_ns() - taken[k].stamp_ns) / 1e6)
-            t3 = time.perf_counter()
-            stage['decode_ms'].append((t1 - t0) * 1e3)
-            stage['pipeline_ms'].append((t2 - t1) * 1e3)
-            stage['build_ms'].append((t3 - t2) * 1e3)
-
-        worker = InferenceWorker(frames, process)
-        worker.start()
-        stop = threading.Event()
-        sent = {n: 0 for n in names}
-
-        def feed(name, image):
-            period = 1.0 / args.rate_hz
-            next_t = time.perf_counter()
-            while not stop.is_set():
-                frames.put(name, raw_msg(image, time.time_ns()))
-                sent[name] += 1
-                next_t += period
-                time.sleep(max(0.0, next_t - time.perf_counter()))
-
-        feeders = [threading.Thread(target=feed, args=(n, b), daemon=True)
-                   for n, b in zip(names, bgr, strict=True)]
-        for f in feeders:
-            f.start()
-        time.sleep(args.seconds)
-        stop.set()
-        for f in feeders:
-            f.join()
-        time.sleep(0.5)
-        worker.stop()
-        all_lat = np.concatenate([np.asarray(v) for v in lat_ms.values()])
-        out[f'{cameras}_cameras'] = {
-            'frames_sent': int(sum(sent.values())),
-            'frames_published': int(all_lat.size),
-            'frames_dropped': int(sum(frames.dropped.values())),
-            'stamp_to_publish_p50_ms': float(np.percentile(all_lat, 50)),
-            'stamp_to_publish_p99_ms': float(np.percentile(all_lat, 99)),
-            'batches': worker.batches,
-            **{f'{k}_p50': float(np.percentile(v, 50)) for k, v in stage.items() if v},
-        }
-        print(cameras, 'cameras', json.dumps(out[f'{cameras}_cameras']), flush=True)
+    for cameras in args.cameras:
+        for mode in args.pipelined:
+            key = f'{cameras}_cameras' + ('' if mode == 'off' else '_pipelined')
+            out[key] = run_cameras(args, pipeline, cameras, mode == 'on', size, cuda)
+            print(key, json.dumps({k: v for k, v in out[key].items() if k != 'profile'}),
+                  flush=True)
     return out
+
+
+def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool) -> dict:
+    names = [f'cam{i}' for i in range(cameras)]
+    frames = LatestFrames(names)
+    bgr = [fake_frame(*size, seed=i) for i in range(cameras)]
+    lat_ms = {n: [] for n in names}
+    stage = {'decode_ms': [], 'submit_ms': [], 'collect_ms': [], 'build_ms': []}
+    staging = {n: conversions.HostStaging() for n in names}
+    # as the node: submit and collect on their own streams when pipelined
+    streams = pipeline.stage_streams() if pipelined else []
+
+    def on_stream(i):
+        return torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext()
+
+    def submit(taken):
+        t0 = time.perf_counter()
+        keys = list(taken)
+        with on_stream(0):
+            rgb = [conversions.image_to_device_rgb(taken[k], args.device, staging=staging[k])
+                   if cuda else conversions.image_to_rgb(taken[k]) for k in keys]
+            t1 = time.perf_counter()
+            pending = pipeline.submit(rgb)
+        stage['decode_ms'].append((t1 - t0) * 1e3)
+        stage['submit_ms'].append((time.perf_counter() - t1) * 1e3)
+        return keys, taken, pending
+
+    def finish(handle):
+        keys, taken, pending = handle
+        t0 = time.perf_counter()
+        with on_stream(1):
+            results = pipeline.collect(pending)
+        t1 = time.perf_counter()
+        for k, r in zip(keys, results, strict=True):
+            conversions.check_result(r)
+            try:
+                from std_msgs.msg import Header
+                conversions.detections_to_msg(r, Header())
+                conversions.mask_to_image(r.class_mask, Header())
+            except ImportError:
+                pass
+            lat_ms[k].append((time.time_ns() - taken[k].stamp_ns) / 1e6)
+        stage['collect_ms'].append((t1 - t0) * 1e3)
+        stage['build_ms'].append((time.perf_counter() - t1) * 1e3)
+
+    if pipelined:
+        worker = InferenceWorker(frames, submit, finish=finish)
+    else:
+        worker = InferenceWorker(frames, lambda taken: finish(submit(taken)))
+    worker.start()
+    stop = threading.Event()
+    sent = {n: 0 for n in names}
+
+    def feed(name, image):
+        period = 1.0 / args.rate_hz
+        next_t = time.perf_counter()
+        while not stop.is_set():
+            frames.put(name, raw_msg(image, time.time_ns()))
+            sent[name] += 1
+            next_t += period
+            time.sleep(max(0.0, next_t - time.perf_counter()))
+
+    feeders = [threading.Thread(target=feed, args=(n, b), daemon=True)
+               for n, b in zip(names, bgr, strict=True)]
+    for f in feeders:
+        f.start()
+    profile = None
+    if args.profile_dir and cuda and cameras == max(args.cameras):
+        # One second of GPU timeline in the middle of the run: are the stages overlapping,
+        # and is the GPU busy? (torch.profiler sees every thread's CUDA work.)
+        time.sleep(min(2.0, args.seconds / 3))
+        trace = os.path.join(args.profile_dir,
+                             f'trace_{cameras}cam_{"pipelined" if pipelined else "serial"}.json')
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            time.sleep(1.0)
+        prof.export_chrome_trace(trace)
+        profile = {'trace': trace, **gpu_timeline(trace)}
+        time.sleep(max(0.0, args.seconds - 1.0 - min(2.0, args.seconds / 3)))
+    else:
+        time.sleep(args.seconds)
+    stop.set()
+    for f in feeders:
+        f.join()
+    time.sleep(0.5)
+    worker.stop()
+    all_lat = np.concatenate([np.asarray(v) for v in lat_ms.values()])
+    result = {
+        'pipelined': pipelined,
+        'frames_sent': int(sum(sent.values())),
+        'frames_published': int(all_lat.size),
+        'frames_dropped': int(sum(frames.dropped.values())),
+        'output_rate_hz_per_camera': float(all_lat.size / cameras / args.seconds),
+        'stamp_to_publish_p50_ms': float(np.percentile(all_lat, 50)),
+        'stamp_to_publish_p99_ms': float(np.percentile(all_lat, 99)),
+        'batches': worker.batches,
+        **{f'{k}_p50': float(np.percentile(v, 50)) for k, v in stage.items() if v},
+    }
+    if profile is not None:
+        result['profile'] = profile
+    return result
 
 
 def main():
@@ -213,6 +284,12 @@ def main():
     parser.add_argument('--seconds', type=float, default=8.0)
     parser.add_argument('--latency-size', default='1280x720', choices=sorted(SIZES))
     parser.add_argument('--skip-latency', action='store_true')
+    parser.add_argument('--cameras', type=int, nargs='+', default=[1, 2, 4])
+    parser.add_argument('--pipelined', choices=('on', 'off'), nargs='+', default=['off', 'on'],
+                        help='the worker in one stage (off) or two (on, the node default)')
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--profile-dir', help='CUDA: a 1 s torch.profiler trace of the largest '
+                                              'camera count per mode, and its GPU busy time')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     report = {
@@ -231,10 +308,11 @@ def main():
         bundle = create_random_bundle(backbone=args.backbone,
                                       tasks=('detection', 'segmentation'), num_classes=80)
         pipeline = Pipeline(bundle, device=args.device, precision=args.precision,
-                            cuda_graphs=args.cuda_graphs)
+                            cuda_graphs=args.cuda_graphs, compile=args.compile)
         h, w = SIZES[args.latency_size]
         t = time.perf_counter()
-        pipeline.warmup([(1, h, w), (2, h, w), (4, h, w)], iterations=3)
+        # every batch size the worker can form (as the node warms up), so none is met live
+        pipeline.warmup([(b, h, w) for b in range(1, max(args.cameras) + 1)], iterations=3)
         report['warmup_s'] = time.perf_counter() - t
         report['model'] = repr(pipeline)
         report['latency'] = latency(args, pipeline)

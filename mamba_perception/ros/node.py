@@ -272,7 +272,7 @@ class PerceptionNode(LifecycleNode):
             self._outputs[camera]['label_info'].publish(info)
         self._frames = LatestFrames(self._cameras)
         if self._config['pipelined']:
-            self._stage_streams = self._new_streams()
+            self._stage_streams = self._pipeline.stage_streams()
             self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,
                                            finish=self._finish)
         else:
@@ -296,19 +296,6 @@ class PerceptionNode(LifecycleNode):
         self.get_logger().info('active: subscribed to ' + ', '.join(
             s.topic_name for s in self._inputs))
         return result
-
-    def _new_streams(self) -> list:
-        """Create the two stages' CUDA streams on the pipeline's device (none off CUDA).
-
-        The second stage's stream has the higher priority: its small, serial kernels (NMS,
-        RoIAlign, the box head) hold up the host and the frame's publication, so the GPU
-        schedules them ahead of the next batch's forward, which only needs throughput.
-        """
-        if self._pipeline.device.type != 'cuda':
-            return []
-        import torch
-        device = self._pipeline.device
-        return [torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1)]
 
     def _stop_input(self) -> None:
         self._active = False

@@ -318,6 +318,7 @@ def test_submit_collect_in_another_thread_equals_run(bundle_path):
     """Two batches queued before either is collected, collected in another thread, in order."""
     import threading
     pipe = Pipeline(bundle_path, score_threshold=0.0)
+    assert pipe.stage_streams() == []  # CPU: no streams, both threads just run
     first = [random_frame(96, 128, seed=3), random_frame(70, 50, seed=4)]
     second = [random_frame(96, 128, seed=5)]
     expected = [pipe.run(first), pipe.run(second)]
@@ -344,7 +345,8 @@ def test_cuda_submit_and_collect_on_two_streams(bundle_path, cuda_graphs):
                     cuda_graphs=cuda_graphs)
     batches = [[random_frame(96, 128, seed=10 + k)] for k in range(4)]
     expected = [pipe.run(b) for b in batches]
-    submit_stream, collect_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    submit_stream, collect_stream = pipe.stage_streams()
+    assert collect_stream.priority < submit_stream.priority  # collect's kernels go first
     with torch.cuda.stream(submit_stream):
         pending = [pipe.submit(b) for b in batches]  # all queued before any is collected
     collected = []
