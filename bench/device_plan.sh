@@ -10,7 +10,9 @@
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
 #                                        # sparse part's profile, compiled batch 1 and 4
-#   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras
+#   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras,
+#                                        # worker in one and two stages; the worker path
+#                                        # without DDS with a GPU timeline
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
 # Every step has its own time limit and a failed step does not stop the next; results and a log
@@ -94,9 +96,14 @@ node)
     export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
     step 120 "GPU tests: conversions (staged upload, GPU JPEG)" \
         python -m pytest -q test/ros/test_conversions.py
-    step 300 "node over DDS, raw 720p, 1/2/4 cameras" python bench/node_dds.py --device cuda \
+    step 480 "node over DDS, raw 720p, 1/2/4 cameras, one and two stages" python bench/node_dds.py --device cuda \
         --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
-        --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 --out "$OUT/node_dds_h100.json"
+        --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 --pipelined off on \
+        --out "$OUT/node_dds_h100.json"
+    # Where a 4-camera batch's time goes without DDS: one stage vs two, GPU timeline of each
+    step 280 "node worker path without DDS, 4 cameras, GPU timeline" python bench/node_latency.py \
+        --device cuda --precision fp16 --cuda-graphs --compile --cameras 4 --pipelined off on \
+        --seconds 8 --repeats 20 --profile-dir "$OUT" --out "$OUT/node_latency_h100.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone, vim, pipeline or node" >&2

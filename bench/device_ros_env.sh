@@ -10,6 +10,7 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl/ros -r /tmp/ros.txt
 #   pip download --no-deps -d .whl/ros catkin-pkg docutils empy lark-parser   # build tools
+#   pip download --no-deps -d .whl/ros rosbags   # the node deserialises camera frames with it
 #
 # Usage (on the GPU machine, from the repo root): source bench/device_ros_env.sh [VENV]
 # Leaves the venv active (VIRTUAL_ENV, PATH); prints how long it took.
@@ -30,7 +31,7 @@ python3 -c 'import site; print("\n".join(site.getsitepackages()))' > "$SITE/_mac
 PIP=("$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation
      --ignore-installed)
 "${PIP[@]}" --find-links "$WHEELS" "$WHEELS"/*.whl "$WHEELS"/*.tar.gz
-"$VENV/bin/python" -c 'import rclpy, sensor_msgs.msg, diagnostic_msgs.msg'
+"$VENV/bin/python" -c 'import rclpy, sensor_msgs.msg, diagnostic_msgs.msg, rosbags.typesys'
 MAMBA_PERCEPTION_VENV=$VENV "$ROOT/tools/dev" build-vision-msgs
 # The package itself (no deps): its wheel puts the ros2-run launchers under lib/mamba_perception,
 # where the node tests start the node from.
