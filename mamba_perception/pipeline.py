@@ -36,6 +36,7 @@ import math
 import os
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
+import warnings
 
 import numpy as np
 import torch
@@ -176,8 +177,21 @@ def validate_frame(frame: Any, index: int = 0) -> torch.Tensor:
             raise InputError(f'{what}: contains NaN (dtype {dtype}); expected uint8 RGB')
         raise InputError(f'{what}: dtype {dtype}, expected uint8 RGB')
     if array is not None:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return frame_tensor(np.ascontiguousarray(array))
     return frame
+
+
+def frame_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(array)``, also for read-only arrays, without torch's warning.
+
+    Frames are often views of a received message's bytes (read-only); the pipeline only
+    reads its input frames, so sharing that memory is safe and a copy would only cost time.
+    """
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        return torch.from_numpy(array)
 
 
 # --------------------------------------------------------------------------------------------

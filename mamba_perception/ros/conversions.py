@@ -197,12 +197,12 @@ def image_to_device_rgb(msg, device: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     copy of a 1280x720 frame costs ~6 ms, the upload ~0.3 ms. The result may be a strided view
     (alpha dropped). Other encodings are converted on the CPU first.
     """
-    import torch
+    from mamba_perception.pipeline import frame_tensor
     rgb = image_to_rgb(msg, max_pixels)  # validates; a strided view for the view encodings
     encoding = msg.encoding.strip()
     if encoding not in _VIEWS:
         return (staging.upload(rgb, device) if staging is not None
-                else torch.from_numpy(rgb).to(device))
+                else frame_tensor(rgb).to(device))
     channels = _VIEWS[encoding][0]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     flat = np.frombuffer(msg.data, np.uint8)
@@ -210,7 +210,7 @@ def image_to_device_rgb(msg, device: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     if staging is not None:
         pixels = staging.upload(rows, device)
     else:
-        pixels = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        pixels = frame_tensor(np.ascontiguousarray(rows)).to(device)
     pixels = pixels.view(height, width, channels)[..., :3]
     # flip() is one kernel; indexing with a channel list would also upload the index
     return pixels.flip(-1) if encoding.startswith('bgr') else pixels

@@ -360,3 +360,22 @@ def test_cuda_submit_and_collect_on_two_streams(bundle_path, cuda_graphs):
     worker.join(120)
     for got, want in zip(collected, expected, strict=True):
         _same_results(got, want)
+
+
+def test_read_only_frames_are_shared_without_a_warning():
+    """A frame viewing a received message's bytes (read-only) is used in place, silently.
+
+    In a fresh process: torch warns about non-writable arrays once per process, so an earlier
+    test could hide the warning here.
+    """
+    import os
+    import subprocess
+    import sys
+    code = ('import numpy as np\n'
+            'from mamba_perception.pipeline import validate_frame\n'
+            'a = np.frombuffer(bytes(range(36)), np.uint8).reshape(3, 4, 3)\n'
+            'assert not a.flags.writeable\n'
+            't = validate_frame(a)\n'
+            'assert t.data_ptr() == a.ctypes.data and t[2, 3, 2] == 35\n')
+    subprocess.run([sys.executable, '-W', 'error', '-c', code], check=True, env=dict(os.environ),
+                   timeout=120)
