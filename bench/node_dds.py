@@ -57,6 +57,8 @@ import traceback
 
 import numpy as np
 
+from mamba_perception.ros.diagnostics import STAGES  # the node's stage names (no rclpy)
+
 TASKS = {'det': ('detection',), 'seg': ('segmentation',),
          'detseg': ('detection', 'segmentation')}
 CLASS_NAMES = [f'class_{i}' for i in range(80)]  # COCO-sized head
@@ -66,7 +68,6 @@ TINY_POLICY = {'color_order': 'RGB', 'mean': [123.675, 116.28, 103.53],
                'std': [58.395, 57.12, 57.375], 'max_long_side_px': 64, 'max_short_side_px': 64,
                'allow_upscale': False, 'pad_multiple_px': 32}
 TINY_WARMUP_HW = (64, 64)
-STAGES = ('decode', 'preprocess', 'inference', 'postprocess', 'publish')
 OUTPUT_KINDS = {'detections': 'detections', 'masks': 'segmentation/mask'}
 JPEG_QUALITY = 90
 OUTPUT_READER_DEPTH = 50  # this process's reader queue: deep enough never to drop on our side

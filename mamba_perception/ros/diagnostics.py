@@ -17,7 +17,12 @@ from typing import Optional
 import numpy as np
 
 OK, WARN, ERROR = 0, 1, 2
-STAGES = ('decode', 'preprocess', 'inference', 'postprocess', 'publish')
+# Per-frame times in the order a frame meets them. 'queued': from the subscription callback
+# until the worker took the frame from its one-slot buffer; 'handoff': from the end of the
+# worker's first stage (decode + the dense forward queued) until the second stage took the batch
+# (0 in one stage). Both are waits, not work: with the others they show where a frame's
+# stamp-to-publish latency goes.
+STAGES = ('queued', 'decode', 'preprocess', 'handoff', 'inference', 'postprocess', 'publish')
 NS = 1_000_000_000
 
 

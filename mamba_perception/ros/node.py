@@ -122,8 +122,10 @@ class _Batch(NamedTuple):
     cameras: list
     msgs: list
     frames: list  # decoded frames (device tensors on CUDA), for the overlay
+    queued_ms: list  # per frame: callback -> taken by the worker
     decode_ms: list
     pending: Any  # PendingFrames
+    submitted_at: float  # perf_counter at the end of the first stage
 
 
 class PerceptionNode(LifecycleNode):
@@ -425,9 +427,10 @@ class PerceptionNode(LifecycleNode):
         pipeline = self._pipeline
         if pipeline is None or not self._enabled:
             return None
-        cameras, msgs, frames, decode_ms = [], [], [], []
+        cameras, msgs, frames, queued_ms, decode_ms = [], [], [], [], []
+        taken_at = time.perf_counter()
         with self._on_stream(0):
-            for camera, (msg, _received) in taken.items():
+            for camera, (msg, received) in taken.items():
                 started = time.perf_counter()
                 try:
                     frame = self._decode(camera, msg)
@@ -441,6 +444,7 @@ class PerceptionNode(LifecycleNode):
                     self._bad_frame(camera, 'out of memory', text)
                     continue
                 decode_ms.append((time.perf_counter() - started) * 1e3)
+                queued_ms.append((taken_at - received) * 1e3)
                 cameras.append(camera)
                 msgs.append(msg)
                 frames.append(frame)
@@ -455,11 +459,13 @@ class PerceptionNode(LifecycleNode):
             except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
                 self._failed_batch(cameras, exc)
                 return None
-        return _Batch(pipeline, cameras, msgs, frames, decode_ms, pending)
+        return _Batch(pipeline, cameras, msgs, frames, queued_ms, decode_ms, pending,
+                      time.perf_counter())
 
     def _finish(self, batch: _Batch) -> None:
         """Worker, second stage: detection and postprocess of a submitted batch, then publish."""
         cameras = batch.cameras
+        handoff_ms = (time.perf_counter() - batch.submitted_at) * 1e3
         with self._on_stream(1):
             try:
                 results = batch.pipeline.collect(batch.pending)
@@ -468,8 +474,9 @@ class PerceptionNode(LifecycleNode):
             except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
                 self._failed_batch(cameras, exc)
                 return
-            for camera, msg, frame, result, dec in zip(cameras, batch.msgs, batch.frames,
-                                                       results, batch.decode_ms, strict=True):
+            for camera, msg, frame, result, queued, dec in zip(
+                    cameras, batch.msgs, batch.frames, results, batch.queued_ms,
+                    batch.decode_ms, strict=True):
                 if result is None:  # non-finite model output, already reported
                     continue
                 try:
@@ -477,7 +484,8 @@ class PerceptionNode(LifecycleNode):
                 except InputError as exc:
                     self._bad_frame(camera, 'output', str(exc))
                     continue
-                self._publish(camera, conversions.ros_header(msg.header), frame, result, dec)
+                node_ms = {'queued': queued, 'decode': dec, 'handoff': handoff_ms}
+                self._publish(camera, conversions.ros_header(msg.header), frame, result, node_ms)
 
     def _failed_batch(self, cameras: list, exc: BaseException) -> None:
         text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'
@@ -500,7 +508,12 @@ class PerceptionNode(LifecycleNode):
             results[i] = None
         return results
 
-    def _publish(self, camera: str, header, frame, result, decode_ms: float) -> None:
+    def _publish(self, camera: str, header, frame, result, node_ms: dict) -> None:
+        """Publish one frame's outputs and record its stage times in its camera's health.
+
+        ``node_ms`` holds the node's own stage times (queued, decode, handoff); the pipeline's
+        come with ``result``.
+        """
         started = time.perf_counter()
         pubs = self._outputs.get(camera)
         if pubs is None:
@@ -520,7 +533,7 @@ class PerceptionNode(LifecycleNode):
                 self._health[camera].overlays_published += 1
         publish_ms = (time.perf_counter() - started) * 1e3
         stages = result.times.as_dict()
-        stage_ms = {'decode': decode_ms, 'preprocess': stages['preprocess_ms'],
+        stage_ms = {**node_ms, 'preprocess': stages['preprocess_ms'],
                     'inference': stages['inference_ms'],
                     'postprocess': stages['postprocess_ms'], 'publish': publish_ms}
         with self._lock:

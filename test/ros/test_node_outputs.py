@@ -146,11 +146,12 @@ def test_outputs_of_two_cameras(start_node, ros_node, tiny_bundle, video_frames_
         for key in ('input rate (Hz)', 'output rate (Hz)', 'frames dropped',
                     'latency p50 (ms)', 'latency p99 (ms)', 'decode p50 (ms)',
                     'preprocess p99 (ms)', 'inference p50 (ms)', 'postprocess p99 (ms)',
-                    'publish p50 (ms)', 'bad inputs',
+                    'publish p50 (ms)', 'queued p50 (ms)', 'handoff p99 (ms)', 'bad inputs',
                     'frames lost before node in window (est.)'):
             assert key in values, key
         assert float(values['output rate (Hz)']) > 0
         assert float(values['inference p50 (ms)']) > 0
+        assert float(values['queued p50 (ms)']) >= 0 and float(values['handoff p50 (ms)']) >= 0
         assert 0 < float(values['latency p50 (ms)']) <= float(values['latency p99 (ms)'])
     assert int(status_values(camera_status(diagnostics.messages, 'front', NODE))[
         'overlays published']) >= 2
