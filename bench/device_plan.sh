@@ -10,6 +10,8 @@
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
 #                                        # sparse part's profile, compiled batch 1 and 4
+#   bash bench/device_plan.sh batches    # compiled det+seg at batches 1-4, static vs one
+#                                        # graph for every batch above 1 (compile time, p50)
 #   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 1/2/4 cameras,
 #                                        # worker in one and two stages; the worker path
 #                                        # without DDS with a GPU timeline
@@ -19,7 +21,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|pipeline|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
@@ -87,6 +89,17 @@ pipeline)
         --batches 1 4 --precisions fp16 --frames 200 --warmup 10 --modes compile_graphs \
         --out "$OUT/pipeline_compile_h100.json"
     ;;
+batches)
+    # One compiled graph for batches 2-4 (a node with 4 cameras compiles twice, not 4 times):
+    # warmup_s (the compile lands in the first row of each batch size) and p50 per batch,
+    # static vs dynamic batch, two processes on one card
+    for dyn in "" --compile-dynamic-batch; do
+        step 280 "pipeline, compiled, batches 1-4 $dyn" python bench/pipeline_speed.py \
+            --tasks detseg --sizes 720p --batches 1 2 3 4 --precisions fp16 --frames 100 \
+            --warmup 5 --modes compile_graphs --budget-s 270 $dyn \
+            --out "$OUT/pipeline_compile_batches${dyn:+_dynamic}_h100.json"
+    done
+    ;;
 node)
     echo "=== ROS env (bench/device_ros_env.sh)" | tee -a "$LOG"
     # shellcheck disable=SC1091
@@ -106,7 +119,7 @@ node)
         --seconds 8 --repeats 20 --profile-dir "$OUT" --out "$OUT/node_latency_h100.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, vim, pipeline or node" >&2
+    echo "unknown part $PART: kernels, backbone, vim, pipeline, batches or node" >&2
     exit 2
     ;;
 esac

@@ -37,7 +37,7 @@ SIZES = {'720p': (720, 1280), '1080p': (1080, 1920)}
 MODES = ('eager', 'cuda_graphs', 'compile_graphs')  # compile_graphs: torch.compile + CUDA graph
 
 
-def configs(quick: bool, modes=('eager', 'cuda_graphs')) -> list:
+def configs(quick: bool, modes=('eager', 'cuda_graphs'), batches=(1, 4)) -> list:
     """Benchmark configurations, most important first."""
     out = []
     # the target first: VMamba-T det+seg 720p batch 1
@@ -46,7 +46,7 @@ def configs(quick: bool, modes=('eager', 'cuda_graphs')) -> list:
             out.append(('detseg', '720p', 1, prec, mode))
     for task in ('det', 'seg', 'detseg'):
         for size in ('720p', '1080p'):
-            for batch in (1, 4):
+            for batch in batches:
                 for mode in modes:
                     cfg = (task, size, batch, 'fp16', mode)
                     if cfg not in out:
@@ -78,6 +78,7 @@ _PIPELINES: dict = {}
 
 
 HEAD_LAYOUT = {'layout': 'default'}  # --head-layout, read by get_pipeline
+COMPILE_OPTIONS = {'compile_dynamic_batch': False}  # --compile-dynamic-batch
 
 
 def get_pipeline(bundles, task, precision, mode):
@@ -87,7 +88,7 @@ def get_pipeline(bundles, task, precision, mode):
     if key not in _PIPELINES:
         pipe = Pipeline(bundles[task], device='cuda', precision=precision,
                         cuda_graphs=mode in ('cuda_graphs', 'compile_graphs'),
-                        compile=mode == 'compile_graphs')
+                        compile=mode == 'compile_graphs', **COMPILE_OPTIONS)
         if HEAD_LAYOUT['layout'] != 'default':  # experiment: head conv weights' memory format
             fmt = {'channels_last': torch.channels_last,
                    'contiguous': torch.contiguous_format}[HEAD_LAYOUT['layout']]
@@ -265,11 +266,15 @@ def main(argv=None) -> int:
                         default='default',
                         help="memory format of the heads' conv weights, set after Pipeline "
                              "made them channels-last on CUDA (experiment)")
+    parser.add_argument('--compile-dynamic-batch', action='store_true',
+                        help='Pipeline(compile_dynamic_batch=True): one compiled graph for every '
+                             'batch above 1 (compare warmup_s and p50 with a run without)')
     parser.add_argument('--cudnn-benchmark', action='store_true',
                         help='torch.backends.cudnn.benchmark = True (experiment)')
     args = parser.parse_args(argv)
     start = time.perf_counter()
     HEAD_LAYOUT['layout'] = args.head_layout
+    COMPILE_OPTIONS['compile_dynamic_batch'] = args.compile_dynamic_batch
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     import mamba_perception_kernels as kernels
@@ -300,9 +305,10 @@ def main(argv=None) -> int:
                   '; stage split from CUDA events; p50/p99 over the timed calls',
         'target': 'VMamba-T det+seg 1280x720 batch 1 <= 8 ms p99',
         'head_layout': args.head_layout, 'cudnn_benchmark': args.cudnn_benchmark,
+        'compile_dynamic_batch': args.compile_dynamic_batch,
         'results': [], 'skipped': [], 'errors': [],
     }
-    todo = select(configs(args.quick, tuple(args.modes)), args)
+    todo = select(configs(args.quick, tuple(args.modes), tuple(args.batches or (1, 4))), args)
     if args.profile and todo:
         profile_table(bundles, todo[0], args.profile)
     if args.profile_sparse:

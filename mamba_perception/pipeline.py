@@ -319,13 +319,18 @@ class Pipeline:
             (:func:`use_compile_cache`), so that a restart loads instead of compiling; None:
             torch's default (a temp directory).
         cuda_graphs: capture the dense part in a CUDA graph per input shape (CUDA only).
+        compile_dynamic_batch: with ``compile``, one compiled graph serves every batch size
+            above 1 (batch 1 gets its own): a node with n cameras compiles twice at configure
+            instead of n times. Its kernels take the batch size at run time, so they may be
+            slower than ones specialised to it: off by default until timed on a GPU.
     """
 
     def __init__(self, bundle: Union[str, os.PathLike, Bundle], device: str = 'cpu',
                  precision: str = 'fp32', score_threshold: float = 0.3, nms_iou: float = 0.5,
                  max_detections: int = 100, compile: bool = False,
                  cuda_graphs: bool = False,
-                 compile_cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+                 compile_cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 compile_dynamic_batch: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ParameterError(f'precision {precision!r} is not one of {sorted(PRECISIONS)}')
         if not 0.0 <= score_threshold < 1.0:
@@ -383,8 +388,13 @@ class Pipeline:
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
                                                 COMPILED_SHAPES_LIMIT)
-        self._compiled = (torch.compile(self.model.forward_dense, dynamic=False)
-                          if self.compile else None)
+        self.compile_dynamic_batch = bool(compile_dynamic_batch)
+        if self.compile and self.compile_dynamic_batch:
+            # dynamic=None: static shapes except the dimensions marked dynamic (_compiled_dense)
+            self._compiled_fn = torch.compile(self.model.forward_dense, dynamic=None)
+        elif self.compile:
+            self._compiled_fn = torch.compile(self.model.forward_dense, dynamic=False)
+        self._compiled = self._compiled_dense if self.compile else None
         self._graphs: dict = {}
         self._mask_index: dict = {}
 
@@ -518,6 +528,13 @@ class Pipeline:
                 x = F.interpolate(x, size=(rh, rw), mode='bilinear', align_corners=False)
             batch[i:i + 1, :, :rh, :rw] = (x - self._mean) * self._inv_std
         return batch
+
+    def _compiled_dense(self, x: torch.Tensor) -> dict:
+        if self.compile_dynamic_batch and x.shape[0] > 1:
+            # A hint, not a constraint: dynamo compiles one graph with a symbolic batch size
+            # (batch 1 stays specialised: dynamo's 0/1 specialisation).
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self._compiled_fn(x)
 
     def _dense(self, x: torch.Tensor) -> dict:
         fn = self._compiled or self.model.forward_dense

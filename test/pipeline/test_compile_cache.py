@@ -57,3 +57,37 @@ def test_use_compile_cache_sets_the_directory(tmp_path, monkeypatch):
     blocker.write_text('x')
     with pytest.raises(SetupError, match='cannot be created'):
         use_compile_cache(blocker / 'c')
+
+
+# One process: batches 2 and 3 through a compiled Pipeline with a dynamic batch size, then
+# batch 1; how many graphs dynamo compiled, and the largest difference to eager.
+DYNAMIC_BATCH = '''
+import json, sys
+import numpy as np
+import torch
+from mamba_perception.pipeline import Pipeline
+eager = Pipeline(sys.argv[1])
+pipe = Pipeline(sys.argv[1], compile=True, compile_dynamic_batch=True)
+rng = np.random.default_rng(0)
+changed = []
+for batch in (2, 3, 1):
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(batch)]
+    changed += [float((a.class_mask != b.class_mask).mean())
+                for a, b in zip(pipe(frames), eager(frames))]
+print(json.dumps({'graphs': torch._dynamo.utils.counters['stats']['unique_graphs'],
+                  'changed': max(changed)}))
+'''
+
+
+def test_dynamic_batch_compiles_once_for_every_batch_above_one(tmp_path):
+    """compile_dynamic_batch: batches 2 and 3 share one graph (a static compile makes one per
+    batch size), batch 1 has its own; the class masks are those of eager."""
+    bundle = create_random_bundle(tmp_path / 'seg.safetensors', tasks=('segmentation',),
+                                  num_classes=3).path
+    env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}
+    proc = subprocess.run([sys.executable, '-c', DYNAMIC_BATCH, str(bundle)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report['graphs'] == 2, report
+    assert report['changed'] < 1e-3, report
