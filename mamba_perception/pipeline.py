@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from mamba_perception.errors import (
     InputError,
@@ -227,24 +228,6 @@ class _Timer:
         return StageTimes(preprocess_ms=ms[0], inference_ms=ms[1] + ms[3], postprocess_ms=ms[4])
 
 
-def _map_tensors(tree: Any, fn) -> Any:
-    """``fn`` applied to every tensor of nested dicts / lists / tuples (structure kept)."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(v, fn) for v in tree)
-    return tree
-
-
-def _tensors_in(tree: Any) -> list[torch.Tensor]:
-    """Every tensor of nested dicts / lists / tuples."""
-    found: list = []
-    _map_tensors(tree, found.append)
-    return found
-
-
 class _PendingBatch:
     """One input shape's frames between :meth:`Pipeline.submit` and :meth:`Pipeline.collect`."""
 
@@ -288,17 +271,19 @@ class _CudaGraph:
             with autocast():
                 self.static_out = fn(self.static_in)
 
-    def __call__(self, x: torch.Tensor) -> Any:
-        """Replay on x; the outputs are copies, not the graph's static buffers.
+    def __call__(self, x: torch.Tensor, copy_outputs: bool) -> Any:
+        """Replay on x; with ``copy_outputs`` the outputs are copies of the static buffers.
 
-        A result may be collected after the next replay (:meth:`Pipeline.submit` returns
-        before the frames are finished), which would overwrite static outputs; the copies cost
-        one pass over the outputs (~60 MB for det+seg at 1280x720: ~40 µs at the H100's
-        bandwidth, not timed on its own).
+        A batch from :meth:`Pipeline.submit` may be collected after the next replay, which
+        would overwrite the static outputs, so submit copies them (one pass over the outputs:
+        ~60 MB for det+seg at 1280x720, ~40 µs at the H100's bandwidth, not timed on its own);
+        :meth:`Pipeline.run` collects before it replays again and needs no copy.
         """
         self.static_in.copy_(x)
         self.graph.replay()
-        return _map_tensors(self.static_out, torch.Tensor.clone)
+        if not copy_outputs:
+            return self.static_out
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, self.static_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,12 +374,10 @@ class Pipeline:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
                                                 COMPILED_SHAPES_LIMIT)
         self.compile_dynamic_batch = bool(compile_dynamic_batch)
-        if self.compile and self.compile_dynamic_batch:
-            # dynamic=None: static shapes except the dimensions marked dynamic (_compiled_dense)
-            self._compiled_fn = torch.compile(self.model.forward_dense, dynamic=None)
-        elif self.compile:
-            self._compiled_fn = torch.compile(self.model.forward_dense, dynamic=False)
-        self._compiled = self._compiled_dense if self.compile else None
+        # dynamic=None: static shapes except the dimensions marked dynamic (_compiled_dense)
+        self._compiled_fn = (torch.compile(self.model.forward_dense,
+                                           dynamic=None if self.compile_dynamic_batch else False)
+                             if self.compile else None)
         self._graphs: dict = {}
         self._mask_index: dict = {}
 
@@ -422,7 +405,7 @@ class Pipeline:
 
         ``run(frames)`` is ``collect(submit(frames))``.
         """
-        return self.collect(self.submit(frames))
+        return self.collect(self._submit(frames, copy_graph_outputs=False))
 
     def submit(self, frames: Sequence[Frame]) -> 'PendingFrames':
         """Queue the frames' preprocessing and dense part on the device; return at once.
@@ -436,6 +419,9 @@ class Pipeline:
         Raises:
             InputError: a frame is not a uint8 (H, W, 3) image.
         """
+        return self._submit(frames, copy_graph_outputs=True)
+
+    def _submit(self, frames: Sequence[Frame], copy_graph_outputs: bool) -> 'PendingFrames':
         tensors = [validate_frame(f, i) for i, f in enumerate(frames)]
         geometry = []
         groups: dict = {}
@@ -449,7 +435,7 @@ class Pipeline:
             for shape, indices in groups.items():
                 batches.append(self._submit_batch([tensors[i] for i in indices],
                                                   [geometry[i] for i in indices], shape,
-                                                  indices))
+                                                  indices, copy_graph_outputs))
         return PendingFrames(len(tensors), batches)
 
     def collect(self, pending: 'PendingFrames') -> list[FrameResult]:
@@ -536,13 +522,13 @@ class Pipeline:
             torch._dynamo.maybe_mark_dynamic(x, 0)
         return self._compiled_fn(x)
 
-    def _dense(self, x: torch.Tensor) -> dict:
-        fn = self._compiled or self.model.forward_dense
+    def _dense(self, x: torch.Tensor, copy_graph_outputs: bool = False) -> dict:
+        fn = self._compiled_dense if self._compiled_fn is not None else self.model.forward_dense
         if self.cuda_graphs:
             key = tuple(x.shape)
             if key not in self._graphs:
                 self._graphs[key] = _CudaGraph(fn, x, self.autocast)
-            return self._graphs[key](x)
+            return self._graphs[key](x, copy_graph_outputs)
         with self.autocast():
             return fn(x)
 
@@ -574,12 +560,12 @@ class Pipeline:
         return tuple(names), torch.stack(flags).reshape(len(names), batch)
 
     def _submit_batch(self, frames: list[torch.Tensor], geometry: list, shape: tuple,
-                      indices: list) -> '_PendingBatch':
+                      indices: list, copy_graph_outputs: bool) -> '_PendingBatch':
         timer = _Timer(self.device)
         timer.mark()
         x = self._preprocess(frames, geometry, shape)
         timer.mark()
-        dense = self._dense(x)
+        dense = self._dense(x, copy_graph_outputs)
         timer.mark()
         stream = done = None
         if self.device.type == 'cuda':
@@ -598,8 +584,9 @@ class Pipeline:
             if stream != batch.stream:
                 # Allocated on the submitting stream, read here: their memory must not be
                 # handed out again (to the next frames' forward) before this stream is done.
-                for t in _tensors_in(dense):
-                    t.record_stream(stream)
+                for t in tree_leaves(dense):
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(stream)
         timer.mark()
         candidates = None
         if 'detection' in self.tasks:

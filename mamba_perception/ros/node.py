@@ -96,20 +96,14 @@ def _check_model_output_finite(pipeline) -> None:
     Pipeline and those frames are skipped (see ``_process``).
     """
     import torch
+    from torch.utils._pytree import tree_leaves
     pad = int(pipeline.input_policy.get('pad_multiple_px', 32))
     x = torch.zeros((1, 3, 2 * pad, 2 * pad), device=pipeline.device)
     # At the pipeline's precision: its fp16 / bf16 weights cannot run an fp32 forward.
     with torch.inference_mode(), pipeline.autocast():
         out = pipeline.model.forward_dense(x)
-    tensors = out.values() if isinstance(out, dict) else [out]
-    stack = list(tensors)
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, torch.Tensor) and item.is_floating_point():
+    for item in tree_leaves(out):
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
             if not bool(torch.isfinite(item).all()):
                 raise NonFiniteOutputError('the model outputs NaN or Inf on a blank frame: the '
                                            'bundle weights are broken (NaN/Inf weights?)')
