@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import os
 import signal
@@ -493,6 +494,15 @@ def parse_args(argv):
     parser.add_argument('--fused-tail-max-channels', type=int, default=None,
                         help='widest VMamba d_inner whose SS2D out_norm -> out_proj -> residual '
                              'runs as one kernel (default: vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS)')
+    parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
+                        help='VMamba patch embedding as one kernel (conv_norm_stem) or as its '
+                             'modules (default: vmamba.FUSED_STEM)')
+    parser.add_argument('--lowrank-tuning', default=None,
+                        help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
+                             'that bench/scan.py --tune-state prints)')
+    parser.add_argument('--stem-tuning', default=None,
+                        help='JSON object updating the fused stem kernel\'s TUNING '
+                             '(bench/stem.py --tune prints the best)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--verbose-errors', action='store_true',
                         help='print the traceback of a failed row')
@@ -530,6 +540,8 @@ def main(argv=None) -> int:
 
     if args.lowrank_impl:
         ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
+    if args.lowrank_tuning:
+        ss2d_lowrank.TUNING.update(json.loads(args.lowrank_tuning))
     from mamba_perception_kernels.triton import prenorm
 
     from mamba_perception.models import vmamba
@@ -543,6 +555,12 @@ def main(argv=None) -> int:
         vmamba.FUSED_FC1_MAX_CHANNELS = args.fused_fc1_max_channels
     if args.fused_tail_max_channels is not None:
         vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
+    if args.fused_stem is not None:
+        vmamba.FUSED_STEM = args.fused_stem == 'on'
+    from mamba_perception_kernels.triton import stem
+
+    if args.stem_tuning:
+        stem.TUNING.update(json.loads(args.stem_tuning))
     result = {
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
@@ -552,6 +570,8 @@ def main(argv=None) -> int:
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_fc1_max_channels': vmamba.FUSED_FC1_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
+            'fused_stem': vmamba.FUSED_STEM,
+            'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),
             'ss2d_lowrank_tuning': dict(ss2d_lowrank.TUNING)}),

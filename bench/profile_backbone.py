@@ -61,7 +61,7 @@ def build(name: str):
     return model, model.forward_intermediates
 
 
-def profile(fn, iters: int) -> dict:
+def profile(fn, iters: int, top_n: int = 40) -> dict:
     """Per-kernel CUDA time (µs per forward) of ``fn`` over ``iters`` calls."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -81,7 +81,7 @@ def profile(fn, iters: int) -> dict:
         per_kind[kind_of(name)] += us
     total = sum(per_kernel.values())
     top = [{'kernel': n[:160], 'kind': kind_of(n), 'us': round(us, 1),
-            'launches': round(launches[n], 1)} for n, us in per_kernel.most_common(40)]
+            'launches': round(launches[n], 1)} for n, us in per_kernel.most_common(top_n)]
     return {'kernel_sum_us': round(total, 1),
             'launches_per_forward': round(sum(launches.values()), 1),
             'per_kind_us': {k: round(v, 1) for k, v in per_kind.most_common()},
@@ -103,6 +103,12 @@ def main() -> int:
                              'Pipeline); autocast: fp32 weights cast on every call')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode, e.g. 'max-autotune-no-cudagraphs'")
+    parser.add_argument('--inductor-freezing', action='store_true',
+                        help='torch._inductor.config.freezing = True (parameter-only work folded '
+                             'into constants at compile time)')
+    parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
+                        help='VMamba patch embedding as one kernel or as its modules')
+    parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -112,6 +118,14 @@ def main() -> int:
         from mamba_perception_kernels.triton import ss2d_lowrank
 
         ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
+    if args.fused_stem is not None:
+        from mamba_perception.models import vmamba
+
+        vmamba.FUSED_STEM = args.fused_stem == 'on'
+    if args.inductor_freezing:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
     h, w = (int(v) for v in args.size.split('x'))
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
@@ -131,7 +145,9 @@ def main() -> int:
 
     result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl,
                                         'weights': args.weights,
-                                        'compile_mode': args.compile_mode}),
+                                        'compile_mode': args.compile_mode,
+                                        'inductor_freezing': args.inductor_freezing,
+                                        'fused_stem': args.fused_stem}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
@@ -144,7 +160,7 @@ def main() -> int:
         first_s = time.perf_counter() - t0
         for _ in range(3):
             step()
-        row = profile(step, args.iters)
+        row = profile(step, args.iters, args.top)
         row['first_call_s'] = round(first_s, 2)
         row['graph_replay_ms'] = round(time_cuda(step, iters=20, reps=5)['median_us'] / 1e3, 3)
         result['variants'][label] = row

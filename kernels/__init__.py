@@ -17,12 +17,14 @@ the conv's oracle is ``F.conv2d``):
   second half of a VMamba block, ``prenorm.py``); ``norm_linear_residual``:
   ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add);
   ``norm_linear_gelu``: ``gelu(linear(layer_norm(x)))`` (the MLP's first half).
+* ``conv_norm_stem``: VMamba's patch embedding, conv -> LayerNorm -> GELU -> conv ->
+  LayerNorm, in one pass (inference, ``stem.py``).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
 All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake impls and
-(except the inference-only ``prenorm.py`` ops) registered backward passes, so autograd,
-``torch.compile`` and ``torch.export`` treat each as one node.
+(except the inference-only ``prenorm.py`` and ``stem.py`` ops) registered backward passes, so
+autograd, ``torch.compile`` and ``torch.export`` treat each as one node.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from .reference import (
     ss2d_scan_lowrank_ref,
     ss2d_scan_ref,
 )
+from .stem import conv_norm_stem
 
 __all__ = [
     "MAX_DSTATE",
     "ScanInputError",
     "backend_name",
     "bidir_scan",
+    "conv_norm_stem",
     "bidir_scan_ref",
     "dwconv1d_bidir_silu",
     "dwconv2d_nhwc",

@@ -46,6 +46,14 @@ FUSED_FC1_MAX_CHANNELS = 0
 # Widest d_inner whose SS2D out_norm -> out_proj -> residual add runs as one kernel
 # (norm_linear_residual, up to 256). 0 = off: written and tested, not yet timed on a GPU.
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
+# The patch embedding as one op (conv_norm_stem) for inference with 16-bit weights.
+FUSED_STEM = True
+
+
+def _inference_16bit(weight: torch.Tensor) -> bool:
+    # The fused kernels serve inference with 16-bit weights (layers.cast_autocast_weights,
+    # what Pipeline does for fp16 / bf16): they have no backward.
+    return not torch.is_grad_enabled() and weight.dtype in (torch.float16, torch.bfloat16)
 
 
 def _kernels():
@@ -184,11 +192,8 @@ class VSSBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _fused(self, weight: torch.Tensor, width: int, max_width: int) -> bool:
-        # The fused pre-norm kernels serve inference with 16-bit weights
-        # (layers.cast_autocast_weights, what Pipeline does for fp16 / bf16): they have no
-        # backward, and each takes rows up to a width (see FUSED_*_MAX_CHANNELS).
-        return (not self.training and not torch.is_grad_enabled() and width <= max_width
-                and weight.dtype in (torch.float16, torch.bfloat16))
+        # Each fused pre-norm kernel takes rows up to a width (see FUSED_*_MAX_CHANNELS).
+        return not self.training and width <= max_width and _inference_16bit(weight)
 
 
 def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:
@@ -201,18 +206,36 @@ def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
-def _patch_embed_v2(in_chans: int, dim: int) -> nn.Sequential:
-    # Two 3x3 stride-2 convs; NCHW in, NHWC out; indices 0/2/5/7 are the official key names.
-    return nn.Sequential(
-        nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
-        Permute(0, 2, 3, 1),  # -> NHWC
-        nn.LayerNorm(dim // 2),
-        Permute(0, 3, 1, 2),  # -> NCHW
-        nn.GELU(),
-        nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
-        Permute(0, 2, 3, 1),  # -> NHWC
-        nn.LayerNorm(dim),
-    )
+class PatchEmbedV2(nn.Sequential):
+    """Two 3x3 stride-2 convs, each followed by a LayerNorm over channels, GELU between.
+
+    NCHW image in, NHWC map out; indices 0/2/5/7 are the official key names. For inference
+    with 16-bit weights (what Pipeline runs) the whole stem is one op,
+    ``mamba_perception_kernels.conv_norm_stem`` (one Triton kernel on CUDA; as modules it is
+    ~8 kernels and layout copies around a map that is written and read back).
+    """
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(
+            nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
+            Permute(0, 2, 3, 1),  # -> NHWC
+            nn.LayerNorm(dim // 2),
+            Permute(0, 3, 1, 2),  # -> NCHW
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
+            Permute(0, 2, 3, 1),  # -> NHWC
+            nn.LayerNorm(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, Cin, H, W) -> (B, ceil(H/4), ceil(W/4), dim) NHWC."""
+        conv1, norm1, act, conv2, norm2 = self[0], self[2], self[4], self[5], self[7]
+        if (FUSED_STEM and not self.training and _inference_16bit(conv1.weight)
+                and isinstance(act, nn.GELU) and act.approximate == 'none'):
+            return _kernels().conv_norm_stem(x, conv1.weight, conv1.bias, norm1.weight,
+                                             norm1.bias, norm1.eps, conv2.weight, conv2.bias,
+                                             norm2.weight, norm2.bias, norm2.eps)
+        return super().forward(x)
 
 
 class VSSM(nn.Module):
@@ -258,7 +281,7 @@ class VSSM(nn.Module):
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace
 
-        self.patch_embed = _patch_embed_v2(in_chans, self.dims[0])
+        self.patch_embed = PatchEmbedV2(in_chans, self.dims[0])
         self.layers = nn.ModuleList()
         self.feature_info: List[Dict] = []
         for i, depth in enumerate(depths):

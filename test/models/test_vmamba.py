@@ -220,3 +220,27 @@ def test_fused_fc1_matches_the_modules(monkeypatch):
     # dims (16, 32, 64, 128): stage 1 fully fused, stages 2-3 fc1 only, stage 4 modules
     assert mlp == [16] * model.depths[0]
     assert gelu == [32] * model.depths[1] + [64] * model.depths[2]
+
+
+def test_fused_stem_matches_the_modules(monkeypatch):
+    # With 16-bit weights and gradients off, the patch embedding is the conv_norm_stem op
+    # (image -> stage-1 map); with gradients on (and with FUSED_STEM off) it is its modules.
+    from mamba_perception.models import vmamba
+
+    calls = []
+    import mamba_perception_kernels
+
+    real = mamba_perception_kernels.conv_norm_stem
+    monkeypatch.setattr(mamba_perception_kernels, 'conv_norm_stem',
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(1, 3, 61, 90)  # odd height: the convs' padding reaches the last row
+    model = _inference_matches_module_path(x)
+    assert calls == [x.shape]
+    stem = model.patch_embed
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        fused = stem(x)
+        monkeypatch.setattr(vmamba, 'FUSED_STEM', False)
+        modules = stem(x)
+    assert len(calls) == 2
+    assert fused.shape == modules.shape == (1, 16, 23, 16) and fused.dtype == torch.float32
+    assert ((fused - modules.float()).norm() / modules.float().norm()) < 1e-2

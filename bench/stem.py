@@ -1,0 +1,113 @@
+"""VMamba's patch embedding: the fused ``conv_norm_stem`` op vs its compiled modules (GPU).
+
+Times the op (each launch configuration of ``--tune``, or TUNING as it is) and
+``torch.compile`` of the modules (``PatchEmbedV2`` with ``FUSED_STEM`` off) on the same weights,
+fp16 weights and autocast as Pipeline runs them, batch 1, CUDA-graph replays; checks each
+configuration against the modules. VMamba-T widths (48 -> 96) unless ``--dim``.
+
+    python bench/stem.py --tune --out $OUT/stem_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import provenance, time_cuda, write_json  # noqa: E402
+
+SIZES = [(720, 1280), (2048, 2048)]
+
+
+def candidates():
+    """Launch configurations swept by ``--tune`` (TUNING keys of triton/stem.py)."""
+    return [dict(block_m=m, block_m_conv1=m1, num_warps=w)
+            for m, m1, w in ((64, 128, 4), (128, 128, 4), (256, 128, 8), (128, 64, 4),
+                             (128, 256, 4), (64, 64, 4))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--dim', type=int, default=96, help='stage-1 channels (C2)')
+    parser.add_argument('--tune', action='store_true', help='sweep launch configurations')
+    parser.add_argument('--no-modules', action='store_true', help='skip the compiled modules')
+    parser.add_argument('--out', required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print('bench/stem.py needs CUDA', file=sys.stderr)
+        return 2
+    from mamba_perception_kernels.triton import stem
+
+    from mamba_perception.models import vmamba
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    torch.manual_seed(0)
+    module = cast_autocast_weights(vmamba.PatchEmbedV2(3, args.dim).cuda().eval(), torch.float16)
+    with torch.no_grad():  # non-trivial norms, so the check means something
+        for i in (2, 7):
+            module[i].weight.normal_(1.0, 0.2)
+            module[i].bias.normal_(0.0, 0.1)
+    c1, n1, c2, n2 = module[0], module[2], module[5], module[7]
+    weights = (c1.weight, c1.bias, n1.weight, n1.bias, n1.eps, c2.weight, c2.bias, n2.weight,
+               n2.bias, n2.eps)
+    report = {'provenance': provenance({'dim': args.dim, 'dtype': 'fp16', 'batch': 1}),
+              'what': 'conv_norm_stem (Triton, per launch configuration) vs torch.compile of '
+                      'the modules; CUDA-graph replays, median us; rel_l2 vs the modules',
+              'sizes': {}}
+    configs = candidates() if args.tune else [dict(stem.TUNING)]
+    for h, w in SIZES:
+        x = torch.randn(1, 3, h, w, device='cuda')
+        vmamba.FUSED_STEM = False
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+            ref = module(x).float()
+        rows = []
+        if not args.no_modules:
+            compiled = torch.compile(module)
+
+            def run_modules(compiled=compiled, x=x):
+                with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+                    return compiled(x)
+            run_modules()
+            rows.append({'variant': 'compiled modules',
+                         'us': time_cuda(run_modules, iters=20, reps=5)['median_us']})
+            print(f'{h}x{w} compiled modules: {rows[-1]["us"]:.1f} us', flush=True)
+        for cfg in configs:
+            def run(cfg=cfg, x=x):
+                return stem.conv_norm_stem_fwd(x, *weights, config=cfg)
+            try:
+                t0 = time.perf_counter()
+                got = run()
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - t0  # Triton compile (or its cache)
+                err = float((got - ref).norm() / ref.norm())
+                us = time_cuda(run, iters=20, reps=5)['median_us']
+            except Exception as exc:  # noqa: BLE001 - a configuration may not compile
+                rows.append({'variant': 'op', **cfg, 'error': str(exc)[:200]})
+                continue
+            rows.append({'variant': 'op', **cfg, 'us': round(us, 2), 'rel_l2': err,
+                         'first_call_s': round(first_s, 2)})
+            print(f'{h}x{w} {cfg}: {us:.1f} us, rel L2 {err:.2e}, first call {first_s:.1f} s',
+                  flush=True)
+        report['sizes'][f'{h}x{w}'] = rows
+        write_json(args.out, report)
+    if args.tune:  # best by the sum over the sizes
+        totals = {}
+        for rows in report['sizes'].values():
+            for row in rows:
+                if row['variant'] == 'op' and 'us' in row:
+                    key = tuple(sorted((k, v) for k, v in row.items()
+                                       if k not in ('variant', 'us', 'rel_l2', 'first_call_s')))
+                    totals[key] = totals.get(key, 0.0) + row['us']
+        best = min(totals, key=totals.get)
+        report['best'] = dict(best)
+        print('best:', report['best'], f'{totals[best]:.1f} us summed', flush=True)
+        write_json(args.out, report)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
