@@ -349,6 +349,65 @@ def tune_lowrank(dtype, what=("seq", "state")):
     return {"sweep": results, "applied": dict(lr.TUNING)}
 
 
+def tune_state(candidates=None):
+    """Time the low-rank seq state pass alone at VMamba-T's stage geometries; apply the best.
+
+    The serial state pass was ~14 us a launch (200 us per VMamba-T forward at 1280x720) for
+    < 1 MB of aggregates: latency, not bytes. Candidates are TUNING updates: the serial
+    kernel's channels per program, segments per step and warps, and the chunked pass's
+    segments per chunk, channels per program and warps. The aggregates have the shapes
+    ``_seq_fwd`` gives them at 1280x720 and 2048x2048 (segment count from ``seq_steps``).
+    Returns the sweep (us per shape, CUDA-graph replays of the whole pass).
+    """
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+    import triton
+
+    shapes = []
+    for ih, iw in ((720, 1280), (2048, 2048)):
+        for (h, w), dim in zip(stage_hw(ih, iw), VMAMBA_STAGE_DIMS["T"], strict=True):
+            bd = min(lr.TUNING["seq_block_d"], triton.next_power_of_2(dim))
+            steps, _ = lr.seq_steps(h * w, 2 * triton.cdiv(dim, bd))
+            shapes.append((f"{ih}x{iw}/{dim}", triton.cdiv(h * w, steps), dim))
+    if candidates is None:
+        candidates = [{"state_impl": "serial", "state_block_m": 4, "state_block_s": 512,
+                       "state_num_warps": 4}]
+        # chunk_block_m 4 / 8 were slower than 16 / 32 in a first sweep (H100)
+        candidates += [{"state_impl": "chunked", "chunk_segments": g, "chunk_block_m": m,
+                        "chunk_num_warps": nw}
+                       for g in (32, 64, 128) for m in (16, 32) for nw in (1, 2)]
+    results, best = [], None
+    for cand in candidates:
+        saved = {key: lr.TUNING[key] for key in cand}
+        lr.TUNING.update(cand)
+        per_shape = []
+        try:
+            for _, n_seg, dim in shapes:
+                agg_a = torch.rand(1, 4, n_seg, dim, device="cuda")
+                agg_h = torch.randn(1, 4, n_seg, dim, device="cuda")
+                per_shape.append(time_cuda(
+                    lambda a=agg_a, h=agg_h, n=n_seg, d=dim: lr._state_pass(a, h, 1, n, d),
+                    iters=20, reps=3)["median_us"])
+        except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
+            results.append({**cand, "error": str(exc)[:200]})
+            continue
+        finally:
+            lr.TUNING.update(saved)
+        # Weighted by launches per VMamba-T forward (blocks per stage), both input sizes.
+        weights = [2, 2, 8, 2] * 2
+        total = sum(w * t for w, t in zip(weights, per_shape, strict=True))
+        results.append({**cand, "per_shape_us": [round(t, 2) for t in per_shape],
+                        "weighted_sum_us": round(total, 1)})
+        print(f"state {cand}: {[round(t, 1) for t in per_shape]} -> {total:.0f}", flush=True)
+        if best is None or total < best[0]:
+            best = (total, cand)
+    if best is not None:
+        lr.TUNING.update(best[1])
+    print("state tuned:", best, flush=True)
+    return {"shapes": [{"name": n, "n_seg": s, "dim": d} for n, s, d in shapes],
+            "timing": "CUDA-graph replays of the whole state pass (median us)",
+            "sweep": results, "best": None if best is None else best[1]}
+
+
 # Vim-T / Vim-S inner widths at 1280x720 (45x80 tokens + the class token) and 2048x2048.
 BIDIR_TUNE_SHAPES = [(1, 384, 3601), (1, 768, 3601), (1, 768, 16385)]
 
@@ -536,6 +595,9 @@ def main(argv=None):
     parser.add_argument("--tune-lowrank", nargs="*", choices=("seq", "state"),
                         help="sweep the low-rank kernels' launch parameters first: the seq "
                              "walks and / or the state pass (no value: both)")
+    parser.add_argument("--tune-state", action="store_true",
+                        help="only sweep the low-rank state pass alone (serial and chunked "
+                             "launch options) at VMamba-T's stage geometries")
     parser.add_argument("--bidir", action="store_true",
                         help="only the Vim (bidir) cases: Vim-T/S at 1280x720 and 2048x2048")
     parser.add_argument("--tune-bidir", action="store_true",
@@ -555,6 +617,10 @@ def main(argv=None):
         sys.exit("bench/scan.py needs a CUDA GPU")
     if args.profile_one:
         profile_one(*args.profile_one)
+        return
+    if args.tune_state:
+        write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),
+                              "state_tuning": tune_state()})
         return
     from mamba_perception_kernels.triton import common as tc
 

@@ -55,6 +55,20 @@ TUNING = {
     "seq_fast_log": True,
     "state_block_s": 512,
     "state_block_m": 4,
+    "state_num_warps": 4,
+    # The state pass: "serial" = state_kernel, one program per state_block_m channels of a
+    # route walking all its segments state_block_s at a time (latency-bound: ~14 us a launch,
+    # 200 us per VMamba-T forward at 1280x720 on an H100, for < 1 MB of aggregates);
+    # "chunked" = two fully parallel kernels: each chunk of chunk_segments segments scanned on
+    # its own, then the state entering each chunk (a scan over the chunk totals before it)
+    # carried into it. Measured on an H100 (bench/scan.py --tune-state): chunked 64 / 4 / 2
+    # warps made VMamba-T slower (2.45 vs 2.23 ms at 1280x720, same run); its best config in a
+    # partial sweep, 64 / 16 / 1 warp, timed ~24 % below serial on the pass alone, not yet in
+    # the backbone. Serial stays the default.
+    "state_impl": "serial",
+    "chunk_segments": 64,
+    "chunk_block_m": 16,
+    "chunk_num_warps": 1,
 }
 
 
@@ -97,6 +111,95 @@ def state_kernel(agg_a_ptr, agg_h_ptr, A_ptr, N_SEG, M, DIM, sA_k, sA_c, sA_n,
         h_s = h_s + a_s * carry[None, :]
         tl.store(agg_h_ptr + ptr, h_s, mask=ok)  # state after segment s
         carry = tl.sum(tl.where((tl.arange(0, BLOCK_S) == BLOCK_S - 1)[:, None], h_s, 0.0), 0)
+
+
+@triton.jit
+def _chunk_scan_kernel(agg_a_ptr, agg_h_ptr, tot_a_ptr, tot_h_ptr, N_SEG, M, N_CHUNK,
+                       ROUTES: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Chunked state pass, first kernel: scan chunk program_id(1) of G segments in place.
+
+    Segment aggregates (batch, ROUTES, N_SEG, M) in route order (routes k >= ROUTES // 2
+    visit the segments last to first): each (a, h) becomes the prefix over its chunk up to
+    and including it, and the chunk's total goes to tot (batch, ROUTES, N_CHUNK, M).
+    """
+    pid_m = tl.program_id(0)
+    chunk = tl.program_id(1)
+    route = tl.program_id(2)  # b * ROUTES + k
+    is_rev = route % ROUTES >= ROUTES // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    t = chunk * G + tl.arange(0, G)  # step t of the route visits segment s
+    s = tl.where(is_rev, N_SEG - 1 - t, t)
+    ok = (t < N_SEG)[:, None] & m_ok[None, :]
+    ptr = route.to(tl.int64) * N_SEG * M + s[:, None] * M + offs_m[None, :]
+    a = tl.load(agg_a_ptr + ptr, mask=ok, other=1.0)  # padding = identity pair (1, 0)
+    h = tl.load(agg_h_ptr + ptr, mask=ok, other=0.0)
+    a_s, h_s = tl.associative_scan((a, h), 0, _ssm_combine)
+    tl.store(agg_a_ptr + ptr, a_s, mask=ok)
+    tl.store(agg_h_ptr + ptr, h_s, mask=ok)
+    last = (tl.arange(0, G) == G - 1)[:, None]
+    tot = (route.to(tl.int64) * N_CHUNK + chunk) * M + offs_m
+    tl.store(tot_a_ptr + tot, tl.sum(tl.where(last, a_s, 0.0), 0), mask=m_ok)
+    tl.store(tot_h_ptr + tot, tl.sum(tl.where(last, h_s, 0.0), 0), mask=m_ok)
+
+
+@triton.jit
+def _chunk_carry_kernel(agg_a_ptr, agg_h_ptr, tot_a_ptr, tot_h_ptr, N_SEG, M, N_CHUNK,
+                        ROUTES: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Chunked state pass, second kernel: carry the state entering chunk program_id(1).
+
+    That state is the scan of the totals of the chunks before it (<= BLOCK_C rows); added to
+    the chunk's in-chunk prefixes it leaves agg_h holding the state after each segment, as
+    ``state_kernel`` does.
+    """
+    pid_m = tl.program_id(0)
+    chunk = tl.program_id(1)
+    route = tl.program_id(2)
+    is_rev = route % ROUTES >= ROUTES // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    j = tl.arange(0, BLOCK_C)
+    before = (j < chunk)[:, None] & m_ok[None, :]
+    tot = (route.to(tl.int64) * N_CHUNK + j[:, None]) * M + offs_m[None, :]
+    ta = tl.load(tot_a_ptr + tot, mask=before, other=1.0)
+    th = tl.load(tot_h_ptr + tot, mask=before, other=0.0)
+    _, carry_s = tl.associative_scan((ta, th), 0, _ssm_combine)
+    carry = tl.sum(tl.where((j == BLOCK_C - 1)[:, None], carry_s, 0.0), 0)  # 0 for chunk 0
+    t = chunk * G + tl.arange(0, G)
+    s = tl.where(is_rev, N_SEG - 1 - t, t)
+    ok = (t < N_SEG)[:, None] & m_ok[None, :] & (chunk > 0)
+    ptr = route.to(tl.int64) * N_SEG * M + s[:, None] * M + offs_m[None, :]
+    a_s = tl.load(agg_a_ptr + ptr, mask=ok, other=1.0)
+    h_s = tl.load(agg_h_ptr + ptr, mask=ok, other=0.0)
+    tl.store(agg_h_ptr + ptr, h_s + a_s * carry[None, :], mask=ok)
+
+
+def _state_pass(agg_a, agg_h, batch, n_seg, dim):
+    """State after each segment of each route, in place in agg_h (TUNING['state_impl'])."""
+    if TUNING["state_impl"] == "serial":
+        bm = min(_pow2("state_block_m", TUNING["state_block_m"]), triton.next_power_of_2(dim))
+        state_kernel[(triton.cdiv(dim, bm), 4, batch)](
+            agg_a, agg_h, agg_a, n_seg, dim, dim, 0, 0, 0, ROUTES=4, DT_SUM=False,
+            BLOCK_S=_pow2("state_block_s", TUNING["state_block_s"]), BLOCK_M=bm,
+            num_warps=_pow2("state_num_warps", TUNING["state_num_warps"]))
+        return
+    if TUNING["state_impl"] != "chunked":
+        raise ValueError(f"ss2d_lowrank TUNING['state_impl'] must be 'serial' or 'chunked'; "
+                         f"got {TUNING['state_impl']!r}")
+    chunk = min(_pow2("chunk_segments", TUNING["chunk_segments"]),
+                triton.next_power_of_2(n_seg))
+    n_chunk = triton.cdiv(n_seg, chunk)
+    bm = min(_pow2("chunk_block_m", TUNING["chunk_block_m"]), triton.next_power_of_2(dim))
+    tot_a = torch.empty(batch, 4, n_chunk, dim, device=agg_a.device, dtype=torch.float32)
+    tot_h = torch.empty_like(tot_a)
+    grid = (triton.cdiv(dim, bm), n_chunk, 4 * batch)
+    warps = _pow2("chunk_num_warps", TUNING["chunk_num_warps"])
+    _chunk_scan_kernel[grid](agg_a, agg_h, tot_a, tot_h, n_seg, dim, n_chunk, ROUTES=4,
+                             G=chunk, BLOCK_M=bm, num_warps=warps)
+    _chunk_carry_kernel[grid](agg_a, agg_h, tot_a, tot_h, n_seg, dim, n_chunk, ROUTES=4,
+                              G=chunk, BLOCK_M=bm,
+                              BLOCK_C=max(2, triton.next_power_of_2(n_chunk)), num_warps=warps)
 
 
 # ------------------------------------------------------------------------------ impl "seq"
@@ -383,10 +486,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
                 num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
-    bm = min(_pow2("state_block_m", TUNING["state_block_m"]), triton.next_power_of_2(dim))
-    state_kernel[(triton.cdiv(dim, bm), 4, batch)](
-        agg_a, agg_h, A, n_seg, dim, dim, 0, 0, 0, ROUTES=4, DT_SUM=False,
-        BLOCK_S=_pow2("state_block_s", TUNING["state_block_s"]), BLOCK_M=bm, num_warps=4)
+    _state_pass(agg_a, agg_h, batch, n_seg, dim)
     for axis in (0, 1):
         _seq_out_kernel[(n_seg, n_cblk, batch)](
             x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out,

@@ -303,6 +303,39 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize('state', [
+    dict(state_impl='serial', state_block_m=4, state_block_s=4),
+    # chunks of 2 segments: 23 segments a route -> 12 chunks (the last partial), carried
+    dict(state_impl='chunked', chunk_segments=2, chunk_block_m=8),
+    # one chunk holds every segment: nothing to carry
+    dict(state_impl='chunked', chunk_segments=64, chunk_block_m=4),
+])
+def test_ss2d_lowrank_seq_state_pass_implementations(state, monkeypatch):
+    # The state entering each segment, serial (one program walks a route's segments) or
+    # chunked (chunks scanned in parallel, then the state entering each chunk carried in).
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    for key, value in {'seq_steps': 4, 'seq_unroll': 2, 'seq_block_d': 16,
+                       'seq_min_programs': 1, 'impl': 'seq', **state}.items():
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(2, 7, 13, 20, 2, 1)  # 91 steps: 23 segments of 4 per route
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
+    _close(out, ref, torch.float32)
+
+
+def test_ss2d_lowrank_seq_rejects_an_unknown_state_pass(monkeypatch):
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_impl', 'tree')
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    with pytest.raises(ValueError, match="state_impl'\\] must be 'serial' or 'chunked'"):
+        ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
+
+
 def test_ss2d_lowrank_seq_takes_n_above_1_to_expanded(monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
