@@ -10,11 +10,11 @@ A custom op (``mamba_perception::conv_norm_stem``): on CUDA one Triton kernel; e
 ops. Inference only: no backward (the model uses the op when gradients are off and its modules
 otherwise).
 
-Precision contract (both paths, as the pre-norm ops in ``prenorm.py``): the image and the GELU
-output are rounded once to the weights' dtype (what autocast does to the convs' inputs), convs
+Precision contract (both paths): the roundings of the modules under autocast. The image, each
+conv's output (bias included) and the GELU output are rounded to the weights' dtype, convs
 accumulate in fp32, LayerNorm and GELU run in fp32, the result is fp32 (VMamba's residual
-stream under autocast). Conv outputs are not rounded to 16 bits before their LayerNorm, one
-rounding fewer than the modules under autocast.
+stream under autocast). So an fp16 overflow of a conv output gives Inf and then NaN exactly
+where the modules would, and Pipeline's non-finite check names the frame.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def _stem_fp32(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, 
     def f32(t):
         return None if t is None else t.float()
 
-    h = F.conv2d(x.to(dtype).float(), w1.float(), f32(b1), stride=2, padding=1)
+    h = F.conv2d(x.to(dtype).float(), w1.float(), f32(b1), stride=2, padding=1).to(dtype).float()
     h = F.layer_norm(h.permute(0, 2, 3, 1), (w1.shape[0],), f32(n1_weight), f32(n1_bias), eps1)
     h = F.gelu(h).to(dtype).float().permute(0, 3, 1, 2)
-    y = F.conv2d(h, w2.float(), f32(b2), stride=2, padding=1)
+    y = F.conv2d(h, w2.float(), f32(b2), stride=2, padding=1).to(dtype).float()
     y = F.layer_norm(y.permute(0, 2, 3, 1), (w2.shape[0],), f32(n2_weight), f32(n2_bias), eps2)
     return y.contiguous()
 

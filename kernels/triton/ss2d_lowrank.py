@@ -61,11 +61,12 @@ TUNING = {
     # 200 us per VMamba-T forward at 1280x720 on an H100, for < 1 MB of aggregates);
     # "chunked" = two fully parallel kernels: each chunk of chunk_segments segments scanned on
     # its own, then the state entering each chunk (a scan over the chunk totals before it)
-    # carried into it. Measured on an H100 (bench/scan.py --tune-state): chunked 64 / 4 / 2
-    # warps made VMamba-T slower (2.45 vs 2.23 ms at 1280x720, same run); its best config in a
-    # partial sweep, 64 / 16 / 1 warp, timed ~24 % below serial on the pass alone, not yet in
-    # the backbone. Serial stays the default.
-    "state_impl": "serial",
+    # carried into it. Measured on H100s: chunks of 64 segments, 16 channels per 1-warp
+    # program (bench/scan.py --tune-state, partial sweep) made VMamba-T 2.17 vs 2.23 ms serial
+    # at 1280x720 on the same card (backbone_speed_state_chunked16_h100.json vs
+    # backbone_speed_sweep_stem_h100.json); 8.39 ms at 2048x2048 vs 8.38 serial on another card
+    # (no gain shown there). 4 channels with 2 warps was slower than serial (2.45 vs 2.23 ms).
+    "state_impl": "chunked",
     "chunk_segments": 64,
     "chunk_block_m": 16,
     "chunk_num_warps": 1,

@@ -70,20 +70,12 @@ def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_pt
     h = tl.dot(patch, w1, input_precision=DOT_PRECISION)
     if HAS_B1:
         h += b1[None, :]
+    # Rounded to 16 bits as autocast's conv output is: an fp16 overflow here (Inf, then NaN
+    # from the LayerNorm) is what the modules would give, and Pipeline reports it.
+    h = h.to(w1.dtype).to(tl.float32)
     h = _layer_norm_rows(h, c1_ok, n1w_ptr, n1b_ptr, c1, C1, eps1)
     h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     return tl.where(ok[:, None], h, 0.0)
-
-
-@triton.jit
-def _finish(acc, out_ptr, b, pix, pix_ok, H2, W2, b2_ptr, n2w_ptr, n2b_ptr, c2, c2_ok, C2,
-            eps2, HAS_B2: tl.constexpr):
-    """+ b2, LN2, fp32 store of the (BLOCK_M, BLOCK_C2) conv2 outputs at ``pix``."""
-    if HAS_B2:
-        acc += tl.load(b2_ptr + c2, mask=c2_ok, other=0.0).to(tl.float32)[None, :]
-    y = _layer_norm_rows(acc, c2_ok, n2w_ptr, n2b_ptr, c2, C2, eps2)
-    out = out_ptr + (b * H2 * W2 + pix[:, None]) * C2 + c2[None, :]
-    tl.store(out, y, mask=pix_ok[:, None] & c2_ok[None, :])
 
 
 @triton.jit
@@ -133,8 +125,12 @@ def _stem_conv2_kernel(
                     mask=in1[:, None] & c1_ok[None, :], other=0.0)
         w2 = tl.load(w2_ptr + (tap * BLOCK_C1 + c1[:, None]) * BLOCK_C2 + c2[None, :])
         acc = tl.dot(a, w2, acc, input_precision=DOT_PRECISION)
-    _finish(acc, out_ptr, b, pix, pix_ok, H2, W2, b2_ptr, n2w_ptr, n2b_ptr, c2, c2_ok, C2,
-            eps2, HAS_B2)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + c2, mask=c2_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc.to(w2_ptr.dtype.element_ty).to(tl.float32)  # autocast's rounding, as conv1's
+    y = _layer_norm_rows(acc, c2_ok, n2w_ptr, n2b_ptr, c2, C2, eps2)
+    out = out_ptr + (b * H2 * W2 + pix[:, None]) * C2 + c2[None, :]
+    tl.store(out, y, mask=pix_ok[:, None] & c2_ok[None, :])
 
 
 def _block(n: int) -> int:

@@ -123,7 +123,7 @@ def test_compiles_as_one_node():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=12, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=13, keyword='triton_kernel_')
 
 
 def _launcher():
@@ -201,3 +201,19 @@ def test_triton_kernel_prepared_weights_follow_updates():
     after = _launcher().conv_norm_stem_fwd(*args_of(*parts))
     assert rel_err(after, conv_norm_stem_torch(*args_of(*parts)).double()) < 2e-3
     assert rel_err(after, before.double()) > 0.1
+
+
+@needs_triton_device
+def test_triton_kernel_fp16_overflow_is_nan_like_the_modules():
+    # A conv1 output above fp16's range rounds to Inf and the LayerNorm makes it NaN, as the
+    # modules do under autocast (Pipeline's non-finite check relies on it); the rest is finite.
+    x, conv1, norm1, conv2, norm2 = make(8, 16, size=(1, 3, 12, 12), device=TRITON_DEVICE)
+    with torch.no_grad():
+        conv1.weight[0].fill_(1.0)
+        conv1.bias[0] = 0.0
+    x = torch.zeros_like(x)
+    x[..., 0, 0] = 3e4  # 3 channels x 3e4 > 65504: the top-left conv1 output only
+    args = args_of(x, conv1, norm1, conv2, norm2)
+    for got in (_launcher().conv_norm_stem_fwd(*args), conv_norm_stem_torch(*args)):
+        assert torch.isnan(got[0, 0, 0]).all()
+        assert torch.isfinite(got[0, 1:]).all() and torch.isfinite(got[0, :, 1:]).all()
