@@ -3,7 +3,8 @@
 # parts that each fit one 10-minute device call. Run from the repo root on the lent machine:
 #
 #   bash bench/device_plan.sh kernels    # GPU tests of the scan / conv / prenorm kernels,
-#                                        # ncu of the Vim scan and the fused MLP
+#                                        # stem and state-pass sweeps, ncu of the Vim scan
+#                                        # and the fused MLP
 #   bash bench/device_plan.sh backbone   # VMamba-T (+ inductor freezing), ViT-S; 1280x720 and
 #                                        # 2048^2, compiled, fp16, batch 1
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
@@ -55,12 +56,16 @@ backbone() {  # backbone NAME EXTRA_ARGS...: VMamba-T, 720p + 2048^2, compiled, 
 case $PART in
 kernels)
     step 200 "GPU tests: scan, conv and prenorm kernels" python -m pytest -q -x \
-        test/kernels/test_prenorm.py test/kernels/test_scan_triton.py test/kernels/test_dwconv.py
+        test/kernels/test_prenorm.py test/kernels/test_scan_triton.py test/kernels/test_dwconv.py \
+        test/kernels/test_stem.py
     # Is the Vim scan bound by MUFU (16 ex2 per channel-step in each pass), issue or latency?
     # (the reports' text lands in $OUT/ncu_*.txt)
     step 200 "ncu: Vim-S scan at 1280x720" bash -c "ncu --set full -k regex:_bidir_seq_kernel \
         --launch-skip 2 --launch-count 2 python bench/scan.py --profile-one bidir 1 768 45 80 \
         fp16 > $OUT/ncu_bidir_seq_h100.txt 2>&1"
+    # The stem op's launch configurations and the state pass's (chunked vs serial) alone.
+    step 120 "stem sweep" python bench/stem.py --tune --out "$OUT/stem_h100.json"
+    step 200 "state pass sweep" python bench/scan.py --tune-state --out "$OUT/scan_state_tune_h100.json"
     step 150 "ncu: fused MLP at stage 1" bash -c "ncu --set full -k regex:_norm_mlp_kernel \
         --launch-skip 1 --launch-count 1 python bench/prenorm.py --ops mlp --iters 2 \
         --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_h100.txt 2>&1"
