@@ -5,7 +5,7 @@
 a LayerNorm over channels, exact GELU between; NCHW image in, channels-last map out. That is
 VMamba v2's patch embedding (official ``patch_embed`` indices 0, 2, 5, 7).
 
-A custom op (``mamba_perception::conv_norm_stem``): on CUDA one Triton kernel; elsewhere
+A custom op (``mamba_perception::conv_norm_stem``): on CUDA two Triton kernels; elsewhere
 (CPU, ``MAMBA_PERCEPTION_SCAN_BACKEND=torch-chunked``) PyTorch runs the same math as separate
 ops. Inference only: no backward (the model uses the op when gradients are off and its modules
 otherwise).
@@ -91,7 +91,7 @@ def _(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2):
 def conv_norm_stem(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                    n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
                    n2_weight: Tensor, n2_bias: Tensor, eps2: float) -> Tensor:
-    """``LN2(conv2(gelu(LN1(conv1(x)))))``, channels-last out, in one pass on CUDA.
+    """``LN2(conv2(gelu(LN1(conv1(x)))))``, channels-last out (two Triton kernels on CUDA).
 
     Shapes (nn.Conv2d / nn.LayerNorm parameters as they are)::
 

@@ -1,4 +1,4 @@
-"""VMamba's convolutional stem as two Triton kernels: image -> stage-1 map (``stem.py``'s math).
+"""VMamba's convolutional stem as two Triton kernels: image -> stage-1 map (``stem.py``).
 
 ``conv -> LayerNorm -> GELU -> conv -> LayerNorm``, both convs 3x3 with stride 2 and padding 1,
 LayerNorm over channels. As modules under autocast and torch.compile this is ~8 kernels
@@ -10,11 +10,12 @@ with this op's contiguous NHWC output the whole VMamba-T forward went from 2.67 
 
 1. ``_stem_conv1_kernel``: a program owns BLOCK_M conv1 outputs. conv1 is an implicit GEMM:
    each output's 3x3xCin image patch (k = (c, dy, dx) flattened, padded to K1) gathered from
-   the image into a (BLOCK_M, K1) tile, times the (K1, C1) weight; then + bias, LayerNorm and
-   exact GELU in fp32, stored in the weights' dtype as a (batch, H1, W1, C1) map.
+   the image into a (BLOCK_M, K1) tile, times the (K1, C1) weight; then + bias, rounded to
+   the weights' dtype (as autocast's conv output), LayerNorm and exact GELU in fp32, stored in
+   the weights' dtype as a (batch, H1, W1, C1) map.
 2. ``_stem_conv2_kernel``: a program owns BLOCK_M stage-1 pixels with all C2 channels. conv2
    is 9 accumulated (BLOCK_M, C1) x (C1, C2) GEMMs, one per tap, reading rows of that map;
-   then + bias, LayerNorm in fp32, fp32 store (NHWC).
+   then + bias, rounded likewise, LayerNorm in fp32, fp32 store (NHWC).
 
 Weights are read as copies prepared once per weight tensor (``common.prepared``): conv1's as
 (K1, BLOCK_C1), conv2's as (9, BLOCK_C1, BLOCK_C2), zero-padded, so the tile loads need no

@@ -211,8 +211,10 @@ class PatchEmbedV2(nn.Sequential):
 
     NCHW image in, NHWC map out; indices 0/2/5/7 are the official key names. For inference
     with 16-bit weights (what Pipeline runs) the whole stem is one op,
-    ``mamba_perception_kernels.conv_norm_stem`` (one Triton kernel on CUDA; as modules it is
-    ~8 kernels and layout copies around a map that is written and read back).
+    ``mamba_perception_kernels.conv_norm_stem`` (two Triton kernels on CUDA, with the modules'
+    roundings); its contiguous NHWC output also lets inductor fuse stage 1's add + LayerNorm
+    pairs, which the modules' strided output split in two (VMamba-T 2.67 -> 2.23 ms at
+    1280x720 on an H100, bench/PERF_NOTES.md).
     """
 
     def __init__(self, in_chans: int, dim: int):
