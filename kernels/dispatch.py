@@ -44,6 +44,21 @@ def backend_name(device: torch.device | str) -> str:
     return _backend_for(torch.device(device).type)
 
 
+def without_autocast(fn):
+    """Run a PyTorch path (first argument a tensor) with autocast off on its device.
+
+    The fused ops' PyTorch paths cast explicitly where their kernels round; inside a caller's
+    autocast region (the models run under one) their fp32 convs and GEMMs would otherwise run
+    in 16 bits.
+    """
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
 def _desc(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

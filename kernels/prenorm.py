@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor
+from .dispatch import ACT_DTYPES, backend_name, check_tensor, without_autocast
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "norm_linear_gelu", "norm_linear_gelu_op", "norm_linear_gelu_torch",
@@ -39,6 +39,7 @@ LIB = "mamba_perception"
 MAX_CHANNELS = 256  # the Triton kernels hold a row of C channels in registers
 
 
+@without_autocast
 def norm_mlp_residual_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                             w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                             b2: Optional[Tensor]) -> Tensor:
@@ -131,6 +132,7 @@ def _check_norm(norm_weight, norm_bias, channels: int, device) -> None:
 # residual + linear(layer_norm(y))
 
 
+@without_autocast
 def norm_linear_residual_torch(y: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                                w: Tensor, b: Optional[Tensor],
                                residual: Optional[Tensor]) -> Tensor:
@@ -188,6 +190,7 @@ def norm_linear_residual(y: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps:
 # gelu(linear(layer_norm(x)))
 
 
+@without_autocast
 def norm_linear_gelu_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                            w: Tensor, b: Optional[Tensor]) -> Tensor:
     """PyTorch path of :func:`norm_linear_gelu` (no validation), the kernel's roundings."""

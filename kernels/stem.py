@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor
+from .dispatch import ACT_DTYPES, backend_name, check_tensor, without_autocast
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "conv_norm_stem", "conv_norm_stem_op", "conv_norm_stem_torch"]
@@ -40,15 +40,11 @@ def stem_out_hw(height: int, width: int) -> tuple:
     return (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1
 
 
+@without_autocast
 def conv_norm_stem_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                          n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
                          n2_weight: Tensor, n2_bias: Tensor, eps2: float) -> Tensor:
     """PyTorch path of :func:`conv_norm_stem` (no validation), the kernel's roundings."""
-    with torch.autocast(x.device.type, enabled=False):  # fp32 math also when called under it
-        return _stem_fp32(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2)
-
-
-def _stem_fp32(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2):
     dtype = w1.dtype
 
     def f32(t):

@@ -381,3 +381,14 @@ def test_triton_kernel_gelu_matches_torch_path(channels, n_out, rows, dtype, bia
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert rel_err(got, norm_linear_gelu_torch(*args).double()) < tol
     assert rel_err(got, gelu_fp64(x, norm, fc)) < tol
+
+
+def test_torch_paths_ignore_a_callers_autocast():
+    # The models call these ops under autocast; the PyTorch paths round only where the kernels
+    # do, so autocast must not turn their fp32 GEMMs into bf16 ones.
+    x, norm, fc1, fc2 = make(24, 96, torch.float16)
+    args = args_of(x, norm, fc1, fc2)
+    plain = norm_mlp_residual(*args)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(norm_mlp_residual(*args), plain)
+        assert torch.equal(norm_linear_gelu(*args[:6]), norm_linear_gelu_torch(*args[:6]))

@@ -217,3 +217,11 @@ def test_triton_kernel_fp16_overflow_is_nan_like_the_modules():
     for got in (_launcher().conv_norm_stem_fwd(*args), conv_norm_stem_torch(*args)):
         assert torch.isnan(got[0, 0, 0]).all()
         assert torch.isfinite(got[0, 1:]).all() and torch.isfinite(got[0, :, 1:]).all()
+
+
+def test_torch_path_ignores_a_callers_autocast():
+    # The model calls the op under autocast: the PyTorch path's fp32 convs must stay fp32.
+    args = args_of(*make(8, 16))
+    plain = conv_norm_stem(*args)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(conv_norm_stem(*args), plain)
