@@ -349,7 +349,7 @@ def tune_lowrank(dtype, what=("seq", "state")):
     return {"sweep": results, "applied": dict(lr.TUNING)}
 
 
-def tune_state(candidates=None):
+def tune_state(candidates=None, out_path=None):
     """Time the low-rank seq state pass alone at VMamba-T's stage geometries; apply the best.
 
     The serial state pass was ~14 us a launch (200 us per VMamba-T forward at 1280x720) for
@@ -400,6 +400,8 @@ def tune_state(candidates=None):
         print(f"state {cand}: {[round(t, 1) for t in per_shape]} -> {total:.0f}", flush=True)
         if best is None or total < best[0]:
             best = (total, cand)
+        if out_path:
+            write_json(out_path, {"state_tuning": {"sweep": results, "best": best[1]}})
     if best is not None:
         lr.TUNING.update(best[1])
     print("state tuned:", best, flush=True)
@@ -620,7 +622,7 @@ def main(argv=None):
         return
     if args.tune_state:
         write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),
-                              "state_tuning": tune_state()})
+                              "state_tuning": tune_state(out_path=args.out)})
         return
     from mamba_perception_kernels.triton import common as tc
 
