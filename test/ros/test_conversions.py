@@ -228,6 +228,28 @@ def test_detections_message_copies_header_and_uses_source_pixels():
     assert empty.header == header and empty.detections == []
 
 
+@pytest.mark.parametrize('boxes', [0, 1, 2, 7, 23])
+@pytest.mark.parametrize('frame_id', ['', 'c', 'cam', 'cam_front', 'camera_front_optical'])
+def test_serialized_detections_are_the_message_rclpy_would_send(boxes, frame_id):
+    # The node publishes detections_to_cdr's bytes; rclpy must read them back as exactly the
+    # message detections_to_msg builds, whatever the string lengths do to CDR alignment
+    # (class ids of 1-4 digits, frame ids of 0-20 characters, negative and large stamps).
+    from rclpy.serialization import deserialize_message, serialize_message
+    from vision_msgs.msg import Detection2DArray
+
+    rng = np.random.default_rng(boxes * 31 + len(frame_id))
+    xy = rng.random((boxes, 2)) * 1000
+    result = result_with(np.concatenate([xy, xy + rng.random((boxes, 2)) * 80], 1),
+                         rng.random(boxes), rng.integers(0, 2000, boxes))
+    header = Header(frame_id=frame_id)
+    header.stamp.sec = int(rng.integers(-(2 ** 31), 2 ** 31 - 1))
+    header.stamp.nanosec = int(rng.integers(0, 10 ** 9))
+    raw = conversions.detections_to_cdr(result, header)
+    want = conversions.detections_to_msg(result, header)
+    assert isinstance(raw, bytes) and len(raw) == len(serialize_message(want))
+    assert deserialize_message(raw, Detection2DArray) == want
+
+
 def test_mask_and_label_info_and_overlay(rgb):
     header = Header(frame_id='cam')
     h, w = rgb.shape[:2]
