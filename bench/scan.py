@@ -316,14 +316,24 @@ def _lowrank_sweep(lr, candidates, shapes, dtype, results):
     return best
 
 
+# State-pass candidates (ss2d_lowrank.TUNING updates), for --tune-state (the pass alone) and
+# --tune-lowrank state (the whole op). The serial pass with state_block_m 4 and 512 segments a
+# step won its own sweep (scan_state_serial_tune_h100.json); chunk_block_m 4 / 8 were slower
+# than 16 / 32 in a first sweep of the chunked one (H100).
+STATE_CANDIDATES = [{"state_impl": "serial", "state_block_m": 4, "state_block_s": 512,
+                     "state_num_warps": 4}]
+STATE_CANDIDATES += [{"state_impl": "chunked", "chunk_segments": g, "chunk_block_m": m,
+                      "chunk_num_warps": nw}
+                     for g in (32, 64, 128) for m in (16, 32) for nw in (1, 2)]
+
+
 def tune_lowrank(dtype, what=("seq", "state")):
     """Sweep launch parameters of the low-rank SS2D (``impl='seq'``) and apply the best.
 
     ``seq``: channels per program x warps, then the largest inline dt rank, then steps per
-    segment x unroll, then the minimum program count, greedily; ``state``: channels per
-    program (``state_block_m``) x segments per step (``state_block_s``) of the state pass,
-    whose parallelism is only routes x batch x dim / state_block_m programs. Times the whole op
-    over four stage shapes (VMamba-T 1280x720 stages 1-3 and a 128x128x768 map).
+    segment x unroll, then the minimum program count, greedily; ``state``: the state pass's
+    implementation and launch options (``STATE_CANDIDATES``, as ``--tune-state``). Times the
+    whole op over four stage shapes (VMamba-T 1280x720 stages 1-3 and a 128x128x768 map).
     """
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
@@ -337,8 +347,7 @@ def tune_lowrank(dtype, what=("seq", "state")):
                                for t, u in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4))]))
         groups.append(("seq", [{"seq_min_programs": m} for m in (2048, 4096, 8192, 16384)]))
     if "state" in what:
-        groups.append(("seq", [{"state_block_m": m, "state_block_s": s}
-                               for m in (2, 4, 8, 16, 32, 128) for s in (32, 128, 512)]))
+        groups.append(("seq", STATE_CANDIDATES))
     saved_impl = lr.TUNING["impl"]
     results = []
     for impl, candidates in groups:
@@ -369,12 +378,7 @@ def tune_state(candidates=None, out_path=None):
             steps, _ = lr.seq_steps(h * w, 2 * triton.cdiv(dim, bd))
             shapes.append((f"{ih}x{iw}/{dim}", triton.cdiv(h * w, steps), dim))
     if candidates is None:
-        candidates = [{"state_impl": "serial", "state_block_m": 4, "state_block_s": 512,
-                       "state_num_warps": 4}]
-        # chunk_block_m 4 / 8 were slower than 16 / 32 in a first sweep (H100)
-        candidates += [{"state_impl": "chunked", "chunk_segments": g, "chunk_block_m": m,
-                        "chunk_num_warps": nw}
-                       for g in (32, 64, 128) for m in (16, 32) for nw in (1, 2)]
+        candidates = STATE_CANDIDATES
     results, best = [], None
     for cand in candidates:
         saved = {key: lr.TUNING[key] for key in cand}

@@ -373,13 +373,15 @@ def detections_to_cdr(result: FrameResult, header: Header) -> bytes:
     serialized message. Same length as rclpy's serialization and deserializes to the same
     message (CDR leaves padding bytes unspecified: zeros here); test_conversions.py checks it.
     """
-    stamp, frame_id = header.stamp, str(header.frame_id).encode()
-    head = struct.pack('<iI', int(stamp.sec), int(stamp.nanosec))
-    frame, end = _cdr_string(frame_id, 8)
+    stamp = header.stamp
+    frame, _ = _cdr_string(str(header.frame_id).encode(), 8)
+    # std_msgs/Header (stamp, frame_id) padded to 4: the array's and every box's, same bytes.
+    header_cdr = (struct.pack('<iI', int(stamp.sec), int(stamp.nanosec)) + frame
+                  + _pad(len(frame), 4))
     dets = result.detections
     n = 0 if dets is None else len(dets)
-    parts = [b'\0\1\0\0', head, frame, _pad(end, 4), struct.pack('<I', n)]
-    offset = end + (-end % 4) + 4
+    parts = [b'\0\1\0\0', header_cdr, struct.pack('<I', n)]
+    offset = len(header_cdr) + 4
     if n:
         boxes = dets.boxes_xyxy_px.astype(np.float64)
         doubles = np.zeros((n, _DET_DOUBLES), np.float64)
@@ -389,9 +391,8 @@ def detections_to_cdr(result: FrameResult, header: Header) -> bytes:
         doubles[:, _DET_BOX + 3:_DET_BOX + 5] = boxes[:, 2:] - boxes[:, :2]
         rows = [row.tobytes() for row in doubles]
         empty_id = struct.pack('<I', 1) + b'\0'
-        # Each Detection2D starts 4-aligned: header, results (one hypothesis), box, id. Its
-        # header is the array's: the same bytes, and the same padding after the frame id.
-        det_head = head + frame + _pad(len(frame), 4) + struct.pack('<I', 1)
+        # Each Detection2D starts 4-aligned: header, results (one hypothesis), box, id.
+        det_head = header_cdr + struct.pack('<I', 1)
         for row, cls in zip(rows, dets.class_ids.tolist(), strict=True):
             align = _pad(offset, 4)  # after the previous box's id (no padding at the end)
             offset += len(align)
