@@ -1,8 +1,8 @@
 """Pre-norm linear layers fused with their residual (inference ops, ``triton/prenorm.py``).
 
-* ``norm_mlp_residual(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)`` =
-  ``x + fc2(gelu(fc1(layer_norm(x))))``: the second half of a VMamba block, the hidden
-  activation kept on chip;
+* ``norm_mlp_residual(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch)`` =
+  ``s + fc2(gelu(fc1(layer_norm(s))))`` with ``s = x [+ branch]``: the second half of a VMamba
+  block (and the first half's residual add), the hidden activation and s kept on chip;
 * ``norm_linear_residual(y, norm_weight, norm_bias, eps, w, b, residual)`` =
   ``residual + linear(layer_norm(y))``: the end of VMamba's SS2D mixer and its residual add;
 * ``norm_linear_gelu(x, norm_weight, norm_bias, eps, w, b)`` = ``gelu(linear(layer_norm(x)))``
@@ -42,18 +42,19 @@ MAX_CHANNELS = 256  # the Triton kernels hold a row of C channels in registers
 @without_autocast
 def norm_mlp_residual_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                             w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                            b2: Optional[Tensor]) -> Tensor:
+                            b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
     """PyTorch path of :func:`norm_mlp_residual` (no validation).
 
     fp32 arithmetic on operands rounded where the kernel rounds them (the normalised rows and
     the GELU output, to the weights' dtype): the kernel's result up to summation order.
     """
     dtype = w1.dtype
-    a = F.layer_norm(x.float(), (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
+    x = x.float() if branch is None else x.float() + branch.float()
+    a = F.layer_norm(x, (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
     h = F.linear(a.to(dtype).float(), w1.float(), None if b1 is None else b1.float())
     h = F.gelu(h).to(dtype).float()
     y = F.linear(h, w2.float(), None if b2 is None else b2.float())
-    return x.float() + y
+    return x + y
 
 
 def _triton():
@@ -71,28 +72,33 @@ def _dense(*vectors):
 @torch.library.custom_op(f"{LIB}::norm_mlp_residual", mutates_args=())
 def norm_mlp_residual_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                          w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                         b2: Optional[Tensor]) -> Tensor:
-    """Return ``x + fc2(gelu(fc1(LN(x))))``: a new contiguous fp32 tensor shaped like x."""
+                         b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
+    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``: new contiguous fp32 like x."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
         norm_weight, norm_bias, b1, b2 = _dense(norm_weight, norm_bias, b1, b2)
         return _triton().norm_mlp_residual_fwd(
-            x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2)
-    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+            x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2,
+            branch=branch)
+    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch)
 
 
 @norm_mlp_residual_op.register_fake
-def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch=None):
     return x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as both paths return
 
 
 def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                       w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                      b2: Optional[Tensor] = None) -> Tensor:
-    """``x + fc2(gelu(fc1(layer_norm(x))))`` over the last dimension, in one pass on CUDA.
+                      b2: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tensor:
+    """``s + fc2(gelu(fc1(layer_norm(s))))``, ``s = x [+ branch]``, in one pass on CUDA.
+
+    ``branch`` is the output of the block's first half, whose residual add (fp32, as
+    ``x + branch`` under autocast) is then done inside the op: s never goes to memory.
 
     Shapes (nn.LayerNorm / nn.Linear parameters as they are)::
 
         x:            (..., C)   fp32 / fp16 / bf16, channel stride 1
+        branch:       (..., C)   or None; x's shape, any of those dtypes, channel stride 1
         norm_weight:  (C,)       norm_bias: (C,)
         w1:           (HID, C)   b1: (HID,) or None     fp16 / bf16 / fp32: the GEMM dtype
         w2:           (C, HID)   b2: (C,) or None       same dtype as w1
@@ -101,6 +107,9 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
     Raises ScanInputError (a ValueError) naming the offending tensor.
     """
     channels = _check_rows("x", x)
+    if branch is not None:
+        _check_rows("branch", branch)
+        check_tensor("branch", branch, tuple(x.shape), ACT_DTYPES, x.device)
     _check_norm(norm_weight, norm_bias, channels, x.device)
     check_tensor("w1", w1, (None, channels), ACT_DTYPES, x.device)
     hidden = w1.shape[0]
@@ -109,7 +118,7 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
         check_tensor("b1", b1, (hidden,), ACT_DTYPES, x.device)
     if b2 is not None:
         check_tensor("b2", b2, (channels,), ACT_DTYPES, x.device)
-    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2)
+    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2, branch)
 
 
 def _check_rows(name: str, x) -> int:

@@ -6,10 +6,12 @@ weights' dtype -- the A operand of the GEMMs that follow, kept in registers for 
 program. Weights are nn.Linear's (out, in) matrices, read by every program from L2.
 
 ``_norm_mlp_kernel``: ``x + fc2(gelu(fc1(layer_norm(x))))``, the second half of every VMamba
-block. Run as separate kernels it reads and writes the hidden activation (4x the channels)
-twice and launches ~5 kernels (add + LayerNorm, fc1, GELU, fc2, the residual add in the next
-kernel); at stage 1 of VMamba-T at 1280x720 the GELU pass alone moves 88 MB. Here the program
-loops over the hidden units BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32
+block, optionally on ``x = residual + branch`` (the first half's residual add, done in the
+prologue so that its fp32 sum never goes to memory). Run as separate kernels it reads and
+writes the hidden activation (4x the channels) twice and launches ~5 kernels (add +
+LayerNorm, fc1, GELU, fc2, the residual add in the next kernel); at stage 1 of VMamba-T at
+1280x720 the GELU pass alone moves 88 MB. Here the program loops over the hidden units
+BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32
 accumulation), exact (erf) GELU in fp32, rounded to the weights' dtype, accumulated as
 ``h @ W2[:, chunk].T`` into the (BLOCK_M, C) fp32 output: the hidden activation never leaves
 the chip. Then + b2 + the residual (reloaded: it is in L2, and keeping it live across the loop
@@ -72,6 +74,12 @@ def _normed_rows(x_ptr, offs, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, e
     Padded columns load as zero, are excluded from the statistics and come out zero.
     """
     x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    return _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps, DTYPE)
+
+
+@triton.jit
+def _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps, DTYPE: tl.constexpr):
+    """LayerNorm of an fp32 (BLOCK_M, BLOCK_C) tile whose padded columns are zero, as DTYPE."""
     mean = tl.sum(x, axis=1) / channels
     xc = tl.where(tile_ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / channels + eps)
@@ -82,10 +90,10 @@ def _normed_rows(x_ptr, offs, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, e
 
 @triton.jit
 def _norm_mlp_kernel(
-    x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    n_rows, channels, hidden, stride_x, stride_out, eps,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PADDED_T: tl.constexpr,
+    x_ptr, br_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    n_rows, channels, hidden, stride_x, stride_br, stride_out, eps,
+    HAS_BRANCH: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PADDED_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,9 +102,11 @@ def _norm_mlp_kernel(
     col_ok = cols < channels
     tile_ok = row_ok[:, None] & col_ok[None, :]
     x_offs = rows[:, None] * stride_x + cols[None, :]
+    br_offs = rows[:, None] * stride_br + cols[None, :]
 
-    # 1. LayerNorm in fp32, rounded once: fc1's A operand.
-    a = _normed_rows(x_ptr, x_offs, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps,
+    # 1. (x + branch, fp32) LayerNormed in fp32, rounded once: fc1's A operand.
+    x = _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
+    a = _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps,
                      w1_ptr.dtype.element_ty)
 
     # 2. fc1 -> GELU -> fc2, BLOCK_H hidden units at a time.
@@ -129,8 +139,17 @@ def _norm_mlp_kernel(
     # 3. + b2 + residual, fp32 out.
     if HAS_B2:
         acc += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc += tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    acc += _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=tile_ok)
+
+
+@triton.jit
+def _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH: tl.constexpr):
+    """Return the residual stream entering the MLP, x or x + branch (fp32 sum), as fp32."""
+    x = tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_BRANCH:
+        x += tl.load(br_ptr + br_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -207,16 +226,18 @@ def _padded_transposed(w1, b1, w2, block_c, block_h):
 def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                           eps: float, w1: torch.Tensor, b1: torch.Tensor | None,
                           w2: torch.Tensor, b2: torch.Tensor | None,
-                          config: dict | None = None) -> torch.Tensor:
-    """Return ``x + fc2(gelu(fc1(LN(x))))`` as a new contiguous fp32 tensor shaped like ``x``.
+                          config: dict | None = None,
+                          branch: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``, new contiguous fp32 like ``x``.
 
-    ``x`` (..., C) with a unit channel stride and rows that flatten to one stride (validated by
-    the caller, C <= MAX_CHANNELS), weights contiguous in nn.Linear layout, W1 / W2 in the
-    GEMM dtype (fp16 / bf16 / fp32).
+    ``x`` and ``branch`` (..., C) with unit channel strides and rows that flatten to one stride
+    (validated by the caller, C <= MAX_CHANNELS), weights contiguous in nn.Linear layout,
+    W1 / W2 in the GEMM dtype (fp16 / bf16 / fp32).
     """
     channels = x.shape[-1]
     hidden = w1.shape[0]
     rows = x.reshape(-1, channels)
+    br = rows if branch is None else branch.reshape(-1, channels)
     out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     n_rows = rows.shape[0]
     if n_rows == 0:
@@ -228,10 +249,10 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
     grid = (triton.cdiv(n_rows, cfg["block_m"]),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _norm_mlp_kernel[grid](
-            rows, out, norm_weight, norm_bias, w1, b1 if b1 is not None else w1,
+            rows, br, out, norm_weight, norm_bias, w1, b1 if b1 is not None else w1,
             w2, b2 if b2 is not None else w2,
-            n_rows, channels, hidden, rows.stride(0), channels, float(eps),
-            HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+            n_rows, channels, hidden, rows.stride(0), br.stride(0), channels, float(eps),
+            HAS_BRANCH=branch is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
             # fp32 weights: a true fp32 product (tl.dot would use TF32 on tensor cores).
             DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32", PADDED_T=padded_t,
             BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_H=cfg["block_h"],

@@ -82,6 +82,25 @@ def test_torch_path_without_biases_and_16_bit_input():
     assert rel_err(got - x.half().float(), ref - x.half().double()) < 2e-3
 
 
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_torch_path_adds_the_branch_first(dtype, tol):
+    # branch = the block's first half (16-bit, like out_proj's output): s = x + branch in fp32
+    # is LayerNormed, and the result is s + MLP(LN(s)), as the modules compute it.
+    x, norm, fc1, fc2 = make(24, 96, dtype)
+    branch = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = norm_mlp_residual(*args_of(x, norm, fc1, fc2), branch=branch)
+    s = x + branch  # fp32 + 16-bit -> fp32, what the model's residual add does
+    ref = modules_fp64(s, norm, fc1, fc2)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert rel_err(got - s, ref - s.double()) < tol
+    torch.testing.assert_close(got, norm_mlp_residual(*args_of(s, norm, fc1, fc2)),
+                               rtol=0, atol=0)
+    with pytest.raises(ScanInputError, match='branch must have shape'):
+        norm_mlp_residual(*args_of(x, norm, fc1, fc2), branch=branch[..., :-1, :])
+    torch.library.opcheck(norm_mlp_residual_op, (*args_of(x, norm, fc1, fc2), branch),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
 @pytest.mark.parametrize('change, message', [
     (lambda a: {**a, 4: a[4].t()}, 'w1 must have shape'),
     (lambda a: {**a, 6: a[6][:, :-1]}, 'w2 must have shape'),
@@ -168,6 +187,24 @@ def test_triton_kernel_strided_rows_and_16_bit_input():
     got = _launcher().norm_mlp_residual_fwd(view.reshape(-1, 32), *args[1:]).reshape(2, 6, 32)
     ref = norm_mlp_residual_torch(*args)
     assert rel_err(got - view.float(), (ref - view.float()).double()) < 2e-3
+
+
+@needs_triton_device
+@pytest.mark.parametrize('layout', ['linear', 'padded_t'])
+def test_triton_kernel_adds_the_branch(layout):
+    # C = 96 padded to 128 (VMamba-T stage 1), several programs; the branch is fp16 with a
+    # row stride of its own (every other row of a wider map).
+    x, norm, fc1, fc2 = make(96, 384, torch.float16, rows=(1, 5, 9), device=TRITON_DEVICE)
+    wide = torch.randn(1, 5, 9, 192, device=TRITON_DEVICE).half()
+    branch = wide[..., 96:]
+    args = args_of(x, norm, fc1, fc2)
+    got = _launcher().norm_mlp_residual_fwd(*args, config={'layout': layout}, branch=branch)
+    ref = norm_mlp_residual_torch(*args, branch=branch)
+    s = x + branch
+    assert rel_err(got - s, (ref - s).double()) < 2e-3
+    assert rel_err(got, modules_fp64(s, norm, fc1, fc2)) < 2e-3
+    through_op = norm_mlp_residual(*args, branch=branch)
+    assert rel_err(through_op, modules_fp64(s, norm, fc1, fc2)) < 2e-3
 
 
 def _strided_vectors(args):
