@@ -497,6 +497,9 @@ def parse_args(argv):
     parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
                         help='VMamba patch embedding as one kernel (conv_norm_stem) or as its '
                              'modules (default: vmamba.FUSED_STEM)')
+    parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
+                        help='VMamba fc1 + GELU as one GEMM with cuBLASLt\'s (tanh) GELU '
+                             'epilogue above the fused MLP (default: vmamba.GELU_TANH_EPILOGUE)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')
@@ -557,6 +560,8 @@ def main(argv=None) -> int:
         vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
     if args.fused_stem is not None:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
+    if args.gelu_epilogue is not None:
+        vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
     from mamba_perception_kernels.triton import stem
 
     if args.stem_tuning:
@@ -571,6 +576,7 @@ def main(argv=None) -> int:
             'fused_fc1_max_channels': vmamba.FUSED_FC1_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
             'fused_stem': vmamba.FUSED_STEM,
+            'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),

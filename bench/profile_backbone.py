@@ -108,6 +108,8 @@ def main() -> int:
                              'into constants at compile time)')
     parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
                         help='VMamba patch embedding as one kernel or as its modules')
+    parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
+                        help="VMamba fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue")
     parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -118,10 +120,12 @@ def main() -> int:
         from mamba_perception_kernels.triton import ss2d_lowrank
 
         ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
-    if args.fused_stem is not None:
-        from mamba_perception.models import vmamba
+    from mamba_perception.models import vmamba
 
+    if args.fused_stem is not None:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
+    if args.gelu_epilogue is not None:
+        vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
     if args.inductor_freezing:
         from torch._inductor import config as inductor_config
 
@@ -147,7 +151,8 @@ def main() -> int:
                                         'weights': args.weights,
                                         'compile_mode': args.compile_mode,
                                         'inductor_freezing': args.inductor_freezing,
-                                        'fused_stem': args.fused_stem}),
+                                        'fused_stem': args.fused_stem,
+                                        'gelu_epilogue': args.gelu_epilogue}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:

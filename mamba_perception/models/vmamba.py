@@ -31,7 +31,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .layers import DropPath, Permute, mamba_dt_init, s4d_real_log, trunc_normal_
+from .layers import DropPath, Permute, linear_gelu_tanh, mamba_dt_init, s4d_real_log, trunc_normal_
 
 # Widest stage whose blocks use the fused norm + MLP kernel. The kernel takes up to 256 channels
 # (mamba_perception_kernels.prenorm.MAX_CHANNELS), but on an H100 it beats cuBLAS + inductor
@@ -48,6 +48,10 @@ FUSED_FC1_MAX_CHANNELS = 0
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
 # The patch embedding as one op (conv_norm_stem) for inference with 16-bit weights.
 FUSED_STEM = True
+# Stages whose MLP is not fused: fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue
+# (layers.linear_gelu_tanh) for inference with 16-bit weights. The epilogue computes GELU's
+# tanh form, at most 4.7e-4 from the exact erf GELU the models were trained with.
+GELU_TANH_EPILOGUE = True
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
@@ -170,29 +174,37 @@ class VSSBlock(nn.Module):
         # Under autocast LayerNorm returns fp32, so the residual stream stays fp32 exactly as in
         # the official code; the branch outputs (fp16/bf16 GEMMs) are added into it.
         op = self.op
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        exact_gelu = isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
+        fused_mlp = exact_gelu and self._fused(fc1.weight, x.shape[-1], FUSED_MLP_MAX_CHANNELS)
+        branch = None
         if self._fused(op.out_proj.weight, op.d_inner, FUSED_SS2D_TAIL_MAX_CHANNELS):
             # out_norm -> out_proj -> + x in one kernel, on the scan's fp32 output.
             x = _kernels().norm_linear_residual(op.scan(self.norm(x)), op.out_norm.weight,
                                                 op.out_norm.bias, op.out_norm.eps,
                                                 op.out_proj.weight, op.out_proj.bias, x)
+        elif fused_mlp:
+            branch = op(self.norm(x))  # its residual add happens inside norm_mlp_residual
         else:
             x = x + self.drop_path(op(self.norm(x)))
-        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        exact_gelu = isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
-        if exact_gelu and self._fused(fc1.weight, x.shape[-1], FUSED_MLP_MAX_CHANNELS):
-            # norm2 -> fc1 -> GELU -> fc2 -> + x in one kernel: the 4C hidden activation never
-            # reaches memory (fp32 out, like the residual stream).
+        if fused_mlp:
+            # (x + branch) -> norm2 -> fc1 -> GELU -> fc2 -> + in one kernel: neither the 4C
+            # hidden activation nor x + branch reaches memory (fp32 out, like the stream).
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
-                                                fc2.weight, fc2.bias)
+                                                fc2.weight, fc2.bias, branch=branch)
         if exact_gelu and self._fused(fc1.weight, x.shape[-1], FUSED_FC1_MAX_CHANNELS):
             hidden = _kernels().norm_linear_gelu(x, self.norm2.weight, self.norm2.bias,
                                                  self.norm2.eps, fc1.weight, fc1.bias)
             return x + self.drop_path(fc2(hidden))
+        if exact_gelu and GELU_TANH_EPILOGUE and self._fused(fc1.weight, 0, 0):
+            hidden = linear_gelu_tanh(self.norm2(x).to(fc1.weight.dtype), fc1.weight, fc1.bias)
+            return x + self.drop_path(fc2(hidden))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _fused(self, weight: torch.Tensor, width: int, max_width: int) -> bool:
-        # Each fused pre-norm kernel takes rows up to a width (see FUSED_*_MAX_CHANNELS).
+        # Each fused pre-norm kernel takes rows up to a width (see FUSED_*_MAX_CHANNELS); the
+        # GELU epilogue is for every width (0, 0).
         return not self.training and width <= max_width and _inference_16bit(weight)
 
 

@@ -1,4 +1,4 @@
-"""Shared model helpers: cast_autocast_weights."""
+"""Shared model helpers: cast_autocast_weights, linear_gelu_tanh."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mamba_perception.models import create_model
-from mamba_perception.models.layers import cast_autocast_weights
+from mamba_perception.models.layers import cast_autocast_weights, linear_gelu_tanh
 
 
 @pytest.mark.parametrize('name', ['vmamba_test', 'vim_test'])
@@ -46,3 +46,36 @@ def test_cast_weights_pick_matmul_operands_only():
     # read as the scan's fp32 delta_bias: rounding it to 16 bits would change the model
     assert dtypes[mixer + 'dt_proj.bias'] == torch.float32
     assert dtypes[mixer + 'dt_proj_b.bias'] == torch.float32
+
+
+@pytest.mark.parametrize('device, dtype', [
+    ('cpu', torch.bfloat16), ('cpu', torch.float32),
+    pytest.param('cuda', torch.float16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason='the cuBLASLt GELU epilogue needs CUDA')),
+    pytest.param('cuda', torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason='the cuBLASLt GELU epilogue needs CUDA')),
+])
+def test_linear_gelu_tanh_is_the_tanh_gelu_of_the_linear(device, dtype):
+    # (B, H, W, C) rows as VMamba's MLP feeds them; pre-activations spread over [-6, 6], where
+    # the tanh form and erf differ most (|x| ~ 2.7 and the negative tail).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, 48, generator=gen).to(device, dtype)
+    weight = (torch.randn(192, 48, generator=gen) / 3).to(device, dtype)
+    bias = torch.randn(192, generator=gen).to(device, dtype)
+    got = linear_gelu_tanh(x, weight, bias)
+    assert got.shape == (2, 5, 7, 192) and got.dtype == dtype
+    pre = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    assert pre.abs().max() > 4  # the test reaches the tails
+    ref = torch.nn.functional.gelu(pre, approximate='tanh')
+    # One rounding of the fp32 result to ``dtype`` (the GPU epilogue rounds the accumulator's
+    # GELU once; the CPU path rounds the GEMM output, then the GELU output).
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (got.double() - ref).norm() / ref.norm()
+    assert err < tol
+    # ... and it is the tanh form, not erf: against erf the error is at least the forms' gap
+    # where that gap exceeds the rounding (fp32 only; 16-bit rounding hides it).
+    if dtype == torch.float32:
+        erf = torch.nn.functional.gelu(pre)
+        gap = (erf - ref).abs() > 1e-4
+        assert gap.any()
+        assert ((got.double() - ref).abs()[gap] < (got.double() - erf).abs()[gap]).all()

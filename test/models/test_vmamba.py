@@ -141,8 +141,10 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
 
     calls = []
     real = mamba_perception_kernels.norm_mlp_residual
+    branches = []
     monkeypatch.setattr(mamba_perception_kernels, 'norm_mlp_residual',
-                        lambda *a: calls.append(a[0].shape) or real(*a))
+                        lambda *a, **k: calls.append(a[0].shape)
+                        or branches.append(k.get('branch')) or real(*a, **k))
     torch.manual_seed(0)
     model = create_model('vmamba_test', num_classes=0).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -153,6 +155,8 @@ def test_fused_mlp_inference_path_matches_the_modules(monkeypatch):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         fused = model.forward_intermediates(x)
     assert len(calls) == sum(model.depths)
+    # The SS2D half's residual add is done inside the op: its output comes in as the branch.
+    assert all(b is not None and b.shape == c for b, c in zip(branches, calls, strict=True))
     with torch.enable_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         ref = model.forward_intermediates(x)
     assert len(calls) == sum(model.depths)
@@ -175,7 +179,7 @@ def _spy_widths(monkeypatch, name):
     calls = []
     real = getattr(mamba_perception_kernels, name)
     monkeypatch.setattr(mamba_perception_kernels, name,
-                        lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+                        lambda *a, **k: calls.append(a[0].shape[-1]) or real(*a, **k))
     return calls
 
 
@@ -220,6 +224,26 @@ def test_fused_fc1_matches_the_modules(monkeypatch):
     # dims (16, 32, 64, 128): stage 1 fully fused, stages 2-3 fc1 only, stage 4 modules
     assert mlp == [16] * model.depths[0]
     assert gelu == [32] * model.depths[1] + [64] * model.depths[2]
+
+
+def test_gelu_epilogue_above_the_fused_mlp(monkeypatch):
+    # Stages wider than FUSED_MLP_MAX_CHANNELS run fc1 + GELU as layers.linear_gelu_tanh (one
+    # GEMM with cuBLASLt's GELU epilogue on CUDA; its tanh form), and their modules when
+    # GELU_TANH_EPILOGUE is off.
+    from mamba_perception.models import layers, vmamba
+
+    calls = []
+    real = layers.linear_gelu_tanh
+    monkeypatch.setattr(vmamba, 'linear_gelu_tanh',
+                        lambda x, w, b: calls.append(x.shape[-1]) or real(x, w, b))
+    monkeypatch.setattr(vmamba, 'FUSED_MLP_MAX_CHANNELS', 16)
+    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
+    # dims (16, 32, 64, 128): stage 1 fully fused, the others through the epilogue
+    assert calls == [32] * model.depths[1] + [64] * model.depths[2] + [128] * model.depths[3]
+    calls.clear()
+    monkeypatch.setattr(vmamba, 'GELU_TANH_EPILOGUE', False)
+    _inference_matches_module_path(torch.randn(1, 3, 64, 96))
+    assert calls == []
 
 
 def test_fused_stem_matches_the_modules(monkeypatch):
