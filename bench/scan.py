@@ -358,6 +358,71 @@ def tune_lowrank(dtype, what=("seq", "state")):
     return {"sweep": results, "applied": dict(lr.TUNING)}
 
 
+# Per-width candidates (--tune-by-width): channels per program x warps x the program floor
+# below which segments are halved, segments of at most 32 steps unrolled by 4 (32 channels
+# per program lost at every stage in the H200 sweep, scan_lowrank_seq_h200.json).
+BY_WIDTH_CANDIDATES = [{"seq_block_d": d, "seq_num_warps": nw, "seq_min_programs": m}
+                       for d, nw in ((64, 1), (128, 1), (128, 2))
+                       for m in (1024, 2048, 4096, 8192)]
+
+
+def tune_by_width(dtype, out_path=None, candidates=None):
+    """Time the whole op per VMamba-T stage (1280x720 and 2048x2048) for each seq candidate.
+
+    Every candidate runs at every stage shape; per channel width the candidate with the
+    smallest sum over the two input sizes wins (printed and returned; TUNING is left as it
+    was). If widths disagreed, per-width launch options would pay; on an H100 the default
+    won at all four (bench/results/scan_by_width_h100.json). CUDA-graph replays, median us.
+    """
+    from mamba_perception_kernels.triton import ss2d_lowrank as lr
+
+    shapes = [(f"{ih}x{iw}/{dim}", (h, w), dim)
+              for ih, iw in ((720, 1280), (2048, 2048))
+              for (h, w), dim in zip(stage_hw(ih, iw), VMAMBA_STAGE_DIMS["T"], strict=True)]
+    inputs = {}
+    for name, (h, w), dim in shapes:
+        rank = math.ceil(dim / 16)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        inputs[name] = (torch.randn(1, h, w, dim, device="cuda", generator=gen).to(dtype),
+                        torch.randn(1, h, w, 4 * (rank + 2), device="cuda",
+                                    generator=gen).to(dtype),
+                        torch.randn(4, dim, rank, device="cuda", generator=gen) / rank,
+                        -torch.rand(4 * dim, 1, device="cuda", generator=gen))
+    saved = dict(lr.TUNING)
+    results = []
+    for cand in candidates or BY_WIDTH_CANDIDATES:
+        lr.TUNING.update({**saved, **cand})
+        row = {**cand, "us": {}}
+        try:
+            for name, _, _ in shapes:
+                x, p, wt, A = inputs[name]
+                row["us"][name] = round(time_cuda(
+                    lambda x=x, p=p, wt=wt, A=A: K.ss2d_scan_lowrank(
+                        x, p, wt, A, out_dtype=torch.float32), iters=10, reps=3)["median_us"], 2)
+        except Exception as exc:  # noqa: BLE001 - a config may not compile; record it
+            row["error"] = str(exc)[:200]
+        results.append(row)
+        print(f"by-width {cand}: {row['us']}", flush=True)
+        if out_path:
+            write_json(out_path, {"by_width_tuning": {"sweep": results}})
+    lr.TUNING.clear()
+    lr.TUNING.update(saved)
+    best = {}
+    for dim in VMAMBA_STAGE_DIMS["T"]:
+        names = [n for n, _, d in shapes if d == dim]
+        timed = [r for r in results if all(n in r["us"] for n in names)]
+        if timed:
+            win = min(timed, key=lambda r, names=names: sum(r["us"][n] for n in names))
+            best[dim] = {k: v for k, v in win.items() if k.startswith("seq_")}
+            print(f"by-width {dim}: {best[dim]} "
+                  f"{[win['us'][n] for n in names]} us", flush=True)
+    out = {"shapes": [n for n, _, _ in shapes], "sweep": results, "best": best,
+           "timing": "CUDA-graph replays of the whole op (median us)"}
+    if out_path:
+        write_json(out_path, {"by_width_tuning": out})
+    return out
+
+
 def tune_state(candidates=None, out_path=None):
     """Time the low-rank seq state pass alone at VMamba-T's stage geometries; apply the best.
 
@@ -604,6 +669,9 @@ def main(argv=None):
     parser.add_argument("--tune-state", action="store_true",
                         help="only sweep the low-rank state pass alone (serial and chunked "
                              "launch options) at VMamba-T's stage geometries")
+    parser.add_argument("--tune-by-width", action="store_true",
+                        help="only sweep the seq launch options per channel width (VMamba-T's "
+                             "stages at 1280x720 and 2048x2048) and print each width's best")
     parser.add_argument("--bidir", action="store_true",
                         help="only the Vim (bidir) cases: Vim-T/S at 1280x720 and 2048x2048")
     parser.add_argument("--tune-bidir", action="store_true",
@@ -623,6 +691,10 @@ def main(argv=None):
         sys.exit("bench/scan.py needs a CUDA GPU")
     if args.profile_one:
         profile_one(*args.profile_one)
+        return
+    if args.tune_by_width:
+        write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),
+                              "by_width_tuning": tune_by_width(DTYPES["fp16"], args.out)})
         return
     if args.tune_state:
         write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),
