@@ -14,8 +14,8 @@ lifetimes, so an upper bound on what inductor's fusion and buffer reuse leave.
 Usage::
 
     python bench/activation_memory.py --model vmamba_tiny --size 2048x2048 \
-        [--fused-mlp-max-channels 256] [--fused-fc1-max-channels 256] \
-        [--fused-tail-max-channels 256] [--out /tmp/activation_memory.json]
+        [--fused-mlp-max-channels 256] [--fused-tail-max-channels 256] \
+        [--out /tmp/activation_memory.json]
 """
 
 from __future__ import annotations
@@ -124,7 +124,6 @@ def main(argv=None) -> int:
     parser.add_argument('--model', default='vmamba_tiny')
     parser.add_argument('--size', type=parse_size, default=(1024, 1024), help='HxW')
     parser.add_argument('--fused-mlp-max-channels', type=int)
-    parser.add_argument('--fused-fc1-max-channels', type=int)
     parser.add_argument('--fused-tail-max-channels', type=int)
     parser.add_argument('--out')
     args = parser.parse_args(argv)
@@ -132,7 +131,6 @@ def main(argv=None) -> int:
     from mamba_perception.models.layers import cast_autocast_weights
 
     for flag, name in ((args.fused_mlp_max_channels, 'FUSED_MLP_MAX_CHANNELS'),
-                       (args.fused_fc1_max_channels, 'FUSED_FC1_MAX_CHANNELS'),
                        (args.fused_tail_max_channels, 'FUSED_SS2D_TAIL_MAX_CHANNELS')):
         if flag is not None:
             setattr(vmamba, name, flag)
@@ -143,8 +141,7 @@ def main(argv=None) -> int:
 
     result = {'model': args.model, 'size': list(args.size),
               'fusion': {name: getattr(vmamba, name) for name in (
-                  'FUSED_MLP_MAX_CHANNELS', 'FUSED_FC1_MAX_CHANNELS',
-                  'FUSED_SS2D_TAIL_MAX_CHANNELS')},
+                  'FUSED_MLP_MAX_CHANNELS', 'FUSED_SS2D_TAIL_MAX_CHANNELS')},
               **measure(build, args.size)}
     if args.out:
         with open(args.out, 'w') as f:

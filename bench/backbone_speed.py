@@ -487,10 +487,6 @@ def parse_args(argv):
     parser.add_argument('--prenorm-layout', choices=('linear', 'padded_t'), default=None,
                         help="weight layout of the fused MLP kernel (prenorm TUNING['layout'] "
                              'for every width; default: as TUNING says)')
-    parser.add_argument('--fused-fc1-max-channels', type=int, default=None,
-                        help='widest VMamba stage (above --fused-mlp-max-channels) whose norm2 -> '
-                             'fc1 -> GELU runs as one kernel, fc2 on cuBLAS '
-                             '(default: vmamba.FUSED_FC1_MAX_CHANNELS)')
     parser.add_argument('--fused-tail-max-channels', type=int, default=None,
                         help='widest VMamba d_inner whose SS2D out_norm -> out_proj -> residual '
                              'runs as one kernel (default: vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS)')
@@ -554,8 +550,6 @@ def main(argv=None) -> int:
     if args.prenorm_layout is not None:
         for entry in prenorm.TUNING.values():
             entry['layout'] = args.prenorm_layout
-    if args.fused_fc1_max_channels is not None:
-        vmamba.FUSED_FC1_MAX_CHANNELS = args.fused_fc1_max_channels
     if args.fused_tail_max_channels is not None:
         vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
     if args.fused_stem is not None:
@@ -573,7 +567,6 @@ def main(argv=None) -> int:
             'inductor_freezing': args.inductor_freezing,
             'weights': args.weights,
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
-            'fused_fc1_max_channels': vmamba.FUSED_FC1_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
             'fused_stem': vmamba.FUSED_STEM,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,

@@ -1,16 +1,13 @@
 """Benchmark the fused pre-norm ops against what the model runs without them.
 
 ``--ops mlp`` (default): each VMamba block ends with ``x + fc2(gelu(fc1(norm2(x))))`` on the
-fp32 residual stream; ``--ops fc1``: the same MLP with only norm2 -> fc1 -> GELU fused
-(``norm_linear_gelu``) and fc2 + the residual add left to inductor / cuBLAS, so its rows
-compare directly with the ``mlp`` rows; ``--ops linear``: its SS2D mixer ends with ``x +
+fp32 residual stream; ``--ops linear``: its SS2D mixer ends with ``x +
 out_proj(out_norm(y))`` on the scan's fp32 output (no bias; d_inner = C for T, 2C for S/B). For
 the VMamba T/S/B stage shapes the fused kernels take (C <= 256) at 1280x720 and 2048x2048
 (batch 1, fp16 weights as ``cast_autocast_weights`` leaves them), times in the same run, both
 captured in a CUDA graph (``common.time_cuda``):
 
-* ``fused``: ``norm_mlp_residual`` / ``norm_linear_residual`` (one Triton kernel); for ``fc1``
-  ``norm_linear_gelu`` + the rest compiled;
+* ``fused``: ``norm_mlp_residual`` / ``norm_linear_residual`` (one Triton kernel);
 * ``compiled``: the module path under fp16 autocast through ``torch.compile`` (inductor fuses
   the LayerNorm and the GELU into their neighbours where it can; cuBLAS GEMMs), which is what
   the compiled backbone runs without the fused op.
@@ -21,11 +18,12 @@ come from L2) at 3.35e12 B/s; the GEMM work is ``4 * rows * C * HID`` (``2 * row
 flop. The file written before the linear op existed (``norm_mlp_h100.json``) was made by this
 script under its old name, ``bench/norm_mlp.py``. ``--tune`` first sweeps the MLP kernel's
 TUNING (tiles, warps, stages, weight layout) over the shapes, per TUNING width (padded
-C <= 128, and 256), and applies the config with the least summed time; with ``fc1`` among the
-ops it sweeps GELU_TUNING the same way (timing ``norm_linear_gelu`` alone).
+C <= 128, and 256), and applies the config with the least summed time. (``--ops fc1``, the
+MLP split after a Triton norm -> fc1 -> GELU kernel, was removed at stop 19: the split MLP is
+now cuBLASLt's GELU epilogue, ``layers.linear_gelu_tanh``; its rows are in ``prenorm_h100.json``.)
 
 Usage: ``python bench/prenorm.py --out bench/results/prenorm_h100.json [--tune]
-[--ops mlp fc1 linear]``
+[--ops mlp linear]``
 """
 
 from __future__ import annotations
@@ -113,25 +111,6 @@ def run_case(case, iters):
     floor_us = 8 * case['rows'] * case['channels'] / HBM_BPS * 1e6
     row['hbm_floor_us'] = round(floor_us, 2)
     row['gemm_tflop'] = round(4 * case['rows'] * case['channels'] * case['hidden'] / 1e12, 4)
-    return row
-
-
-def run_fc1_case(case, iters):
-    from mamba_perception_kernels import norm_linear_gelu
-
-    x, norm, fc1, fc2, compiled_fn, ref = mlp_baseline(case)
-
-    def split(inp):  # norm -> fc1 -> GELU in one kernel; fc2 and the add by inductor
-        with torch.autocast('cuda', dtype=torch.float16, cache_enabled=False):
-            hidden = norm_linear_gelu(inp, norm.weight, norm.bias, norm.eps, fc1.weight,
-                                      fc1.bias)
-            return inp + fc2(hidden)
-
-    split_fn = torch.compile(split, dynamic=False)
-    row = compare(dict(case, op='fc1'), ref, lambda: split_fn(x), lambda: compiled_fn(x), iters)
-    # x read twice and the fp16 hidden written and read once, y written, fp32
-    row['hbm_floor_us'] = round(case['rows'] * (12 * case['channels'] + 4 * case['hidden'])
-                                / HBM_BPS * 1e6, 2)
     return row
 
 
@@ -226,26 +205,11 @@ def tune(shapes, width, iters):
                                     op_args, iters, 'mlp')}
 
 
-def tune_fc1(shapes, width, iters):
-    """Sweep GELU_TUNING on ``norm_linear_gelu`` alone (fc2 does not depend on the config)."""
-    from mamba_perception_kernels import norm_linear_gelu
-    from mamba_perception_kernels.triton import prenorm
-
-    def op_args(case):
-        x, norm, fc1, _ = make(case)
-        return (x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias)
-
-    configs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s)
-               for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
-    return {'width': width, **sweep(prenorm.GELU_TUNING[width], configs, shapes,
-                                    norm_linear_gelu, op_args, iters, 'fc1')}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='bench/results/prenorm_h100.json')
     parser.add_argument('--tune', action='store_true', help='sweep the MLP kernel first')
-    parser.add_argument('--ops', nargs='+', choices=('mlp', 'fc1', 'linear'), default=['mlp'])
+    parser.add_argument('--ops', nargs='+', choices=('mlp', 'linear'), default=['mlp'])
     parser.add_argument('--iters', type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -262,14 +226,8 @@ def main(argv=None) -> int:
                 result['tune'].append(tune(tiny, width, args.iters))
                 prenorm.TUNING[width].update(result['tune'][-1]['best']['config'])
                 print('best', width, result['tune'][-1]['best'], flush=True)
-            if 'fc1' in args.ops:
-                result['tune'].append(tune_fc1(tiny, width, args.iters))
-                prenorm.GELU_TUNING[width].update(result['tune'][-1]['best']['config'])
-                print('best fc1', width, result['tune'][-1]['best'], flush=True)
     result['tuning'] = {str(k): dict(v) for k, v in prenorm.TUNING.items()}
-    result['gelu_tuning'] = {str(k): dict(v) for k, v in prenorm.GELU_TUNING.items()}
     todo = ([(c, run_case) for c in cases()] if 'mlp' in args.ops else []) + (
-        [(c, run_fc1_case) for c in cases()] if 'fc1' in args.ops else []) + (
         [(c, run_linear_case) for c in linear_cases()] if 'linear' in args.ops else [])
     for case, run in todo:
         row = run(case, args.iters)

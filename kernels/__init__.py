@@ -13,10 +13,10 @@ the conv's oracle is ``F.conv2d``):
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
   before the scan (``dwconv.py``); ``dwconv1d_bidir_silu``: Vim's causal + anti-causal 1-D
   convs (+ bias, + SiLU) of a token-major map, both directions in one pass.
-* ``norm_mlp_residual``: ``x + fc2(gelu(fc1(layer_norm(x))))`` in one pass (inference; the
-  second half of a VMamba block, ``prenorm.py``); ``norm_linear_residual``:
-  ``residual + linear(layer_norm(y))`` (the end of the SS2D mixer and its residual add);
-  ``norm_linear_gelu``: ``gelu(linear(layer_norm(x)))`` (the MLP's first half).
+* ``norm_mlp_residual``: ``x [+ branch] + fc2(gelu(fc1(layer_norm(x [+ branch]))))`` in one
+  pass (inference; the second half of a VMamba block and the first half's residual add,
+  ``prenorm.py``); ``norm_linear_residual``: ``residual + linear(layer_norm(y))`` (the end of
+  the SS2D mixer and its residual add).
 * ``conv_norm_stem``: VMamba's patch embedding, conv -> LayerNorm -> GELU -> conv ->
   LayerNorm, in one pass (inference, ``stem.py``).
 
@@ -34,7 +34,7 @@ from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc
 from .errors import ScanInputError
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
-from .prenorm import norm_linear_gelu, norm_linear_residual, norm_mlp_residual
+from .prenorm import norm_linear_residual, norm_mlp_residual
 from .reference import (
     bidir_scan_ref,
     expand_lowrank,
@@ -53,7 +53,6 @@ __all__ = [
     "bidir_scan_ref",
     "dwconv1d_bidir_silu",
     "dwconv2d_nhwc",
-    "norm_linear_gelu",
     "norm_linear_residual",
     "norm_mlp_residual",
     "expand_lowrank",

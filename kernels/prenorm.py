@@ -4,9 +4,7 @@
   ``s + fc2(gelu(fc1(layer_norm(s))))`` with ``s = x [+ branch]``: the second half of a VMamba
   block (and the first half's residual add), the hidden activation and s kept on chip;
 * ``norm_linear_residual(y, norm_weight, norm_bias, eps, w, b, residual)`` =
-  ``residual + linear(layer_norm(y))``: the end of VMamba's SS2D mixer and its residual add;
-* ``norm_linear_gelu(x, norm_weight, norm_bias, eps, w, b)`` = ``gelu(linear(layer_norm(x)))``
-  in the weights' dtype: the first half of the MLP (its fc2 stays a cuBLAS GEMM).
+  ``residual + linear(layer_norm(y))``: the end of VMamba's SS2D mixer and its residual add.
 
 Both are custom ops (``mamba_perception::...``): on CUDA, for at most ``MAX_CHANNELS`` input
 channels, one Triton kernel each; elsewhere (CPU, more channels,
@@ -16,8 +14,7 @@ back to their modules otherwise).
 
 Precision contract (both paths): LayerNorm in fp32 on the fp32 (or 16-bit) input, its output
 rounded once to the weights' dtype, fp32-accumulating GEMMs in that dtype, exact erf GELU,
-fp32 result (the residual stream of VMamba stays fp32 under autocast, as the official code's);
-``norm_linear_gelu`` rounds its fp32 GELU output once to the weights' dtype instead.
+fp32 result (the residual stream of VMamba stays fp32 under autocast, as the official code's).
 """
 
 from __future__ import annotations
@@ -31,9 +28,9 @@ import torch.nn.functional as F
 from .dispatch import ACT_DTYPES, backend_name, check_tensor, without_autocast
 from .errors import ScanInputError
 
-__all__ = ["MAX_CHANNELS", "norm_linear_gelu", "norm_linear_gelu_op", "norm_linear_gelu_torch",
-           "norm_linear_residual", "norm_linear_residual_op", "norm_linear_residual_torch",
-           "norm_mlp_residual", "norm_mlp_residual_op", "norm_mlp_residual_torch"]
+__all__ = ["MAX_CHANNELS", "norm_linear_residual", "norm_linear_residual_op",
+           "norm_linear_residual_torch", "norm_mlp_residual", "norm_mlp_residual_op",
+           "norm_mlp_residual_torch"]
 
 LIB = "mamba_perception"
 MAX_CHANNELS = 256  # the Triton kernels hold a row of C channels in registers
@@ -193,52 +190,3 @@ def norm_linear_residual(y: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps:
         _check_rows("residual", residual)
         check_tensor("residual", residual, (*y.shape[:-1], n_out), ACT_DTYPES, y.device)
     return norm_linear_residual_op(y, norm_weight, norm_bias, float(eps), w, b, residual)
-
-
-# --------------------------------------------------------------------------------------------
-# gelu(linear(layer_norm(x)))
-
-
-@without_autocast
-def norm_linear_gelu_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
-                           w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """PyTorch path of :func:`norm_linear_gelu` (no validation), the kernel's roundings."""
-    a = F.layer_norm(x.float(), (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
-    h = F.linear(a.to(w.dtype).float(), w.float(), None if b is None else b.float())
-    return F.gelu(h).to(w.dtype)
-
-
-@torch.library.custom_op(f"{LIB}::norm_linear_gelu", mutates_args=())
-def norm_linear_gelu_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
-                        w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """Return ``gelu(linear(LN(x), w, b))``: a new contiguous tensor in ``w``'s dtype."""
-    if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
-        norm_weight, norm_bias, b = _dense(norm_weight, norm_bias, b)
-        return _triton().norm_linear_gelu_fwd(x, norm_weight, norm_bias, eps, w.contiguous(), b)
-    return norm_linear_gelu_torch(x, norm_weight, norm_bias, eps, w, b)
-
-
-@norm_linear_gelu_op.register_fake
-def _(x, norm_weight, norm_bias, eps, w, b):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype)
-
-
-def norm_linear_gelu(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
-                     w: Tensor, b: Optional[Tensor] = None) -> Tensor:
-    """``gelu(linear(layer_norm(x), w, b))`` (exact erf GELU) in one pass on CUDA.
-
-    Shapes (nn.LayerNorm / nn.Linear parameters as they are)::
-
-        x:            (..., C)   fp32 / fp16 / bf16, channel stride 1
-        norm_weight:  (C,)       norm_bias: (C,)
-        w:            (N, C)     b: (N,) or None       fp16 / bf16 / fp32: the GEMM dtype
-        returns       (..., N)   new contiguous tensor in w's dtype
-
-    Raises ScanInputError (a ValueError) naming the offending tensor.
-    """
-    channels = _check_rows("x", x)
-    _check_norm(norm_weight, norm_bias, channels, x.device)
-    check_tensor("w", w, (None, channels), ACT_DTYPES, x.device)
-    if b is not None:
-        check_tensor("b", b, (w.shape[0],), ACT_DTYPES, x.device)
-    return norm_linear_gelu_op(x, norm_weight, norm_bias, float(eps), w, b)

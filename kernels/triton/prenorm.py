@@ -20,10 +20,9 @@ costs registers the dot tiles need), stored fp32.
 ``_norm_linear_kernel``: ``residual + linear(layer_norm(y))``, the end of VMamba's SS2D mixer
 (out_norm -> out_proj on the scan's fp32 output, then the block's residual add): the program
 loops over the outputs BLOCK_N at a time, one dot each, adds bias and residual and stores fp32.
-With GELU it is instead the first half of the MLP, ``gelu(fc1(layer_norm(x)))``, stored in the
-weights' dtype: an ordinary GEMM pipeline (no hidden loop, no second dot), whose output is the
-fc2 GEMM's input; what it saves over the modules is the LayerNorm output's round trip and the
-separate GELU pass over the 4C hidden activation.
+(A GELU variant, norm -> fc1 -> GELU with cuBLAS's fc2 after it, was no faster than the compiled
+modules at stage 2 and was removed at stop 19: the split MLP is now one cuBLASLt GEMM with the
+GELU epilogue, ``mamba_perception.models.layers.linear_gelu_tanh``.)
 
 Rounding differs from the unfused modules only in that GEMM outputs are not rounded to 16 bits
 before GELU / before the residual add (fewer roundings).
@@ -56,13 +55,6 @@ LAYOUTS = ("linear", "padded_t")
 # norm -> linear: not swept (a first guess by analogy with the MLP); timed against the
 # compiled modules in prenorm_h100.json (43 vs 42 us at stage 1, 19 vs 24 at stage 2, 720p).
 LINEAR_TUNING = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
-# norm -> fc1 -> GELU per padded channel width, swept on the H100 (prenorm_h100.json). With
-# cuBLAS fc2 after it, the split MLP is no faster than the compiled modules at stage 2 (67 vs
-# 64 us) and slower than the fused kernel at stage 1 (103 vs 68): FUSED_FC1_MAX_CHANNELS = 0.
-GELU_TUNING = {
-    128: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    256: {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
-}
 MAX_CHANNELS = 256  # the (BLOCK_M, C) fp32 output tile and the A operand live in registers
 
 
@@ -156,8 +148,7 @@ def _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH: tl.constex
 def _norm_linear_kernel(
     y_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr,
     n_rows, channels, n_out, stride_y, stride_res, stride_out, eps,
-    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, GELU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,14 +167,11 @@ def _norm_linear_kernel(
         acc = tl.dot(a, w, input_precision=DOT_PRECISION)
         if HAS_B:
             acc += tl.load(b_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-        if GELU:
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         ok = row_ok[:, None] & out_ok[None, :]
         if HAS_RES:
             acc += tl.load(res_ptr + rows[:, None] * stride_res + outs[None, :], mask=ok,
                            other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], acc, mask=ok)
 
 
 def mlp_launch_config(n_rows: int, channels: int, hidden: int, config: dict | None = None) -> dict:
@@ -273,21 +261,20 @@ def linear_launch_config(n_rows: int, channels: int, n_out: int,
     return out
 
 
-def norm_linear_fwd(y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-                    eps: float, w: torch.Tensor, b: torch.Tensor | None,
-                    residual: torch.Tensor | None = None, gelu: bool = False,
-                    out_dtype: torch.dtype = torch.float32,
-                    config: dict | None = None) -> torch.Tensor:
-    """Return ``[gelu](linear(LN(y), w, b)) [+ residual]`` as a new contiguous tensor.
+def norm_linear_residual_fwd(y: torch.Tensor, norm_weight: torch.Tensor,
+                             norm_bias: torch.Tensor, eps: float, w: torch.Tensor,
+                             b: torch.Tensor | None, residual: torch.Tensor | None = None,
+                             config: dict | None = None) -> torch.Tensor:
+    """Return ``linear(LN(y), w, b) [+ residual]`` as a new contiguous fp32 tensor.
 
     ``y`` (..., C) and ``residual`` (..., N) with unit channel strides and rows that flatten to
     one stride (validated by the caller, C <= MAX_CHANNELS), ``w`` (N, C) contiguous in the
-    GEMM dtype. The output, ``out_dtype``, has ``y``'s leading shape by N.
+    GEMM dtype. The output has ``y``'s leading shape by N.
     """
     channels, n_out = y.shape[-1], w.shape[0]
     rows = y.reshape(-1, channels)
     res = None if residual is None else residual.reshape(-1, n_out)
-    out = torch.empty((*y.shape[:-1], n_out), device=y.device, dtype=out_dtype)
+    out = torch.empty((*y.shape[:-1], n_out), device=y.device, dtype=torch.float32)
     n_rows = rows.shape[0]
     if n_rows == 0:
         return out
@@ -299,20 +286,8 @@ def norm_linear_fwd(y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
             b if b is not None else w,
             n_rows, channels, n_out, rows.stride(0), res.stride(0) if res is not None else 0,
             n_out, float(eps),
-            HAS_B=b is not None, HAS_RES=res is not None, GELU=bool(gelu),
+            HAS_B=b is not None, HAS_RES=res is not None,
             DOT_PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_N=cfg["block_n"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
-
-
-def norm_linear_residual_fwd(y, norm_weight, norm_bias, eps, w, b, residual, config=None):
-    """``residual + linear(LN(y), w, b)``, fp32 (:func:`norm_linear_fwd`)."""
-    return norm_linear_fwd(y, norm_weight, norm_bias, eps, w, b, residual, config=config)
-
-
-def norm_linear_gelu_fwd(x, norm_weight, norm_bias, eps, w, b, config=None):
-    """``gelu(linear(LN(x), w, b))`` in ``w``'s dtype (:func:`norm_linear_fwd`), GELU_TUNING."""
-    width = 128 if x.shape[-1] <= 128 else 256
-    return norm_linear_fwd(x, norm_weight, norm_bias, eps, w, b, gelu=True, out_dtype=w.dtype,
-                           config={**GELU_TUNING[width], **(config or {})})

@@ -38,11 +38,6 @@ from .layers import DropPath, Permute, linear_gelu_tanh, mamba_dt_init, s4d_real
 # only at C <= 128 (VMamba-T stage 1: 1.14x at 1280x720, 1.30x at 2048^2; stage 2, C = 192:
 # 0.64x / 0.74x; bench/results/norm_mlp_h100.json). Read at call time (bench ablations set it).
 FUSED_MLP_MAX_CHANNELS = 128
-# Widest stage above FUSED_MLP_MAX_CHANNELS whose norm2 -> fc1 -> GELU runs as one kernel
-# (norm_linear_gelu, up to 256), fc2 staying a cuBLAS GEMM: a plain GEMM pipeline that saves the
-# LayerNorm output's round trip and the GELU pass over the 4C hidden activation, without the
-# fused MLP's serialised dot -> GELU -> dot loop. 0 = off: written and tested, not yet timed.
-FUSED_FC1_MAX_CHANNELS = 0
 # Widest d_inner whose SS2D out_norm -> out_proj -> residual add runs as one kernel
 # (norm_linear_residual, up to 256). 0 = off: written and tested, not yet timed on a GPU.
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
@@ -193,10 +188,6 @@ class VSSBlock(nn.Module):
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
                                                 fc2.weight, fc2.bias, branch=branch)
-        if exact_gelu and self._fused(fc1.weight, x.shape[-1], FUSED_FC1_MAX_CHANNELS):
-            hidden = _kernels().norm_linear_gelu(x, self.norm2.weight, self.norm2.bias,
-                                                 self.norm2.eps, fc1.weight, fc1.bias)
-            return x + self.drop_path(fc2(hidden))
         if exact_gelu and GELU_TANH_EPILOGUE and self._fused(fc1.weight, 0, 0):
             hidden = linear_gelu_tanh(self.norm2(x).to(fc1.weight.dtype), fc1.weight, fc1.bias)
             return x + self.drop_path(fc2(hidden))

@@ -7,13 +7,10 @@ The Triton tests (``test_triton_kernel_*``) need CUDA or the Triton interpreter;
 
 from mamba_perception_kernels import (
     ScanInputError,
-    norm_linear_gelu,
     norm_linear_residual,
     norm_mlp_residual,
 )
 from mamba_perception_kernels.prenorm import (
-    norm_linear_gelu_op,
-    norm_linear_gelu_torch,
     norm_linear_residual_op,
     norm_linear_residual_torch,
     norm_mlp_residual_op,
@@ -351,75 +348,6 @@ def test_triton_kernel_linear_strided_residual_through_public_op():
     assert rel_err(got, linear_fp64(y, norm, fc, residual)) < 2e-3
 
 
-# --------------------------------------------------------------------------------------------
-# gelu(linear(layer_norm(x))): the MLP's first half
-
-
-def gelu_fp64(x, norm, fc):
-    return nn.functional.gelu(linear_fp64(x, norm, fc, None))
-
-
-def gelu_args(x, norm, fc):
-    return (x, norm.weight, norm.bias, norm.eps, fc.weight, fc.bias)
-
-
-@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3),
-                                        (torch.bfloat16, 1.5e-2)])
-def test_gelu_torch_path_matches_the_modules(dtype, tol):
-    x, norm, fc, _ = make_linear(24, 96, dtype)
-    got = norm_linear_gelu(*gelu_args(x, norm, fc))
-    assert got.dtype == dtype and got.shape == (3, 5, 96) and got.is_contiguous()
-    assert rel_err(got, gelu_fp64(x, norm, fc)) < tol
-    # the MLP's first half: fc2 of it (+ x) is what norm_mlp_residual computes
-    fc2 = nn.Linear(96, 24).to(dtype)
-    mlp = norm_mlp_residual(*args_of(x, norm, fc, fc2))
-    torch.testing.assert_close(x + nn.functional.linear(got.float(), fc2.weight.float(),
-                                                        fc2.bias.float()),
-                               mlp, atol=tol * 20, rtol=tol * 20)
-
-
-@pytest.mark.parametrize('change, message', [
-    (lambda a: {**a, 4: a[4].t()}, 'w must have shape'),
-    (lambda a: {**a, 5: a[5][:-1]}, 'b must have shape'),
-    (lambda a: {**a, 1: a[1][:-1]}, 'norm_weight must have shape'),
-    (lambda a: {**a, 0: torch.zeros(4, 48)[:, ::2]}, 'unit channel'),
-])
-def test_gelu_invalid_inputs_are_named(change, message):
-    x, norm, fc, _ = make_linear(24, 40)
-    args = change(dict(enumerate(gelu_args(x, norm, fc))))
-    with pytest.raises(ScanInputError, match=message):
-        norm_linear_gelu(*[args[i] for i in range(6)])
-
-
-def test_gelu_fake_impl_and_schema():
-    x, norm, fc, _ = make_linear(24, 40)
-    torch.library.opcheck(norm_linear_gelu_op, gelu_args(x, norm, fc),
-                          test_utils=('test_schema', 'test_faketensor'))
-
-
-@needs_triton_device
-@pytest.mark.parametrize('channels, n_out, rows, dtype, bias, config', [
-    # C = 96 -> 384 (VMamba-T stage 1 fc1), several programs and output chunks
-    (96, 384, (1, 5, 9), torch.float16, True, dict(block_m=16, block_n=64)),
-    # N not a multiple of the chunk, no bias, fp32 weights (exact dot)
-    (24, 40, (37,), torch.float32, False, dict(block_m=16, block_n=16)),
-    # C below the 16-wide minimum tile of tl.dot, default config
-    (8, 32, (2, 11), torch.float16, True, None),
-    pytest.param(192, 768, (3, 7), torch.bfloat16, True, None, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason='the Triton interpreter (numpy) gets tl.dot of bfloat16 operands wrong')),
-])
-def test_triton_kernel_gelu_matches_torch_path(channels, n_out, rows, dtype, bias, config):
-    x, norm, fc, _ = make_linear(channels, n_out, dtype, rows=rows, bias=bias,
-                                 device=TRITON_DEVICE)
-    args = gelu_args(x, norm, fc)
-    got = _launcher().norm_linear_gelu_fwd(*args, config=config)
-    assert got.dtype == dtype and got.shape == (*rows, n_out)
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    assert rel_err(got, norm_linear_gelu_torch(*args).double()) < tol
-    assert rel_err(got, gelu_fp64(x, norm, fc)) < tol
-
-
 def test_torch_paths_ignore_a_callers_autocast():
     # The models call these ops under autocast; the PyTorch paths round only where the kernels
     # do, so autocast must not turn their fp32 GEMMs into bf16 ones.
@@ -428,4 +356,5 @@ def test_torch_paths_ignore_a_callers_autocast():
     plain = norm_mlp_residual(*args)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert torch.equal(norm_mlp_residual(*args), plain)
-        assert torch.equal(norm_linear_gelu(*args[:6]), norm_linear_gelu_torch(*args[:6]))
+        lin = (*args[:6], None)
+        assert torch.equal(norm_linear_residual(*lin), norm_linear_residual_torch(*lin))

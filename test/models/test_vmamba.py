@@ -210,22 +210,6 @@ def test_fused_ss2d_tail_matches_the_modules(monkeypatch):
     assert calls == [32] * model.depths[0] + [64] * model.depths[1]
 
 
-def test_fused_fc1_matches_the_modules(monkeypatch):
-    # FUSED_FC1_MAX_CHANNELS above FUSED_MLP_MAX_CHANNELS: the stages in between run
-    # norm2 -> fc1 -> GELU as norm_linear_gelu and fc2 as their Linear; the full fusion keeps
-    # the narrower stages.
-    from mamba_perception.models import vmamba
-
-    gelu = _spy_widths(monkeypatch, 'norm_linear_gelu')
-    mlp = _spy_widths(monkeypatch, 'norm_mlp_residual')
-    monkeypatch.setattr(vmamba, 'FUSED_MLP_MAX_CHANNELS', 16)
-    monkeypatch.setattr(vmamba, 'FUSED_FC1_MAX_CHANNELS', 64)
-    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
-    # dims (16, 32, 64, 128): stage 1 fully fused, stages 2-3 fc1 only, stage 4 modules
-    assert mlp == [16] * model.depths[0]
-    assert gelu == [32] * model.depths[1] + [64] * model.depths[2]
-
-
 def test_gelu_epilogue_above_the_fused_mlp(monkeypatch):
     # Stages wider than FUSED_MLP_MAX_CHANNELS run fc1 + GELU as layers.linear_gelu_tanh (one
     # GEMM with cuBLASLt's GELU epilogue on CUDA; its tanh form), and their modules when
