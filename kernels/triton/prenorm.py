@@ -11,11 +11,11 @@ prologue so that its fp32 sum never goes to memory). Run as separate kernels it 
 writes the hidden activation (4x the channels) twice and launches ~5 kernels (add +
 LayerNorm, fc1, GELU, fc2, the residual add in the next kernel); at stage 1 of VMamba-T at
 1280x720 the GELU pass alone moves 88 MB. Here the program loops over the hidden units
-BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32
-accumulation), exact (erf) GELU in fp32, rounded to the weights' dtype, accumulated as
-``h @ W2[:, chunk].T`` into the (BLOCK_M, C) fp32 output: the hidden activation never leaves
-the chip. Then + b2 + the residual (reloaded: it is in L2, and keeping it live across the loop
-costs registers the dot tiles need), stored fp32.
+BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf) GELU in fp32,
+rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T`` into the (BLOCK_M, C)
+fp32 output: the hidden activation never leaves the chip. Then + b2 + the residual (reloaded:
+it is in L2, and keeping it live across the loop costs registers the dot tiles need), stored
+fp32.
 
 ``_norm_linear_kernel``: ``residual + linear(layer_norm(y))``, the end of VMamba's SS2D mixer
 (out_norm -> out_proj on the scan's fp32 output, then the block's residual add): the program

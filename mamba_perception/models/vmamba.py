@@ -39,7 +39,9 @@ from .layers import DropPath, Permute, linear_gelu_tanh, mamba_dt_init, s4d_real
 # 0.64x / 0.74x; bench/results/norm_mlp_h100.json). Read at call time (bench ablations set it).
 FUSED_MLP_MAX_CHANNELS = 128
 # Widest d_inner whose SS2D out_norm -> out_proj -> residual add runs as one kernel
-# (norm_linear_residual, up to 256). 0 = off: written and tested, not yet timed on a GPU.
+# (norm_linear_residual, up to 256). 0 = off: on an H100 it was slower at 1280x720 (2.73 vs
+# 2.67 ms with it on up to 256, bench/results/backbone_speed_tail256_h100.json); where the
+# fused MLP runs, the residual add is inside that kernel instead (its branch argument).
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
 # The patch embedding as one op (conv_norm_stem) for inference with 16-bit weights.
 FUSED_STEM = True
