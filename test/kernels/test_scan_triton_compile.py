@@ -94,8 +94,9 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     from triton.compiler import ASTSource
 
     fn = norm_mlp._norm_mlp_kernel
-    consts = dict(HAS_B1=True, HAS_B2=True, DOT_PRECISION=precision, PADDED_T=padded_t,
-                  BLOCK_M=64, BLOCK_C=128, BLOCK_H=64)
+    # with padded_t also the residual add of a 16-bit branch (VMamba's stage-1 blocks)
+    consts = dict(HAS_BRANCH=padded_t, HAS_B1=True, HAS_B2=True, DOT_PRECISION=precision,
+                  PADDED_T=padded_t, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64)
     fp32 = {'x_ptr', 'out_ptr', 'nw_ptr', 'nb_ptr', 'b2_ptr'}
     sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
            ('*fp32' if n in fp32 else weights) if n.endswith('_ptr') else 'i32'
@@ -107,8 +108,8 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     assert ('wgmma' in ptx) == (weights != '*fp32')
 
 
-@pytest.mark.parametrize('gelu', [False, True])
-def test_norm_linear_kernel_compiles_for_sm90(gelu):
+@pytest.mark.parametrize('bias', [False, True])
+def test_norm_linear_kernel_compiles_for_sm90(bias):
     if importlib.util.find_spec('triton.backends.nvidia') is None:
         pytest.skip('triton has no NVIDIA backend here')
     from mamba_perception_kernels.triton import prenorm
@@ -117,10 +118,10 @@ def test_norm_linear_kernel_compiles_for_sm90(gelu):
     from triton.compiler import ASTSource
 
     fn = prenorm._norm_linear_kernel
-    # residual + linear (fp32 out), or gelu(linear) stored in the weights' dtype
-    consts = dict(HAS_B=gelu, HAS_RES=not gelu, GELU=gelu, DOT_PRECISION='tf32', BLOCK_M=128,
-                  BLOCK_C=128, BLOCK_N=64)
-    half = ('w_ptr', 'b_ptr', 'out_ptr') if gelu else ('w_ptr', 'b_ptr')
+    # residual + linear (+ bias), fp32 out
+    consts = dict(HAS_B=bias, HAS_RES=True, DOT_PRECISION='tf32', BLOCK_M=128, BLOCK_C=128,
+                  BLOCK_N=64)
+    half = ('w_ptr', 'b_ptr')
     sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
            ('*fp16' if n in half else '*fp32') if n.endswith('_ptr') else 'i32'
            for n in fn.arg_names}
