@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Optional
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
@@ -47,6 +47,7 @@ from mamba_perception.errors import InputError, MambaPerceptionError, NonFiniteO
 from mamba_perception.ros import conversions, params, qos
 from mamba_perception.ros.diagnostics import OK, Budgets, CameraHealth
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
+from mamba_perception.ros.spin import spin_until_shutdown
 
 NODE_NAME = 'mamba_perception'
 DYNAMIC_PIPELINE_ATTRIBUTES = {'score_threshold': float, 'nms_iou': float, 'max_detections': int}
@@ -617,9 +618,7 @@ def main(args=None) -> int:
 
         threading.Thread(target=autostart, name='autostart', daemon=True).start()
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spin_until_shutdown(executor)
     finally:
         node._stop_input()
         node._release()

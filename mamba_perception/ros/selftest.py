@@ -14,9 +14,11 @@ import sys
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
+
+from mamba_perception.ros.spin import spin_until_shutdown
 
 NODE_NAME = 'mamba_perception_selftest'
 
@@ -88,10 +90,10 @@ def main(args=None):
     """Run the self-test publisher until interrupted."""
     rclpy.init(args=args)
     node = SelfTestPublisher()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
     try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spin_until_shutdown(executor)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
