@@ -44,6 +44,11 @@ def backend_name(device: torch.device | str) -> str:
     return _backend_for(torch.device(device).type)
 
 
+def dense_vectors(*vectors):
+    """Return contiguous copies (or None): the kernels read norms and biases as dense vectors."""
+    return tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 def without_autocast(fn):
     """Run a PyTorch path (first argument a tensor) with autocast off on its device.
 

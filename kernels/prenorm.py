@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor, without_autocast
+from .dispatch import ACT_DTYPES, backend_name, check_tensor, dense_vectors, without_autocast
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "norm_linear_residual", "norm_linear_residual_op",
@@ -61,18 +61,13 @@ def _triton():
     return prenorm
 
 
-def _dense(*vectors):
-    """Return contiguous copies (or None): the kernels read norms and biases as dense vectors."""
-    return tuple(None if v is None else v.contiguous() for v in vectors)
-
-
 @torch.library.custom_op(f"{LIB}::norm_mlp_residual", mutates_args=())
 def norm_mlp_residual_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                          w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                          b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
     """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``: new contiguous fp32 like x."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
-        norm_weight, norm_bias, b1, b2 = _dense(norm_weight, norm_bias, b1, b2)
+        norm_weight, norm_bias, b1, b2 = dense_vectors(norm_weight, norm_bias, b1, b2)
         return _triton().norm_mlp_residual_fwd(
             x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2,
             branch=branch)
@@ -154,7 +149,7 @@ def norm_linear_residual_op(y: Tensor, norm_weight: Tensor, norm_bias: Tensor, e
                             residual: Optional[Tensor]) -> Tensor:
     """Return ``residual + linear(LN(y), w, b)``: a new contiguous fp32 tensor."""
     if backend_name(y.device) == "triton" and y.shape[-1] <= MAX_CHANNELS:
-        norm_weight, norm_bias, b = _dense(norm_weight, norm_bias, b)
+        norm_weight, norm_bias, b = dense_vectors(norm_weight, norm_bias, b)
         return _triton().norm_linear_residual_fwd(y, norm_weight, norm_bias, eps,
                                                   w.contiguous(), b, residual)
     return norm_linear_residual_torch(y, norm_weight, norm_bias, eps, w, b, residual)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor, without_autocast
+from .dispatch import ACT_DTYPES, backend_name, check_tensor, dense_vectors, without_autocast
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "conv_norm_stem", "conv_norm_stem_op", "conv_norm_stem_torch"]
@@ -34,10 +34,14 @@ LIB = "mamba_perception"
 MAX_CHANNELS = 256  # the kernel holds a pixel's C2 (and C1) channels in registers
 
 
+def conv_out_hw(height: int, width: int) -> tuple:
+    """Spatial size after one of the stem's convs (kernel 3, stride 2, padding 1)."""
+    return (height - 1) // 2 + 1, (width - 1) // 2 + 1
+
+
 def stem_out_hw(height: int, width: int) -> tuple:
-    """Spatial size after the two stride-2 convs (kernel 3, padding 1)."""
-    h1, w1 = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-    return (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1
+    """Spatial size after both convs."""
+    return conv_out_hw(*conv_out_hw(height, width))
 
 
 @without_autocast
@@ -58,10 +62,6 @@ def conv_norm_stem_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight:
     return y.contiguous()
 
 
-def _dense(*vectors):
-    return tuple(None if v is None else v.contiguous() for v in vectors)
-
-
 @torch.library.custom_op(f"{LIB}::conv_norm_stem", mutates_args=())
 def conv_norm_stem_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                       n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
@@ -70,7 +70,7 @@ def conv_norm_stem_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Te
     if backend_name(x.device) == "triton" and max(w1.shape[0], w2.shape[0]) <= MAX_CHANNELS:
         from .triton.stem import conv_norm_stem_fwd
 
-        b1, n1_weight, n1_bias, b2, n2_weight, n2_bias = _dense(
+        b1, n1_weight, n1_bias, b2, n2_weight, n2_bias = dense_vectors(
             b1, n1_weight, n1_bias, b2, n2_weight, n2_bias)
         return conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight,
                                   n2_bias, eps2)

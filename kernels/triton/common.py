@@ -1,7 +1,8 @@
-"""Host-side helpers shared by the Triton launchers.
+"""Helpers shared by the Triton launchers and kernels.
 
 The generic 3-pass forward scan's launch (``scan_fwd.py``) for one op's geometry, launch-option
-checks, and the per-tensor cache of weights prepared in a kernel's layout.
+checks, the per-tensor cache of weights prepared in a kernel's layout, and the LayerNorm of a
+register tile that the fused pre-norm and stem kernels share.
 """
 
 from __future__ import annotations
@@ -11,10 +12,26 @@ import weakref
 
 import torch
 import triton
+import triton.language as tl
 
 from . import scan_fwd as kf
 
 MODE_SELECTIVE, MODE_BIDIR, MODE_SS2D = 0, 1, 2
+
+
+@triton.jit
+def layer_norm_rows(h, col_ok, w_ptr, b_ptr, cols, n_cols, eps):
+    """LayerNorm (fp32) of each row of the tile ``h`` over its first ``n_cols`` columns.
+
+    Padded columns (``col_ok`` false) are excluded from the statistics and come out zero.
+    """
+    h = tl.where(col_ok[None, :], h, 0.0)
+    mean = tl.sum(h, axis=1) / n_cols
+    hc = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return hc * rstd[:, None] * w[None, :] + b[None, :]
 
 
 _PREPARED = {}  # (id(tensor), key) -> (weakref to the tensor, its _version, prepared tensor)

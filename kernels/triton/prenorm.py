@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pow2_option, prepared
+from .common import layer_norm_rows, pow2_option, prepared
 
 # MLP launch configuration per padded channel width (<= 128, and wider), read at every call.
 # Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
@@ -66,18 +66,7 @@ def _normed_rows(x_ptr, offs, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, e
     Padded columns load as zero, are excluded from the statistics and come out zero.
     """
     x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-    return _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps, DTYPE)
-
-
-@triton.jit
-def _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps, DTYPE: tl.constexpr):
-    """LayerNorm of an fp32 (BLOCK_M, BLOCK_C) tile whose padded columns are zero, as DTYPE."""
-    mean = tl.sum(x, axis=1) / channels
-    xc = tl.where(tile_ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / channels + eps)
-    nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    nb = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(DTYPE)
+    return layer_norm_rows(x, col_ok, nw_ptr, nb_ptr, cols, channels, eps).to(DTYPE)
 
 
 @triton.jit
@@ -98,8 +87,8 @@ def _norm_mlp_kernel(
 
     # 1. (x + branch, fp32) LayerNormed in fp32, rounded once: fc1's A operand.
     x = _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
-    a = _normed_tile(x, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, eps,
-                     w1_ptr.dtype.element_ty)
+    a = layer_norm_rows(x, col_ok, nw_ptr, nb_ptr, cols, channels, eps).to(
+        w1_ptr.dtype.element_ty)
 
     # 2. fc1 -> GELU -> fc2, BLOCK_H hidden units at a time.
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)

@@ -32,24 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pow2_option, prepared
+from ..stem import conv_out_hw
+from .common import layer_norm_rows, pow2_option, prepared
 
 # block_m: stage-1 pixels per program of the second kernel, block_m_conv1: conv1 outputs per
 # program of the first. Swept on an H100 (bench/stem.py --tune: bench/results/stem_h100.json):
 # 128 / 128 / 4 warps best at 1280x720 and 2048x2048 (80 / 329 us; 64 / 128: 84 / 336).
 TUNING = {"block_m": 128, "block_m_conv1": 128, "num_warps": 4, "num_stages": 1}
-
-
-@triton.jit
-def _layer_norm_rows(h, col_ok, w_ptr, b_ptr, cols, n_cols, eps):
-    """LayerNorm (fp32) of the rows of ``h`` over its first n_cols columns; padding -> 0."""
-    h = tl.where(col_ok[None, :], h, 0.0)
-    mean = tl.sum(h, axis=1) / n_cols
-    hc = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return hc * rstd[:, None] * w[None, :] + b[None, :]
 
 
 @triton.jit
@@ -74,7 +63,7 @@ def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_pt
     # Rounded to 16 bits as autocast's conv output is: an fp16 overflow here (Inf, then NaN
     # from the LayerNorm) is what the modules would give, and Pipeline reports it.
     h = h.to(w1.dtype).to(tl.float32)
-    h = _layer_norm_rows(h, c1_ok, n1w_ptr, n1b_ptr, c1, C1, eps1)
+    h = layer_norm_rows(h, c1_ok, n1w_ptr, n1b_ptr, c1, C1, eps1)
     h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     return tl.where(ok[:, None], h, 0.0)
 
@@ -129,7 +118,7 @@ def _stem_conv2_kernel(
     if HAS_B2:
         acc += tl.load(b2_ptr + c2, mask=c2_ok, other=0.0).to(tl.float32)[None, :]
     acc = acc.to(w2_ptr.dtype.element_ty).to(tl.float32)  # autocast's rounding, as conv1's
-    y = _layer_norm_rows(acc, c2_ok, n2w_ptr, n2b_ptr, c2, C2, eps2)
+    y = layer_norm_rows(acc, c2_ok, n2w_ptr, n2b_ptr, c2, C2, eps2)
     out = out_ptr + (b * H2 * W2 + pix[:, None]) * C2 + c2[None, :]
     tl.store(out, y, mask=pix_ok[:, None] & c2_ok[None, :])
 
@@ -170,8 +159,8 @@ def conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n
             for name in ("block_m", "num_warps", "block_m_conv1")}
     batch, cin, height, width = x.shape
     c1, c2 = w1.shape[0], w2.shape[0]
-    h1, w1_ = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-    h2, w2_ = (h1 - 1) // 2 + 1, (w1_ - 1) // 2 + 1
+    h1, w1_ = conv_out_hw(height, width)
+    h2, w2_ = conv_out_hw(h1, w1_)
     out = torch.empty(batch, h2, w2_, c2, device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out

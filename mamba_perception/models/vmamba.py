@@ -190,15 +190,18 @@ class VSSBlock(nn.Module):
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
                                                 fc2.weight, fc2.bias, branch=branch)
-        if exact_gelu and GELU_TANH_EPILOGUE and self._fused(fc1.weight, 0, 0):
+        if exact_gelu and GELU_TANH_EPILOGUE and self._inference(fc1.weight):
             hidden = linear_gelu_tanh(self.norm2(x).to(fc1.weight.dtype), fc1.weight, fc1.bias)
             return x + self.drop_path(fc2(hidden))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def _inference(self, weight: torch.Tensor) -> bool:
+        # The fused inference paths: eval mode, gradients off, 16-bit weights.
+        return not self.training and _inference_16bit(weight)
+
     def _fused(self, weight: torch.Tensor, width: int, max_width: int) -> bool:
-        # Each fused pre-norm kernel takes rows up to a width (see FUSED_*_MAX_CHANNELS); the
-        # GELU epilogue is for every width (0, 0).
-        return not self.training and width <= max_width and _inference_16bit(weight)
+        # Each fused pre-norm kernel takes rows up to a width (see FUSED_*_MAX_CHANNELS).
+        return width <= max_width and self._inference(weight)
 
 
 def _downsample_v3(dim: int, out_dim: int) -> nn.Sequential:
