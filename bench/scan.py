@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import math
 import os
 import sys
@@ -413,7 +414,7 @@ def tune_by_width(dtype, out_path=None, candidates=None):
         timed = [r for r in results if all(n in r["us"] for n in names)]
         if timed:
             win = min(timed, key=lambda r, names=names: sum(r["us"][n] for n in names))
-            best[dim] = {k: v for k, v in win.items() if k.startswith("seq_")}
+            best[dim] = {k: v for k, v in win.items() if k not in ("us", "error")}
             print(f"by-width {dim}: {best[dim]} "
                   f"{[win['us'][n] for n in names]} us", flush=True)
     out = {"shapes": [n for n, _, _ in shapes], "sweep": results, "best": best,
@@ -672,6 +673,10 @@ def main(argv=None):
     parser.add_argument("--tune-by-width", action="store_true",
                         help="only sweep the seq launch options per channel width (VMamba-T's "
                              "stages at 1280x720 and 2048x2048) and print each width's best")
+    parser.add_argument("--candidates", default=None,
+                        help="with --tune-by-width: a JSON list of ss2d_lowrank.TUNING updates "
+                             "to time instead of the launch-option grid (an A/B of variants, "
+                             "e.g. '[{}, {\"state_impl\": \"folded\"}]')")
     parser.add_argument("--bidir", action="store_true",
                         help="only the Vim (bidir) cases: Vim-T/S at 1280x720 and 2048x2048")
     parser.add_argument("--tune-bidir", action="store_true",
@@ -694,7 +699,9 @@ def main(argv=None):
         return
     if args.tune_by_width:
         write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),
-                              "by_width_tuning": tune_by_width(DTYPES["fp16"], args.out)})
+                              "by_width_tuning": tune_by_width(
+                                  DTYPES["fp16"], args.out,
+                                  json.loads(args.candidates) if args.candidates else None)})
         return
     if args.tune_state:
         write_json(args.out, {"provenance": provenance({"backend": K.backend_name("cuda")}),

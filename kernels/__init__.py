@@ -110,7 +110,7 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
 
 
 def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
-                      out_dtype=None):
+                      out_dtype=None, a_is_log=False):
     """VMamba SS2D on a channels-last map with the Δ projection part of the op.
 
     Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
@@ -119,7 +119,8 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
         x_proj:     (batch, H, W, 4*(R + 2N))   per pixel, route k's [dt (R), B (N), C (N)]
                                                 at channel k*(R+2N): VMamba's x_proj output
         dt_weight:  (4, dim, R)                 Δ_k[c] = sum_r dt_k[r] * dt_weight[k, c, r]
-        A:          (4*dim, N) fp32             route-major, as in ``ss2d_scan``
+        A:          (4*dim, N) fp32             route-major, as in ``ss2d_scan``; with
+                                                ``a_is_log``, log(-A) (VMamba's A_logs)
         D, dt_bias: (4*dim,) fp32
         returns     y (batch, H, W, dim) contiguous, in out_dtype (default x.dtype)
 
@@ -127,13 +128,14 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     segments of each route step by step on the NHWC map itself, with Δ projected in the walk
     (small ranks) or by one GEMM; "expanded" (any N, and "seq"'s fallback for N > 1) expands
     Δ with one GEMM and runs the ``ss2d_scan`` kernels on channel-first copies. Elsewhere Δ is
-    expanded and the chunked PyTorch path runs.
+    expanded and the chunked PyTorch path runs. ``a_is_log``: the "seq" kernels compute
+    A = -exp(A_log) themselves, so a model need not launch that elementwise kernel per call.
     """
     _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
     return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
-                                out_dtype)
+                                out_dtype, bool(a_is_log))
 
 
 def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

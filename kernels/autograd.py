@@ -66,16 +66,19 @@ def _bidir_backward(ctx, dout):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _ = inputs
+    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log = inputs
     ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
     ctx.present = tuple(t is not None for t in inputs[:6])
     ctx.delta_softplus = delta_softplus
+    ctx.a_is_log = a_is_log
 
 
 def _lowrank_backward(ctx, dy):
     # Expand Δ again (the fused forward never stored it), run the SS2D backward op, then chain
     # through the projection: d x_proj[dt part] = dΔ · W, d W = dΔ^T · x_proj[dt part].
     x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
+    if ctx.a_is_log:  # A was given as log(-A): chain dA through A = -exp(A_log)
+        A = -torch.exp(A)
     dstate = A.shape[1]
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, dstate)
     dx, ddelta, dA, dB, dC, dD, dbias = torch.ops.mamba_perception.ss2d_scan_bwd(
@@ -88,9 +91,11 @@ def _lowrank_backward(ctx, dy):
     d_proj = torch.cat([d_dts, dB.permute(0, 3, 4, 1, 2).to(cdt),
                         dC.permute(0, 3, 4, 1, 2).to(cdt)], dim=-1)
     d_weight = torch.einsum('bkchw,bhwkr->kcr', ddelta, parts[..., :rank].to(cdt))
+    if ctx.a_is_log:
+        dA = dA * A
     grads = (dx.permute(0, 2, 3, 1).to(x.dtype), d_proj.reshape(x_proj.shape).to(x_proj.dtype),
              d_weight.to(dt_weight.dtype), dA, dD, dbias)
-    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None)
+    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None)
 
 
 def register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op):

@@ -245,6 +245,12 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
     f = i % F
     s = i // F
     a_prod = tl.full(h.shape, 1.0, tl.float32)
+    # The dt weights are loop-invariant, but loads inside the loop are not hoisted out of it
+    # (the output stores there might alias them): load the R weight vectors once, up front.
+    w_r = ()
+    if not DELTA:
+        for r in tl.static_range(R):
+            w_r = w_r + (tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32),)
     for _t0 in range(0, T, UNROLL):
         for _j in tl.static_range(UNROLL):  # unrolled so the loads of later steps go early
             valid = i < L
@@ -259,7 +265,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                 dt = bias
                 for r in tl.static_range(R):
                     v = tl.load(p_ptr + po + r * sp_c, mask=valid, other=0.0).to(tl.float32)
-                    dt += v * tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32)
+                    dt += v * w_r[r]
             if SOFTPLUS:
                 dt = softplus(dt, FAST_LOG)
             bv = tl.load(p_ptr + po + R * sp_c, mask=valid, other=0.0).to(tl.float32)
@@ -293,14 +299,17 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
 
 @triton.jit
 def _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c, s_bias,
-                      HAS_BIAS: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
     """Route k's dt-weight pointers (rank 0), bias and A·log2(e), each over the channel block.
 
-    The weights are the prepared (4, R, dim) copy: channels contiguous.
+    The weights are the prepared (4, R, dim) copy: channels contiguous. A_LOG: ``A_ptr``
+    holds log(-A) (VMamba's ``A_logs``), negated and exponentiated here.
     """
     w_row = w_ptr + k * sw_k + chans
-    a2 = tl.load(A_ptr + (k * DIM + chans) * sA_c, mask=ch_ok,
-                 other=0.0).to(tl.float32) * 1.4426950408889634
+    a = tl.load(A_ptr + (k * DIM + chans) * sA_c, mask=ch_ok, other=0.0).to(tl.float32)
+    if A_LOG:
+        a = -tl.exp(a)
+    a2 = a * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (k * DIM + chans) * s_bias, mask=ch_ok,
                        other=0.0).to(tl.float32)
@@ -323,7 +332,7 @@ def _seq_agg_kernel(
     s_bias, s_D,
     R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
     DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
+    FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr, A_LOG: tl.constexpr,
 ):
     """Aggregate (prod a, local state) of segment program_id(0) for one axis' two routes."""
     seg = tl.program_id(0)
@@ -341,7 +350,7 @@ def _seq_agg_kernel(
     for rev in tl.static_range(2):
         k = axis + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, sA_c, s_bias, HAS_BIAS)
+                                            sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
                               d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
@@ -362,6 +371,7 @@ def _seq_out_kernel(
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
+    A_LOG: tl.constexpr,
 ):
     """Store the outputs of segment program_id(0), routes AXIS (forward) and AXIS + 2 (reverse).
 
@@ -389,7 +399,7 @@ def _seq_out_kernel(
     for rev in tl.static_range(2):
         k = AXIS + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, sA_c, s_bias, HAS_BIAS)
+                                            sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         # A route enters a segment with the state after its predecessor in route order:
         # segment seg - 1 going forward, seg + 1 going backward.
         if rev == 0:
@@ -449,7 +459,7 @@ def _prepared_weight(dt_weight, dtype, width, block_diagonal):
     return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal), build)
 
 
-def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
+def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log):
     """Run implementation "seq" (see the module docstring); N must be 1."""
     batch, height, width, dim = x.shape
     rank = dt_weight.shape[2]
@@ -483,7 +493,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
     # the precise one, and the GPU run of test_scan_triton.py checks the fast one.
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus,
-                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd,
+                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, A_LOG=a_is_log,
                 num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
@@ -506,11 +516,15 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
     return y.permute(0, 2, 3, 1).contiguous()
 
 
-def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype):
+def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
+                     a_is_log=False):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``."""
     if TUNING["impl"] == "seq" and A.shape[1] == 1:
-        return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
+        return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
+                        a_is_log)
     if TUNING["impl"] not in ("seq", "expanded"):
         raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
                          f"got {TUNING['impl']!r}")
+    if a_is_log:
+        A = -torch.exp(A)
     return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)

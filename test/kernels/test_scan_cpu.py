@@ -321,6 +321,24 @@ def test_ss2d_lowrank_gradcheck_f64():
                      tuple(args.values()))
 
 
+def test_ss2d_lowrank_takes_A_as_its_log():
+    # a_is_log: A is given as log(-A) (VMamba's A_logs) and the op exponentiates it; the value
+    # and the gradient reaching A_log are those of -exp(A_log) passed as A.
+    args = _f64(make_ss2d_lowrank(1, 3, 4, 2, 2, 1))
+    a_log = torch.log(-args.pop('A')).requires_grad_()
+    want = K.ss2d_scan_lowrank(**args, A=-torch.exp(a_log))
+    got = K.ss2d_scan_lowrank(**args, A=a_log, a_is_log=True)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(K.ss2d_scan_lowrank(**args, A=a_log), want)  # the flag matters
+    dy = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad(want, a_log, dy)
+    (g_got,) = torch.autograd.grad(got, a_log, dy)
+    torch.testing.assert_close(g_got, g_want)
+    names = list(args)
+    assert gradcheck(lambda a, *ts: K.ss2d_scan_lowrank(
+        **dict(zip(names, ts, strict=True)), A=a, a_is_log=True), (a_log, *args.values()))
+
+
 def test_ss2d_lowrank_errors_name_the_tensor():
     args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
     with pytest.raises(K.ScanInputError, match='x_proj'):

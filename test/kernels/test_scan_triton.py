@@ -303,6 +303,22 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize('impl,rank', [('seq', 2), ('seq', 10), ('expanded', 2)])
+def test_ss2d_lowrank_fwd_takes_A_as_its_log(impl, rank, monkeypatch):
+    # a_is_log: the seq kernels compute A = -exp(A_log) per channel (inline and GEMM Δ);
+    # "expanded" converts it before its kernels.
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', impl)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(1, 5, 6, 12, rank, 1)
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    dev_args = _on(args, device)
+    dev_args['A'] = torch.log(-dev_args['A'])
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*dev_args.values(), True, torch.float32, True)
+    _close(out, ref, torch.float32)
+
+
 @pytest.mark.parametrize('state', [
     dict(state_impl='serial', state_block_m=4, state_block_s=4),
     # chunks of 2 segments: 23 segments a route -> 12 chunks (the last partial), carried

@@ -56,7 +56,7 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     c = dict(R=rank, P=rank + 2, T=32, UNROLL=4, DELTA=delta, HAS_BIAS=True, SOFTPLUS=True,
-             FAST_LOG=fast_log, BLOCK_D=128)
+             FAST_LOG=fast_log, BLOCK_D=128, A_LOG=fast_log)  # A as given and as its log
     agg = _compile(lr._seq_agg_kernel, c)
     assert ('lg2.approx' in agg.asm['ptx']) == fast_log
     for axis in (0, 1):
