@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
 
 
@@ -128,3 +130,58 @@ def test_two_stages_survive_exceptions_in_either_stage():
     assert worker.stop(5.0)
     assert finished == ['good']
     assert [str(c) for c in crashes] == ['start failed', 'finish failed']
+
+
+def test_three_stages_publish_while_the_next_batch_finishes():
+    """With a publish stage: finish hands its result on; batches stay in order, at most three
+    are in flight, a batch's publishing overlaps the next batch's finishing, and the batches
+    already past the first stage when the worker stops are still published."""
+    frames = LatestFrames(['cam'])
+    lock = threading.Lock()
+    events, state = [], {'in_flight': 0, 'max_in_flight': 0}
+
+    def process(taken):
+        with lock:
+            state['in_flight'] += 1
+            state['max_in_flight'] = max(state['max_in_flight'], state['in_flight'])
+        time.sleep(0.01)
+        return taken['cam']
+
+    def finish(handle):
+        start = time.monotonic()
+        time.sleep(0.03)
+        with lock:
+            events.append(('finish', handle, start, time.monotonic()))
+            if handle == 3:  # None: nothing to publish, the batch ends here
+                state['in_flight'] -= 1
+                return None
+        return ('result', handle)
+
+    def publish(out):
+        start = time.monotonic()
+        time.sleep(0.04)
+        with lock:
+            state['in_flight'] -= 1
+            events.append(('publish', out[1], start, time.monotonic()))
+
+    worker = InferenceWorker(frames, process, finish=finish, publish=publish)
+    worker.start()
+    for i in range(150):  # far faster than publishing
+        frames.put('cam', i)
+        time.sleep(0.004)
+    assert worker.stop(5.0)
+    finished = [e[1] for e in events if e[0] == 'finish']
+    published = [e[1] for e in events if e[0] == 'publish']
+    assert published == [h for h in finished if h != 3]  # all finished batches, in order
+    assert finished == sorted(finished) and len(finished) >= 3
+    assert worker.batches == len(published)
+    assert 2 <= state['max_in_flight'] <= 3
+    spans = {e[1]: (e[2], e[3]) for e in events if e[0] == 'publish'}
+    starts = {e[1]: e[2] for e in events if e[0] == 'finish'}
+    assert any(spans[a][0] < starts[b] < spans[a][1]
+               for a, b in zip(published[:-1], published[1:], strict=True))
+
+
+def test_a_publish_stage_needs_a_finish_stage():
+    with pytest.raises(ValueError, match='publish stage needs a finish stage'):
+        InferenceWorker(LatestFrames(['cam']), lambda taken: None, publish=lambda out: None)
