@@ -155,7 +155,27 @@ def gpu_timeline(trace_path: str) -> dict:
         per_stream[stream] = per_stream.get(stream, 0.0) + float(e['dur'])
     return {'kernels': len(kernels), 'window_ms': window / 1e3, 'gpu_busy_ms': busy / 1e3,
             'gpu_busy_fraction': busy / window if window > 0 else None,
-            'kernel_ms_per_stream': {k: v / 1e3 for k, v in sorted(per_stream.items())}}
+            'kernel_ms_per_stream': {k: v / 1e3 for k, v in sorted(per_stream.items())},
+            # The trace itself is too large to bring back from the lent machine: what each
+            # kernel and, per host thread, each CUDA runtime call (launches, synchronisations)
+            # took in the window.
+            'top_kernels': _top_by_name(kernels, 20),
+            'cuda_runtime_per_thread': {
+                str(tid): _top_by_name([e for e in events if e.get('cat') == 'cuda_runtime'
+                                        and 'dur' in e and e.get('tid') == tid], 8)
+                for tid in sorted({e.get('tid') for e in events
+                                   if e.get('cat') == 'cuda_runtime'}, key=str)}}
+
+
+def _top_by_name(events: list, n: int) -> list:
+    """Return the n names with the most total duration as [{name, ms, calls}] (dur in us)."""
+    total: dict = {}
+    for e in events:
+        ms, calls = total.get(e['name'], (0.0, 0))
+        total[e['name']] = (ms + float(e['dur']) / 1e3, calls + 1)
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{'name': name[:120], 'ms': round(ms, 3), 'calls': calls}
+            for name, (ms, calls) in ranked]
 
 
 def latency(args, pipeline):
