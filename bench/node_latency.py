@@ -125,8 +125,8 @@ def overhead(args):
                                                   np.zeros(20, np.int64)),
                                  np.zeros((h, w), np.uint8))
 
-            def build():
-                conversions.detections_to_msg(result, Header())
+            def build():  # what the node publishes: the detections as CDR bytes, the mask
+                conversions.detections_to_cdr(result, Header())
                 conversions.mask_to_image(result.class_mask, Header())
             entry['build_output_msgs'] = timed(build, args.repeats, False)
         except ImportError:
@@ -227,7 +227,7 @@ def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool)
             conversions.check_result(r)
             try:
                 from std_msgs.msg import Header
-                conversions.detections_to_msg(r, Header())
+                conversions.detections_to_cdr(r, Header())
                 conversions.mask_to_image(r.class_mask, Header())
             except ImportError:
                 pass
