@@ -62,46 +62,62 @@ def test_worker_survives_exceptions():
     assert seen == ['bad', 'good'] and [str(c) for c in crashes] == ['boom']
 
 
+class _Stages:
+    """Timed stage functions for a worker: each records (stage, handle, start, end), and the
+    batches between the first stage's start and the last stage's end are counted."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events = []
+        self.in_flight = self.max_in_flight = 0
+
+    def first(self, sleep_s):
+        def process(taken):
+            with self.lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return self.stage('process', taken['cam'], sleep_s, taken['cam'], last=False)
+        return process
+
+    def stage(self, name, handle, sleep_s, out, last):
+        start = time.monotonic()
+        time.sleep(sleep_s)
+        with self.lock:
+            self.events.append((name, handle, start, time.monotonic()))
+            if last:
+                self.in_flight -= 1
+        return out
+
+    def handles(self, name):
+        return [e[1] for e in self.events if e[0] == name]
+
+    def spans(self, name):
+        return {e[1]: (e[2], e[3]) for e in self.events if e[0] == name}
+
+
 def test_two_stages_overlap_and_keep_no_backlog():
     """The next batch's first stage runs while this batch finishes; at most two batches are
     in flight; under a flood only the newest frames are served, in order."""
     frames = LatestFrames(['cam'])
-    lock = threading.Lock()
-    events, state = [], {'in_flight': 0, 'max_in_flight': 0}
-
-    def process(taken):
-        with lock:
-            state['in_flight'] += 1
-            state['max_in_flight'] = max(state['max_in_flight'], state['in_flight'])
-            events.append(('process', taken['cam'], time.monotonic()))
-        time.sleep(0.02)
-        return taken['cam']
-
-    def finish(handle):
-        start = time.monotonic()
-        time.sleep(0.05)
-        with lock:
-            state['in_flight'] -= 1
-            events.append(('finish', handle, start, time.monotonic()))
-
-    worker = InferenceWorker(frames, process, finish=finish)
+    stages = _Stages()
+    worker = InferenceWorker(frames, stages.first(0.02),
+                             finish=lambda h: stages.stage('finish', h, 0.05, None, last=True))
     worker.start()
     for i in range(200):  # ~10x faster than the finishing stage
         frames.put('cam', i)
         time.sleep(0.005)
     time.sleep(0.3)
     assert worker.stop(5.0)
-    processed = [e[1] for e in events if e[0] == 'process']
-    finished = [e[1] for e in events if e[0] == 'finish']
+    processed, finished = stages.handles('process'), stages.handles('finish')
     assert finished == processed  # every started batch finished, in order
     assert finished[-1] == 199 and finished == sorted(finished)
     assert len(finished) + frames.dropped['cam'] == 200
-    assert state['max_in_flight'] == 2  # one finishing, one started behind it; never more
+    assert stages.max_in_flight == 2  # one finishing, one started behind it; never more
     assert worker.batches == len(finished)
     # overlap: some batch's first stage started while the previous batch was finishing
-    starts = {e[1]: e[2] for e in events if e[0] == 'process'}
-    spans = [(e[2], e[3]) for e in events if e[0] == 'finish']
-    assert any(a < starts[nxt] < b for (a, b), nxt in zip(spans[:-1], finished[1:], strict=True))
+    starts, spans = stages.spans('process'), stages.spans('finish')
+    assert any(spans[a][0] < starts[b][0] < spans[a][1]
+               for a, b in zip(finished[:-1], finished[1:], strict=True))
 
 
 def test_two_stages_survive_exceptions_in_either_stage():
@@ -137,48 +153,26 @@ def test_three_stages_publish_while_the_next_batch_finishes():
     are in flight, a batch's publishing overlaps the next batch's finishing, and the batches
     already past the first stage when the worker stops are still published."""
     frames = LatestFrames(['cam'])
-    lock = threading.Lock()
-    events, state = [], {'in_flight': 0, 'max_in_flight': 0}
+    stages = _Stages()
 
-    def process(taken):
-        with lock:
-            state['in_flight'] += 1
-            state['max_in_flight'] = max(state['max_in_flight'], state['in_flight'])
-        time.sleep(0.01)
-        return taken['cam']
+    def finish(handle):  # batch 3 has nothing to publish: it ends here
+        return stages.stage('finish', handle, 0.03, None if handle == 3 else handle,
+                            last=handle == 3)
 
-    def finish(handle):
-        start = time.monotonic()
-        time.sleep(0.03)
-        with lock:
-            events.append(('finish', handle, start, time.monotonic()))
-            if handle == 3:  # None: nothing to publish, the batch ends here
-                state['in_flight'] -= 1
-                return None
-        return ('result', handle)
-
-    def publish(out):
-        start = time.monotonic()
-        time.sleep(0.04)
-        with lock:
-            state['in_flight'] -= 1
-            events.append(('publish', out[1], start, time.monotonic()))
-
-    worker = InferenceWorker(frames, process, finish=finish, publish=publish)
+    worker = InferenceWorker(frames, stages.first(0.01), finish=finish,
+                             publish=lambda h: stages.stage('publish', h, 0.04, None, last=True))
     worker.start()
     for i in range(150):  # far faster than publishing
         frames.put('cam', i)
         time.sleep(0.004)
     assert worker.stop(5.0)
-    finished = [e[1] for e in events if e[0] == 'finish']
-    published = [e[1] for e in events if e[0] == 'publish']
+    finished, published = stages.handles('finish'), stages.handles('publish')
     assert published == [h for h in finished if h != 3]  # all finished batches, in order
     assert finished == sorted(finished) and len(finished) >= 3
     assert worker.batches == len(published)
-    assert 2 <= state['max_in_flight'] <= 3
-    spans = {e[1]: (e[2], e[3]) for e in events if e[0] == 'publish'}
-    starts = {e[1]: e[2] for e in events if e[0] == 'finish'}
-    assert any(spans[a][0] < starts[b] < spans[a][1]
+    assert 2 <= stages.max_in_flight <= 3
+    starts, spans = stages.spans('finish'), stages.spans('publish')
+    assert any(spans[a][0] < starts[b][0] < spans[a][1]
                for a, b in zip(published[:-1], published[1:], strict=True))
 
 
