@@ -275,6 +275,10 @@ def node_argv(parameters: dict) -> list:
     return argv
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 class NodeProcess:
     """The perception node as an OS process in its own session; output goes to a log file."""
 
@@ -820,7 +824,11 @@ def main(argv=None) -> int:
                                         f'{height}' + (f', JPEG quality {JPEG_QUALITY}' if
                                                        args.transport == 'compressed' else '')},
               'log_dir': str(log_dir), 'results': []}
-    # No rclpy signal handlers: Ctrl-C must raise here so the node process gets stopped.
+    # No rclpy signal handlers: Ctrl-C must raise here so the node process gets stopped. The
+    # node runs in its own session, so a SIGTERM to this process (`timeout`, as the device plan
+    # runs it) does not reach it: raise here too, and the finally blocks stop it (else it was
+    # left running, on the GPU, through the next steps).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id,
                signal_handler_options=SignalHandlerOptions.NO)
