@@ -137,7 +137,7 @@ def test_compiles_as_one_node():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=6, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=20, keyword='triton_kernel_')
 
 
 def _launcher():
@@ -146,7 +146,6 @@ def _launcher():
     return prenorm
 
 
-@needs_triton_device
 def make_tail(channels, dtype, device='cpu', seed=2):
     """VMamba's SS2D tail: out_norm (LayerNorm) and out_proj (bias-free Linear in ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
@@ -192,6 +191,7 @@ def test_torch_path_runs_the_branch_tail(dtype, tol):
                           test_utils=('test_schema', 'test_faketensor'))
 
 
+@needs_triton_device
 @pytest.mark.parametrize('channels, hidden, rows, dtype, bias, config', [
     # several programs with a partial last one, hidden a multiple of the chunk
     (32, 128, (2, 7, 11), torch.float16, True, dict(block_m=32, block_h=32)),
