@@ -15,7 +15,9 @@ BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf)
 rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T`` into the (BLOCK_M, C)
 fp32 output: the hidden activation never leaves the chip. Then + b2 + the residual (reloaded:
 it is in L2, and keeping it live across the loop costs registers the dot tiles need), stored
-fp32.
+fp32. With BRANCH_TAIL (off in the model until timed) the branch is the SS2D scan's fp32
+output and its out_norm -> out_proj run in the prologue (``_normed_rows`` and one dot); the sum
+s is then kept in the output tile across the loop instead of being recomputed.
 
 ``_norm_linear_kernel``: ``residual + linear(layer_norm(y))``, the end of VMamba's SS2D mixer
 (out_norm -> out_proj on the scan's fp32 output, then the block's residual add): the program

@@ -412,7 +412,11 @@ class PerceptionNode(LifecycleNode):
             self._finish(batch)
 
     def _finish(self, batch: _Batch) -> None:
-        """Worker, second stage of two: detection and postprocess, then publish."""
+        """Worker: detection and postprocess of a submitted batch, then publish, in this thread.
+
+        The second stage of two, or the tail of the one-stage ``_process``; with
+        ``publish_thread`` the worker runs ``_collect`` and ``_publish_batch`` in two threads.
+        """
         self._publish_batch(self._collect(batch))
 
     def _on_stream(self, stage: int):
