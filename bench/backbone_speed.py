@@ -496,9 +496,6 @@ def parse_args(argv):
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
                         help='VMamba fc1 + GELU as one GEMM with cuBLASLt\'s (tanh) GELU '
                              'epilogue above the fused MLP (default: vmamba.GELU_TANH_EPILOGUE)')
-    parser.add_argument('--tail-in-mlp', choices=('on', 'off'), default=None,
-                        help='VMamba SS2D out_norm -> out_proj inside the fused MLP kernel '
-                             '(default: vmamba.FUSED_TAIL_IN_MLP)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')
@@ -559,8 +556,6 @@ def main(argv=None) -> int:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
-    if args.tail_in_mlp is not None:
-        vmamba.FUSED_TAIL_IN_MLP = args.tail_in_mlp == 'on'
     from mamba_perception_kernels.triton import stem
 
     if args.stem_tuning:
@@ -575,7 +570,6 @@ def main(argv=None) -> int:
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
             'fused_stem': vmamba.FUSED_STEM,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
-            'fused_tail_in_mlp': vmamba.FUSED_TAIL_IN_MLP,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),

@@ -5,8 +5,8 @@
 #   bash bench/device_plan.sh kernels    # GPU tests of the scan / conv / prenorm kernels,
 #                                        # stem and state-pass sweeps, ncu of the Vim scan
 #                                        # and the fused MLP
-#   bash bench/device_plan.sh backbone   # VMamba-T (+ tail-in-MLP), seq walks 256 x 2 warps,
-#                                        # ViT-S; 1280x720 and 2048^2, compiled, fp16
+#   bash bench/device_plan.sh backbone   # VMamba-T and ViT-S, 1280x720 and 2048^2, compiled,
+#                                        # fp16
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
@@ -72,12 +72,6 @@ kernels)
     ;;
 backbone)
     backbone default
-    # the SS2D tail inside the fused MLP (written at stop 20, off until timed)
-    backbone tail_in_mlp --tail-in-mlp on
-    # the seq walks in 2-warp programs over 256 channels (twice the warps per block), the op
-    step 150 "seq walks, 256 channels x 2 warps" python bench/scan.py --tune-by-width \
-        --candidates '[{}, {"seq_block_d": 256, "seq_num_warps": 2}]' \
-        --out "$OUT/scan_256x2_h100.json"
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
         --out "$OUT/backbone_speed_anchor_h100.json"

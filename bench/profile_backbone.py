@@ -110,8 +110,6 @@ def main() -> int:
                         help='VMamba patch embedding as one kernel or as its modules')
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
                         help="VMamba fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue")
-    parser.add_argument('--tail-in-mlp', choices=('on', 'off'), default=None,
-                        help='VMamba SS2D out_norm -> out_proj inside the fused MLP kernel')
     parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -128,8 +126,6 @@ def main() -> int:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
-    if args.tail_in_mlp is not None:
-        vmamba.FUSED_TAIL_IN_MLP = args.tail_in_mlp == 'on'
     if args.inductor_freezing:
         from torch._inductor import config as inductor_config
 
@@ -156,8 +152,7 @@ def main() -> int:
                                         'compile_mode': args.compile_mode,
                                         'inductor_freezing': args.inductor_freezing,
                                         'fused_stem': args.fused_stem,
-                                        'gelu_epilogue': args.gelu_epilogue,
-                                        'tail_in_mlp': args.tail_in_mlp}),
+                                        'gelu_epilogue': args.gelu_epilogue}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:

@@ -39,19 +39,13 @@ MAX_CHANNELS = 256  # the Triton kernels hold a row of C channels in registers
 @without_autocast
 def norm_mlp_residual_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                             w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                            b2: Optional[Tensor], branch: Optional[Tensor] = None,
-                            branch_norm_weight: Optional[Tensor] = None,
-                            branch_norm_bias: Optional[Tensor] = None, branch_eps: float = 1e-5,
-                            branch_weight: Optional[Tensor] = None) -> Tensor:
+                            b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
     """PyTorch path of :func:`norm_mlp_residual` (no validation).
 
     fp32 arithmetic on operands rounded where the kernel rounds them (the normalised rows and
     the GELU output, to the weights' dtype): the kernel's result up to summation order.
     """
     dtype = w1.dtype
-    if branch_weight is not None:  # the branch's own out-norm -> linear first (fp32 result)
-        branch = norm_linear_residual_torch(branch, branch_norm_weight, branch_norm_bias,
-                                            branch_eps, branch_weight, None, None)
     x = x.float() if branch is None else x.float() + branch.float()
     a = F.layer_norm(x, (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
     h = F.linear(a.to(dtype).float(), w1.float(), None if b1 is None else b1.float())
@@ -70,51 +64,33 @@ def _triton():
 @torch.library.custom_op(f"{LIB}::norm_mlp_residual", mutates_args=())
 def norm_mlp_residual_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                          w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                         b2: Optional[Tensor], branch: Optional[Tensor] = None,
-                         branch_norm_weight: Optional[Tensor] = None,
-                         branch_norm_bias: Optional[Tensor] = None, branch_eps: float = 1e-5,
-                         branch_weight: Optional[Tensor] = None) -> Tensor:
+                         b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
     """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``: new contiguous fp32 like x."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
         norm_weight, norm_bias, b1, b2 = dense_vectors(norm_weight, norm_bias, b1, b2)
-        tail = None
-        if branch_weight is not None:
-            bnw, bnb = dense_vectors(branch_norm_weight, branch_norm_bias)
-            tail = (bnw, bnb, branch_eps, branch_weight)
         return _triton().norm_mlp_residual_fwd(
             x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2,
-            branch=branch, branch_tail=tail)
-    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch,
-                                   branch_norm_weight, branch_norm_bias, branch_eps,
-                                   branch_weight)
+            branch=branch)
+    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch)
 
 
 @norm_mlp_residual_op.register_fake
-def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch=None, branch_norm_weight=None,
-      branch_norm_bias=None, branch_eps=1e-5, branch_weight=None):
+def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch=None):
     return x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as both paths return
 
 
 def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                       w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                      b2: Optional[Tensor] = None, branch: Optional[Tensor] = None,
-                      branch_norm_weight: Optional[Tensor] = None,
-                      branch_norm_bias: Optional[Tensor] = None, branch_eps: float = 1e-5,
-                      branch_weight: Optional[Tensor] = None) -> Tensor:
+                      b2: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tensor:
     """``s + fc2(gelu(fc1(layer_norm(s))))``, ``s = x [+ branch]``, in one pass on CUDA.
 
     ``branch`` is the output of the block's first half, whose residual add (fp32, as
     ``x + branch`` under autocast) is then done inside the op: s never goes to memory.
-    With ``branch_weight`` the branch is first ``linear(layer_norm(branch))`` with
-    ``branch_norm_*`` / ``branch_eps`` and ``branch_weight`` (no bias; fp32 product of the
-    normalised rows rounded to the weights' dtype, as :func:`norm_linear_residual`): VMamba's
-    SS2D out_norm -> out_proj on the scan's fp32 output, inside the same kernel.
 
     Shapes (nn.LayerNorm / nn.Linear parameters as they are)::
 
         x:            (..., C)   fp32 / fp16 / bf16, channel stride 1
         branch:       (..., C)   or None; x's shape, any of those dtypes, channel stride 1
-        branch_norm_weight, branch_norm_bias: (C,)   branch_weight: (C, C), w1's dtype
         norm_weight:  (C,)       norm_bias: (C,)
         w1:           (HID, C)   b1: (HID,) or None     fp16 / bf16 / fp32: the GEMM dtype
         w2:           (C, HID)   b2: (C,) or None       same dtype as w1
@@ -134,19 +110,7 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
         check_tensor("b1", b1, (hidden,), ACT_DTYPES, x.device)
     if b2 is not None:
         check_tensor("b2", b2, (channels,), ACT_DTYPES, x.device)
-    tail = (branch_norm_weight, branch_norm_bias, branch_weight)
-    if any(t is not None for t in tail):
-        if branch is None or any(t is None for t in tail):
-            raise ScanInputError("branch_norm_weight, branch_norm_bias and branch_weight go "
-                                 "together, with a branch")
-        check_tensor("branch_norm_weight", branch_norm_weight, (channels,), ACT_DTYPES,
-                     x.device)
-        check_tensor("branch_norm_bias", branch_norm_bias, (channels,), ACT_DTYPES, x.device)
-        check_tensor("branch_weight", branch_weight, (channels, channels), (w1.dtype,),
-                     x.device)
-    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2, branch,
-                                branch_norm_weight, branch_norm_bias, float(branch_eps),
-                                branch_weight)
+    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2, branch)
 
 
 def _check_rows(name: str, x) -> int:

@@ -15,9 +15,9 @@ BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf)
 rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T`` into the (BLOCK_M, C)
 fp32 output: the hidden activation never leaves the chip. Then + b2 + the residual (reloaded:
 it is in L2, and keeping it live across the loop costs registers the dot tiles need), stored
-fp32. With BRANCH_TAIL (off in the model until timed) the branch is the SS2D scan's fp32
-output and its out_norm -> out_proj run in the prologue (``_normed_rows`` and one dot); the sum
-s is then kept in the output tile across the loop instead of being recomputed.
+fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32 output, also run in this
+prologue was slower on an H100 at stop 21: 2.096 vs 2.055 ms for VMamba-T at 1280x720,
+bench/results/backbone_speed_tail_in_mlp_h100.json; removed.)
 
 ``_norm_linear_kernel``: ``residual + linear(layer_norm(y))``, the end of VMamba's SS2D mixer
 (out_norm -> out_proj on the scan's fp32 output, then the block's residual add): the program
@@ -74,12 +74,10 @@ def _normed_rows(x_ptr, offs, tile_ok, cols, col_ok, nw_ptr, nb_ptr, channels, e
 @triton.jit
 def _norm_mlp_kernel(
     x_ptr, br_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    bnw_ptr, bnb_ptr, wo_ptr,
-    n_rows, channels, hidden, stride_x, stride_br, stride_out, eps, branch_eps,
+    n_rows, channels, hidden, stride_x, stride_br, stride_out, eps,
     HAS_BRANCH: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PADDED_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-    BRANCH_TAIL: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -88,22 +86,9 @@ def _norm_mlp_kernel(
     tile_ok = row_ok[:, None] & col_ok[None, :]
     x_offs = rows[:, None] * stride_x + cols[None, :]
     br_offs = rows[:, None] * stride_br + cols[None, :]
-    out_offs = rows[:, None] * stride_out + cols[None, :]
 
     # 1. (x + branch, fp32) LayerNormed in fp32, rounded once: fc1's A operand.
-    if BRANCH_TAIL:
-        # The branch arrives as the SS2D scan's fp32 output: its out_norm -> out_proj run
-        # here (fp32 product, as norm_linear_residual), W_out.T zero-padded to (C, C).
-        yb = _normed_rows(br_ptr, br_offs, tile_ok, cols, col_ok, bnw_ptr, bnb_ptr, channels,
-                          branch_eps, w1_ptr.dtype.element_ty)
-        wo = tl.load(wo_ptr + cols[:, None] * BLOCK_C + cols[None, :])
-        x = tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        x += tl.dot(yb, wo, input_precision=DOT_PRECISION)
-        # s is needed again after the loop: kept in the output tile (L2) rather than in
-        # registers or recomputed
-        tl.store(out_ptr + out_offs, x, mask=tile_ok)
-    else:
-        x = _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
+    x = _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
     a = layer_norm_rows(x, col_ok, nw_ptr, nb_ptr, cols, channels, eps).to(
         w1_ptr.dtype.element_ty)
 
@@ -137,12 +122,8 @@ def _norm_mlp_kernel(
     # 3. + b2 + residual, fp32 out.
     if HAS_B2:
         acc += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if BRANCH_TAIL:
-        tl.debug_barrier()  # s in the output tile was stored by other threads of the program
-        acc += tl.load(out_ptr + out_offs, mask=tile_ok, other=0.0)
-    else:
-        acc += _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
-    tl.store(out_ptr + out_offs, acc, mask=tile_ok)
+    acc += _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=tile_ok)
 
 
 @triton.jit
@@ -210,31 +191,27 @@ def _padded_transposed(w1, b1, w2, block_c, block_h):
     hp = triton.cdiv(hidden, block_h) * block_h
     key = ("norm_mlp_padded_t", block_c, hp)
 
-    w1t = prepared(w1, key, lambda: _zero_padded(w1.t(), block_c, hp))
-    w2t = prepared(w2, key, lambda: _zero_padded(w2.t(), hp, block_c))
-    b1p = None if b1 is None else prepared(b1, key, lambda: _zero_padded(b1[None], 1, hp)[0])
+    def pad2(src, rows, cols):
+        out = torch.zeros(rows, cols, device=src.device, dtype=src.dtype)
+        out[:src.shape[0], :src.shape[1]] = src.detach()
+        return out
+
+    w1t = prepared(w1, key, lambda: pad2(w1.t(), block_c, hp))
+    w2t = prepared(w2, key, lambda: pad2(w2.t(), hp, block_c))
+    b1p = None if b1 is None else prepared(b1, key, lambda: pad2(b1[None], 1, hp)[0])
     return w1t, b1p, w2t, hp
-
-
-def _zero_padded(src: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Return a (rows, cols) zero tensor with ``src`` in its top-left corner (a new copy)."""
-    out = torch.zeros(rows, cols, device=src.device, dtype=src.dtype)
-    out[:src.shape[0], :src.shape[1]] = src.detach()
-    return out
 
 
 def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                           eps: float, w1: torch.Tensor, b1: torch.Tensor | None,
                           w2: torch.Tensor, b2: torch.Tensor | None,
                           config: dict | None = None,
-                          branch: torch.Tensor | None = None,
-                          branch_tail: tuple | None = None) -> torch.Tensor:
+                          branch: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``, new contiguous fp32 like ``x``.
 
     ``x`` and ``branch`` (..., C) with unit channel strides and rows that flatten to one stride
     (validated by the caller, C <= MAX_CHANNELS), weights contiguous in nn.Linear layout,
-    W1 / W2 in the GEMM dtype (fp16 / bf16 / fp32). ``branch_tail`` = (norm weight, norm bias,
-    eps, W (C, C) in W1's dtype): the branch is first ``linear(LN(branch), W)``.
+    W1 / W2 in the GEMM dtype (fp16 / bf16 / fp32).
     """
     channels = x.shape[-1]
     hidden = w1.shape[0]
@@ -248,21 +225,12 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
     padded_t = cfg["layout"] == "padded_t"
     if padded_t:  # the kernel's "hidden" is then the padded width: whole BLOCK_H chunks
         w1, b1, w2, hidden = _padded_transposed(w1, b1, w2, cfg["block_c"], cfg["block_h"])
-    if branch_tail is None:
-        bnw = bnb = wo = w1  # unused
-        branch_eps = 0.0
-    else:
-        bnw, bnb, branch_eps, wo = branch_tail
-        block_c = cfg["block_c"]
-        wo = prepared(wo, ("norm_mlp_tail_t", block_c),
-                      lambda: _zero_padded(wo.t(), block_c, block_c))
     grid = (triton.cdiv(n_rows, cfg["block_m"]),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _norm_mlp_kernel[grid](
             rows, br, out, norm_weight, norm_bias, w1, b1 if b1 is not None else w1,
-            w2, b2 if b2 is not None else w2, bnw, bnb, wo,
+            w2, b2 if b2 is not None else w2,
             n_rows, channels, hidden, rows.stride(0), br.stride(0), channels, float(eps),
-            float(branch_eps), BRANCH_TAIL=branch_tail is not None,
             HAS_BRANCH=branch is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
             # fp32 weights: a true fp32 product (tl.dot would use TF32 on tensor cores).
             DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32", PADDED_T=padded_t,

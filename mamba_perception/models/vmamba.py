@@ -43,10 +43,6 @@ FUSED_MLP_MAX_CHANNELS = 128
 # 2.67 ms with it on up to 256, bench/results/backbone_speed_tail256_h100.json); where the
 # fused MLP runs, the residual add is inside that kernel instead (its branch argument).
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
-# Where the fused MLP runs, also the SS2D tail (out_norm -> out_proj on the scan's fp32
-# output) inside that kernel (norm_mlp_residual's branch_weight): two kernels fewer per block
-# and no 16-bit branch map. Off: written at stop 20 without a GPU, not timed yet.
-FUSED_TAIL_IN_MLP = False
 # The patch embedding as one op (conv_norm_stem) for inference with 16-bit weights.
 FUSED_STEM = True
 # Stages whose MLP is not fused: fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue
@@ -180,20 +176,12 @@ class VSSBlock(nn.Module):
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         exact_gelu = isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
         fused_mlp = exact_gelu and self._fused(fc1.weight, x.shape[-1], FUSED_MLP_MAX_CHANNELS)
-        branch, tail = None, {}
+        branch = None
         if self._fused(op.out_proj.weight, op.d_inner, FUSED_SS2D_TAIL_MAX_CHANNELS):
             # out_norm -> out_proj -> + x in one kernel, on the scan's fp32 output.
             x = _kernels().norm_linear_residual(op.scan(self.norm(x)), op.out_norm.weight,
                                                 op.out_norm.bias, op.out_norm.eps,
                                                 op.out_proj.weight, op.out_proj.bias, x)
-        elif (fused_mlp and FUSED_TAIL_IN_MLP and op.out_proj.bias is None
-              and op.d_inner == x.shape[-1]):
-            # the scan's fp32 output; out_norm -> out_proj and the residual add happen inside
-            # norm_mlp_residual
-            branch = op.scan(self.norm(x))
-            tail = dict(branch_norm_weight=op.out_norm.weight,
-                        branch_norm_bias=op.out_norm.bias, branch_eps=op.out_norm.eps,
-                        branch_weight=op.out_proj.weight)
         elif fused_mlp:
             branch = op(self.norm(x))  # its residual add happens inside norm_mlp_residual
         else:
@@ -203,7 +191,7 @@ class VSSBlock(nn.Module):
             # hidden activation nor x + branch reaches memory (fp32 out, like the stream).
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
-                                                fc2.weight, fc2.bias, branch=branch, **tail)
+                                                fc2.weight, fc2.bias, branch=branch)
         if exact_gelu and GELU_TANH_EPILOGUE and self._inference(fc1.weight):
             hidden = linear_gelu_tanh(self.norm2(x).to(fc1.weight.dtype), fc1.weight, fc1.bias)
             return x + self.drop_path(fc2(hidden))

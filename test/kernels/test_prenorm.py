@@ -137,58 +137,13 @@ def test_compiles_as_one_node():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=20, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=18, keyword='triton_kernel_')
 
 
 def _launcher():
     from mamba_perception_kernels.triton import prenorm
 
     return prenorm
-
-
-def make_tail(channels, dtype, device='cpu', seed=2):
-    """VMamba's SS2D tail: out_norm (LayerNorm) and out_proj (bias-free Linear in ``dtype``)."""
-    gen = torch.Generator().manual_seed(seed)
-    out_norm, out_proj = nn.LayerNorm(channels), nn.Linear(channels, channels, bias=False)
-    with torch.no_grad():
-        out_norm.weight.copy_(1 + 0.2 * torch.randn(channels, generator=gen))
-        out_norm.bias.copy_(0.1 * torch.randn(channels, generator=gen))
-    return out_norm.to(device), out_proj.to(device, dtype)
-
-
-def tail_of(out_norm, out_proj):
-    return dict(branch_norm_weight=out_norm.weight, branch_norm_bias=out_norm.bias,
-                branch_eps=out_norm.eps, branch_weight=out_proj.weight)
-
-
-@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3)])
-def test_torch_path_runs_the_branch_tail(dtype, tol):
-    # branch_weight: the branch is the scan's fp32 output y, and out_norm -> out_proj run
-    # first: s = x + out_proj(out_norm(y)), then s + MLP(LN(s)), as the modules compute it.
-    x, norm, fc1, fc2 = make(24, 96, dtype)
-    out_norm, out_proj = make_tail(24, dtype)
-    y = 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    got = norm_mlp_residual(*args_of(x, norm, fc1, fc2), branch=y,
-                            **tail_of(out_norm, out_proj))
-    d = torch.float64
-    branch = nn.functional.linear(
-        nn.functional.layer_norm(y.to(d), (24,), out_norm.weight.to(d), out_norm.bias.to(d),
-                                 out_norm.eps), out_proj.weight.to(d))
-    s = x.to(d) + branch
-    ref = modules_fp64(s, norm, fc1, fc2)
-    assert got.dtype == torch.float32 and got.shape == x.shape
-    assert rel_err(got - x, ref - x.double()) < tol
-    with pytest.raises(ScanInputError, match='go together, with a branch'):
-        norm_mlp_residual(*args_of(x, norm, fc1, fc2), branch=y,
-                          branch_weight=out_proj.weight)
-    with pytest.raises(ScanInputError, match='branch_weight must have shape'):
-        norm_mlp_residual(*args_of(x, norm, fc1, fc2), branch=y,
-                          **{**tail_of(out_norm, out_proj),
-                             'branch_weight': out_proj.weight[:, :-1]})
-    torch.library.opcheck(norm_mlp_residual_op,
-                          (*args_of(x, norm, fc1, fc2), y, out_norm.weight, out_norm.bias,
-                           out_norm.eps, out_proj.weight),
-                          test_utils=('test_schema', 'test_faketensor'))
 
 
 @needs_triton_device
@@ -247,32 +202,6 @@ def test_triton_kernel_adds_the_branch(layout):
     assert rel_err(got, modules_fp64(s, norm, fc1, fc2)) < 2e-3
     through_op = norm_mlp_residual(*args, branch=branch)
     assert rel_err(through_op, modules_fp64(s, norm, fc1, fc2)) < 2e-3
-
-
-@needs_triton_device
-@pytest.mark.parametrize('layout', ['linear', 'padded_t'])
-def test_triton_kernel_runs_the_branch_tail(layout):
-    # C = 96 padded to 128 (VMamba-T stage 1), several programs (the last partial): the branch
-    # is the scan's fp32 output, with a row stride of its own; out_norm -> out_proj -> + x ->
-    # norm2 -> MLP -> + s in one kernel, s kept in the output tile across the MLP loop.
-    x, norm, fc1, fc2 = make(96, 384, torch.float16, rows=(1, 5, 9), device=TRITON_DEVICE)
-    out_norm, out_proj = make_tail(96, torch.float16, device=TRITON_DEVICE)
-    wide = 3 * torch.randn(1, 5, 9, 192, device=TRITON_DEVICE)
-    y = wide[..., 96:]
-    args = args_of(x, norm, fc1, fc2)
-    tail = tail_of(out_norm, out_proj)
-    got = _launcher().norm_mlp_residual_fwd(
-        *args, config={'layout': layout, 'block_m': 16}, branch=y,
-        branch_tail=(tail['branch_norm_weight'], tail['branch_norm_bias'],
-                     tail['branch_eps'], tail['branch_weight']))
-    ref = norm_mlp_residual_torch(*args, branch=y, **tail)
-    assert got.dtype == torch.float32 and got.shape == x.shape
-    assert rel_err(got - x, (ref - x).double()) < 2e-3
-    through_op = norm_mlp_residual(*args, branch=y, **tail)
-    assert rel_err(through_op - x, (ref - x).double()) < 2e-3
-    # the tail matters: without it the same y added as the branch gives another result
-    plain = norm_mlp_residual(*args, branch=y)
-    assert rel_err(plain - x, (ref - x).double()) > 0.1
 
 
 def _strided_vectors(args):

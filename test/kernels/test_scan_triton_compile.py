@@ -95,16 +95,10 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
 
     fn = norm_mlp._norm_mlp_kernel
     # with padded_t also the residual add of a 16-bit branch (VMamba's stage-1 blocks)
-    # with padded_t also the residual add of a branch; with fp16 weights instead the branch
-    # as the scan's fp32 output with its out_norm -> out_proj in the kernel (BRANCH_TAIL)
-    tail = weights == '*fp16'
-    consts = dict(HAS_BRANCH=padded_t or tail, HAS_B1=True, HAS_B2=True,
-                  DOT_PRECISION=precision, PADDED_T=padded_t, BLOCK_M=64, BLOCK_C=128,
-                  BLOCK_H=64, BRANCH_TAIL=tail)
-    fp32 = {'x_ptr', 'out_ptr', 'nw_ptr', 'nb_ptr', 'b2_ptr', 'bnw_ptr', 'bnb_ptr'}
-    if tail:
-        fp32.add('br_ptr')
-    sig = {n: 'constexpr' if n in consts else 'fp32' if n in ('eps', 'branch_eps') else
+    consts = dict(HAS_BRANCH=padded_t, HAS_B1=True, HAS_B2=True, DOT_PRECISION=precision,
+                  PADDED_T=padded_t, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64)
+    fp32 = {'x_ptr', 'out_ptr', 'nw_ptr', 'nb_ptr', 'b2_ptr'}
+    sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
            ('*fp32' if n in fp32 else weights) if n.endswith('_ptr') else 'i32'
            for n in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
