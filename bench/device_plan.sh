@@ -14,7 +14,7 @@
 #   bash bench/device_plan.sh batches    # compiled det+seg at batches 1-4, static vs one
 #                                        # graph for every batch above 1 (compile time, p50)
 #   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 4 cameras,
-#                                        # worker in two and three stages; the worker path
+#                                        # compiled; the worker path
 #                                        # without DDS with a GPU timeline
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
@@ -113,12 +113,11 @@ node)
     export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
     step 120 "GPU tests: conversions (staged upload, GPU JPEG)" \
         python -m pytest -q test/ros/test_conversions.py
-    # 4 cameras, compiled (the second node start loads the compile cache): the worker in two
-    # stages vs three (publish_thread: publishing off the detection thread), not yet timed
-    step 480 "node over DDS, raw 720p, 4 cameras, two vs three stages" python bench/node_dds.py \
+    # 4 cameras, compiled, the worker in two stages (the default)
+    step 480 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
         --device cuda --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
         --compile --cameras 4 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
-        --pipelined on publish --out "$OUT/node_dds_publish_thread_h100.json"
+        --pipelined on --out "$OUT/node_dds_4cam_h100.json"
     # Where a 4-camera batch's time goes without DDS: one stage vs two, GPU timeline of each
     step 280 "node worker path without DDS, 4 cameras, GPU timeline" python bench/node_latency.py \
         --device cuda --precision fp16 --cuda-graphs --compile --cameras 4 --pipelined off on \

@@ -149,11 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='raw bgr8 Image, or JPEG CompressedImage encoded once up front')
     parser.add_argument('--cuda-graphs', action='store_true')
     parser.add_argument('--compile', action='store_true')
-    parser.add_argument('--pipelined', choices=('on', 'off', 'publish'), nargs='+',
-                        default=['on'],
-                        help="the node's pipelined parameter (publish: pipelined with "
-                             'publish_thread, three worker stages); several values: each '
-                             'camera count runs once per value')
+    parser.add_argument('--pipelined', choices=('on', 'off'), nargs='+', default=['on'],
+                        help="the node's pipelined parameter; several values: each camera "
+                             'count runs once per value')
     parser.add_argument('--tiny-policy', action='store_true',
                         help='cap the network input at 64 px (CPU smoke runs)')
     parser.add_argument('--warmup-iterations', type=int, default=3)
@@ -253,14 +251,13 @@ def ros_value(value) -> str:
     return str(value)
 
 
-def node_parameters(args, cameras: list, bundle: Path, mode: str = 'on') -> dict:
+def node_parameters(args, cameras: list, bundle: Path, pipelined: bool = True) -> dict:
     width, height = args.size
     warmup_hw = TINY_WARMUP_HW if args.tiny_policy else (height, width)
     return {
         'cameras': cameras, 'input_transport': args.transport, 'bundle_path': str(bundle),
         'device': args.device, 'precision': args.precision, 'cuda_graphs': args.cuda_graphs,
-        'compile': args.compile, 'pipelined': mode != 'off',
-        'publish_thread': mode == 'publish', 'warmup_size_px': list(warmup_hw),
+        'compile': args.compile, 'pipelined': pipelined, 'warmup_size_px': list(warmup_hw),
         'warmup_iterations': args.warmup_iterations, 'diagnostics.period_s': 1.0,
         'diagnostics.expected_rate_hz': float(args.rate_hz),
         # The last status of the timed window then covers (about) the whole window.
@@ -626,12 +623,11 @@ def drain_outputs(probe: Probe, node: NodeProcess) -> float:
 
 
 def run_camera_count(n: int, args, context, bundle: Path, messages: list, env: dict,
-                     log_path: Path, mode: str = 'on') -> dict:
+                     log_path: Path, pipelined: bool = True) -> dict:
     """Start a node for ``n`` cameras, feed it, measure; always stops the node."""
     cameras = [f'cam{i}' for i in range(n)]
-    parameters = node_parameters(args, cameras, bundle, mode)
-    result = {'cameras': n, 'pipelined': mode != 'off', 'publish_thread': mode == 'publish',
-              'node_parameters': parameters,
+    parameters = node_parameters(args, cameras, bundle, pipelined)
+    result = {'cameras': n, 'pipelined': pipelined, 'node_parameters': parameters,
               'node_log': str(log_path)}
     node = NodeProcess(node_argv(parameters), env, Path(result['node_log']))
     probe = publisher = None
@@ -775,9 +771,7 @@ def print_summary(report: dict) -> None:
         infer = [d['stages_ms']['inference']['p50'] for d in diags
                  if d['stages_ms']['inference']['p50'] is not None]
         level = max((d['level'] for d in diags), default=None)
-        mode = ('pub' if result.get('publish_thread') else
-                'on' if result.get('pipelined', True) else 'off')
-        print(f'{n:>4} {mode:>4} '
+        print(f'{n:>4} {"on" if result.get("pipelined", True) else "off":>4} '
               f'{fmt(result["node_startup_s"]):>8} {result["frames_sent"]["total"]:>6} '
               f'{primary["received"]:>6} {100 * primary["drop_fraction"]:>6.1f} '
               f'{fmt(det.get("p50")):>8} {fmt(det.get("p99")):>8} '
@@ -840,13 +834,13 @@ def main(argv=None) -> int:
                                 'classes': len(CLASS_NAMES), 'random_weights': True,
                                 'tiny_policy': args.tiny_policy,
                                 'create_s': time.perf_counter() - started}
-            runs = [(n, mode) for n in args.cameras for mode in args.pipelined]
-            for run, (n, mode) in enumerate(runs):
+            runs = [(n, mode == 'on') for n in args.cameras for mode in args.pipelined]
+            for run, (n, pipelined) in enumerate(runs):
                 log_path = log_dir / f'node_run{run}_{n}cam.log'
-                print(f'--- {n} camera(s), pipelined={mode}: starting the node '
+                print(f'--- {n} camera(s), pipelined={pipelined}: starting the node '
                       f'(log {log_path})', flush=True)
                 result = run_camera_count(n, args, context, bundle, messages, env, log_path,
-                                          mode)
+                                          pipelined)
                 report['results'].append(result)
                 report['node_overhead_ms'] = node_overhead(report['results'])
                 write_report(report, args.out)  # partial results survive a later crash

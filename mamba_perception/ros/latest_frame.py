@@ -87,35 +87,24 @@ class InferenceWorker:
     in the one-slot buffers (where newer ones replace them) rather than in a queue: never more
     than two batches are in flight, and none is stale by more than one batch.
 
-    Three stages (``publish`` given too): ``finish(handle)`` returns a second handle (or None)
-    that a third thread passes to ``publish``, with the same one-slot handoff: the node
-    publishes one batch while the next is being finished. Never more than three batches are
-    in flight.
-
-    ``process`` / ``finish`` / ``publish`` must handle their own errors; an exception that
-    escapes them is logged through ``on_crash`` (or ``logging``) and the loop goes on with the
-    next frames.
+    ``process`` / ``finish`` must handle their own errors; an exception that escapes them is
+    logged through ``on_crash`` (or ``logging``) and the loop goes on with the next frames.
     """
 
     def __init__(self, frames: LatestFrames, process: Callable[[dict], Any],
                  on_crash: Optional[Callable[[BaseException], None]] = None,
                  name: str = 'mamba_perception_inference',
-                 finish: Optional[Callable[[Any], Any]] = None,
-                 publish: Optional[Callable[[Any], None]] = None) -> None:
-        if publish is not None and finish is None:
-            raise ValueError('InferenceWorker: a publish stage needs a finish stage before it')
+                 finish: Optional[Callable[[Any], None]] = None) -> None:
         self.frames = frames
         self._process = process
-        self._later = [stage for stage in (finish, publish) if stage is not None]
+        self._finish = finish
         self._on_crash = on_crash
         self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)]
-        for j, suffix in enumerate(('finish', 'publish')[:len(self._later)]):
-            self._threads.append(threading.Thread(target=self._stage_loop, args=(j,),
-                                                  name=f'{name}_{suffix}', daemon=True))
-        # slot j: the handle waiting for later stage j; feeder_done[j]: its feeder has ended
-        self._slots: list = [None] * len(self._later)
-        self._feeder_done = [False] * len(self._later)
-        self._cond = threading.Condition()
+        if finish is not None:
+            self._threads.append(threading.Thread(target=self._finish_loop,
+                                                  name=f'{name}_finish', daemon=True))
+        self._handoff: Optional[Any] = None  # the handle waiting for the second stage
+        self._handoff_cond = threading.Condition()
         self._stopped = False
         self.batches = 0
 
@@ -127,12 +116,12 @@ class InferenceWorker:
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Close the buffer and join; True when the threads ended within ``timeout_s``.
 
-        Handles already past the first stage are still finished (their results published).
+        A handle already between the stages is still finished (its results published).
         """
         self.frames.close()
-        with self._cond:
+        with self._handoff_cond:
             self._stopped = True
-            self._cond.notify_all()
+            self._handoff_cond.notify_all()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             if thread.is_alive() and threading.current_thread() is not thread:
@@ -145,62 +134,38 @@ class InferenceWorker:
         else:
             log.exception('inference worker: unexpected error')
 
-    def _hand_over(self, j: int, handle: Any) -> None:
-        """Put ``handle`` in slot j (empty: its feeder waited for that before starting)."""
-        with self._cond:
-            self._slots[j] = handle
-            self._cond.notify_all()
-
-    def _feeder_ended(self, j: int) -> None:
-        if j < len(self._slots):
-            with self._cond:
-                self._feeder_done[j] = True
-                self._cond.notify_all()
-
     def _loop(self) -> None:
-        try:
-            while not self.frames.closed:
-                if self._later:
-                    with self._cond:  # the second stage has taken the last handle
-                        self._cond.wait_for(lambda: self._slots[0] is None or self._stopped)
-                        if self._stopped:
-                            return
-                taken = self.frames.take_all(timeout_s=0.5)
-                if not taken or self.frames.closed:
-                    continue
-                try:
-                    handle = self._process(taken)
-                except Exception as exc:  # the worker must survive anything a frame can cause
-                    self._crashed(exc)
-                    continue
-                if not self._later:
-                    self.batches += 1
-                elif handle is not None:
-                    self._hand_over(0, handle)
-        finally:
-            self._feeder_ended(0)
+        while not self.frames.closed:
+            if self._finish is not None:
+                with self._handoff_cond:  # the second stage has taken the last handle
+                    self._handoff_cond.wait_for(lambda: self._handoff is None or self._stopped)
+                    if self._stopped:
+                        return
+            taken = self.frames.take_all(timeout_s=0.5)
+            if not taken or self.frames.closed:
+                continue
+            try:
+                handle = self._process(taken)
+            except Exception as exc:  # the worker must survive anything a frame can cause
+                self._crashed(exc)
+                continue
+            if self._finish is None:
+                self.batches += 1
+            elif handle is not None:
+                with self._handoff_cond:
+                    self._handoff = handle
+                    self._handoff_cond.notify_all()
 
-    def _stage_loop(self, j: int) -> None:
-        last = j == len(self._later) - 1
-        try:
-            while True:
-                with self._cond:
-                    # as the first stage: start only when the next stage can take the result
-                    self._cond.wait_for(lambda: (self._slots[j] is not None
-                                                 or self._feeder_done[j])
-                                        and (last or self._slots[j + 1] is None))
-                    handle, self._slots[j] = self._slots[j], None
-                    self._cond.notify_all()  # taken: the stage before may hand over the next
-                if handle is None:  # the stage before has ended and nothing is left
+    def _finish_loop(self) -> None:
+        while True:
+            with self._handoff_cond:
+                self._handoff_cond.wait_for(lambda: self._handoff is not None or self._stopped)
+                handle, self._handoff = self._handoff, None
+                self._handoff_cond.notify_all()  # taken: the first stage may start the next
+                if handle is None:  # stopped with nothing left to finish
                     return
-                try:
-                    out = self._later[j](handle)
-                except Exception as exc:
-                    self._crashed(exc)
-                    continue
-                if last:
-                    self.batches += 1
-                elif out is not None:
-                    self._hand_over(j + 1, out)
-        finally:
-            self._feeder_ended(j + 1)
+            try:
+                self._finish(handle)
+                self.batches += 1
+            except Exception as exc:
+                self._crashed(exc)

@@ -268,11 +268,7 @@ class PerceptionNode(LifecycleNode):
         for camera in self._cameras:
             self._outputs[camera]['label_info'].publish(info)
         self._frames = LatestFrames(self._cameras)
-        if self._config['pipelined'] and self._config['publish_thread']:
-            self._stage_streams = self._pipeline.stage_streams()
-            self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,
-                                           finish=self._collect, publish=self._publish_batch)
-        elif self._config['pipelined']:
+        if self._config['pipelined']:
             self._stage_streams = self._pipeline.stage_streams()
             self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,
                                            finish=self._finish)
@@ -411,14 +407,6 @@ class PerceptionNode(LifecycleNode):
         if batch is not None:
             self._finish(batch)
 
-    def _finish(self, batch: _Batch) -> None:
-        """Worker: detection and postprocess of a submitted batch, then publish, in this thread.
-
-        The second stage of two, or the tail of the one-stage ``_process``; with
-        ``publish_thread`` the worker runs ``_collect`` and ``_publish_batch`` in two threads.
-        """
-        self._publish_batch(self._collect(batch))
-
     def _on_stream(self, stage: int):
         """Make this stage's CUDA stream the current one (a no-op when there are none).
 
@@ -469,12 +457,8 @@ class PerceptionNode(LifecycleNode):
         return _Batch(pipeline, cameras, msgs, frames, queued_ms, decode_ms, pending,
                       time.perf_counter())
 
-    def _collect(self, batch: _Batch) -> Optional[list]:
-        """Worker, second stage: detection and postprocess of a submitted batch.
-
-        Returns what to publish, one ``(camera, header, frame, result, node_ms)`` per frame
-        with a valid result (None when the batch failed).
-        """
+    def _finish(self, batch: _Batch) -> None:
+        """Worker, second stage: detection and postprocess of a submitted batch, then publish."""
         cameras = batch.cameras
         handoff_ms = (time.perf_counter() - batch.submitted_at) * 1e3
         with self._on_stream(1):
@@ -484,29 +468,19 @@ class PerceptionNode(LifecycleNode):
                 results = self._non_finite_frames(cameras, exc)
             except Exception as exc:  # CUDA OOM and other runtime failures: skip, keep serving
                 self._failed_batch(cameras, exc)
-                return None
-        outputs = []
-        for camera, msg, frame, result, queued, dec in zip(
-                cameras, batch.msgs, batch.frames, results, batch.queued_ms,
-                batch.decode_ms, strict=True):
-            if result is None:  # non-finite model output, already reported
-                continue
-            try:
-                conversions.check_result(result)
-            except InputError as exc:
-                self._bad_frame(camera, 'output', str(exc))
-                continue
-            node_ms = {'queued': queued, 'decode': dec, 'handoff': handoff_ms}
-            outputs.append((camera, conversions.ros_header(msg.header), frame, result, node_ms))
-        return outputs
-
-    def _publish_batch(self, outputs: Optional[list]) -> None:
-        """Worker, last stage: publish the outputs of a collected batch (see ``_collect``)."""
-        if not outputs:
-            return
-        with self._on_stream(1):  # the overlay reads the frame after the batch's GPU work
-            for camera, header, frame, result, node_ms in outputs:
-                self._publish(camera, header, frame, result, node_ms)
+                return
+            for camera, msg, frame, result, queued, dec in zip(
+                    cameras, batch.msgs, batch.frames, results, batch.queued_ms,
+                    batch.decode_ms, strict=True):
+                if result is None:  # non-finite model output, already reported
+                    continue
+                try:
+                    conversions.check_result(result)
+                except InputError as exc:
+                    self._bad_frame(camera, 'output', str(exc))
+                    continue
+                node_ms = {'queued': queued, 'decode': dec, 'handoff': handoff_ms}
+                self._publish(camera, conversions.ros_header(msg.header), frame, result, node_ms)
 
     def _failed_batch(self, cameras: list, exc: BaseException) -> None:
         text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'

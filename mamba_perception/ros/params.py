@@ -126,10 +126,6 @@ PARAMETERS = (
               'Two worker threads: the next frames\' dense forward runs on the GPU while this '
               'batch\'s detection, postprocess and publishing run on the host (more frames per '
               'second with several cameras); false: one thread, each batch start to end'),
-    ParamSpec('publish_thread', False,
-              'With pipelined: publish each batch\'s outputs in a third thread, so the next '
-              'batch\'s detection does not wait for this batch\'s messages and DDS writes '
-              '(not yet timed on a GPU host)'),
     ParamSpec('warmup_size_px', [720, 1280],
               'Frame [height, width] run at configure so the first real frame is fast; '
               '[0, 0] skips warmup', check=_check_warmup),

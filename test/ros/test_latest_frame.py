@@ -3,8 +3,6 @@
 import threading
 import time
 
-import pytest
-
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
 
 
@@ -146,36 +144,3 @@ def test_two_stages_survive_exceptions_in_either_stage():
     assert worker.stop(5.0)
     assert finished == ['good']
     assert [str(c) for c in crashes] == ['start failed', 'finish failed']
-
-
-def test_three_stages_publish_while_the_next_batch_finishes():
-    """With a publish stage: finish hands its result on; batches stay in order, at most three
-    are in flight, a batch's publishing overlaps the next batch's finishing, and the batches
-    already past the first stage when the worker stops are still published."""
-    frames = LatestFrames(['cam'])
-    stages = _Stages()
-
-    def finish(handle):  # batch 3 has nothing to publish: it ends here
-        return stages.stage('finish', handle, 0.03, None if handle == 3 else handle,
-                            last=handle == 3)
-
-    worker = InferenceWorker(frames, stages.first(0.01), finish=finish,
-                             publish=lambda h: stages.stage('publish', h, 0.04, None, last=True))
-    worker.start()
-    for i in range(150):  # far faster than publishing
-        frames.put('cam', i)
-        time.sleep(0.004)
-    assert worker.stop(5.0)
-    finished, published = stages.handles('finish'), stages.handles('publish')
-    assert published == [h for h in finished if h != 3]  # all finished batches, in order
-    assert finished == sorted(finished) and len(finished) >= 3
-    assert worker.batches == len(published)
-    assert 2 <= stages.max_in_flight <= 3
-    starts, spans = stages.spans('finish'), stages.spans('publish')
-    assert any(spans[a][0] < starts[b][0] < spans[a][1]
-               for a, b in zip(published[:-1], published[1:], strict=True))
-
-
-def test_a_publish_stage_needs_a_finish_stage():
-    with pytest.raises(ValueError, match='publish stage needs a finish stage'):
-        InferenceWorker(LatestFrames(['cam']), lambda taken: None, publish=lambda out: None)

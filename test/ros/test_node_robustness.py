@@ -149,12 +149,11 @@ def test_every_bad_input_is_followed_by_a_served_frame(start_node, ros_node, tin
     assert 'NaN' in nan_node.output()
 
 
-@pytest.mark.parametrize('pipelined,publish_thread', [('true', 'false'), ('false', 'false'),
-                                                      ('true', 'true')])
+@pytest.mark.parametrize('pipelined', ['true', 'false'])
 def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bgr, tmp_path,
-                                           pipelined, publish_thread):
+                                           pipelined):
     """Frames published about 10x faster than inference: drops counted, no backlog; with the
-    worker in two stages (pipelined, the default), in one, and in three (publish_thread)."""
+    worker in two stages (pipelined, the default) and in one."""
     from mamba_perception.models.bundle import create_random_bundle
     policy = {**TINY_POLICY, 'max_long_side_px': 384, 'max_short_side_px': 384}
     bundle = tmp_path / 'slow.safetensors'
@@ -164,8 +163,7 @@ def test_flood_keeps_only_the_latest_frame(start_node, ros_node, video_frames_bg
     node = start_node('perception_node', *node_args(bundle, '-p', 'cameras:=[cam]',
                                                     '-p', 'warmup_size_px:=[288, 384]',
                                                     '-p', 'input_reliability:=reliable',
-                                                    '-p', f'pipelined:={pipelined}',
-                                                    '-p', f'publish_thread:={publish_thread}'))
+                                                    '-p', f'pipelined:={pipelined}'))
     diagnostics = Collector(ros_node, DiagnosticArray, '/diagnostics', 50)
     received = []  # (receive time, stamp)
     ros_node.create_subscription(
