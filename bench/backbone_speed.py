@@ -63,7 +63,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import capture_graph, provenance, sample_cuda, write_json  # noqa: E402
+from common import apply_inductor_config, capture_graph, provenance, sample_cuda, write_json  # noqa: E402
 
 from mamba_perception.models import MODELS, create_model  # noqa: E402
 from mamba_perception.models.layers import cast_autocast_weights  # noqa: E402
@@ -474,6 +474,9 @@ def parse_args(argv):
                         help='torch._inductor.config.freezing = True for the compiled rows: '
                              'parameter-only computations (e.g. -exp(A_logs)) folded into '
                              'constants at compile time')
+    parser.add_argument('--inductor-config', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='torch._inductor.config entries for the compiled rows, e.g. '
+                             'coordinate_descent_tuning=true')
     parser.add_argument('--lowrank-impl', choices=('seq', 'expanded'),
                         help="CUDA implementation of ss2d_scan_lowrank (VMamba's scan; default: "
                              "the kernels' TUNING['impl'])")
@@ -534,6 +537,7 @@ def main(argv=None) -> int:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+    inductor_settings = apply_inductor_config(args.inductor_config)
     from mamba_perception_kernels import backend_name
     from mamba_perception_kernels.triton import ss2d_lowrank
 
@@ -565,6 +569,7 @@ def main(argv=None) -> int:
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
             'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
             'inductor_freezing': args.inductor_freezing,
+            'inductor_config': inductor_settings,
             'weights': args.weights,
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,

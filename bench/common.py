@@ -180,3 +180,32 @@ def write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+
+
+def apply_inductor_config(settings) -> dict:
+    """Set ``torch._inductor.config`` entries from ``KEY=VALUE`` strings; return what was set.
+
+    VALUE is read as JSON where it parses (``true``, ``8``, ``"x"``), else kept as a string;
+    KEY may be dotted (``triton.unique_kernel_names``). An unknown key is an error, not a
+    silently ignored ablation.
+    """
+    from torch._inductor import config as inductor_config
+
+    applied = {}
+    for setting in settings or ():
+        key, sep, text = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--inductor-config wants KEY=VALUE, got {setting!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        target = inductor_config
+        for name in parents:
+            target = getattr(target, name)
+        if not hasattr(target, leaf):
+            raise ValueError(f"torch._inductor.config has no {key!r}")
+        setattr(target, leaf, value)
+        applied[key] = value
+    return applied

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, time_cuda, write_json  # noqa: E402
+from common import apply_inductor_config, provenance, time_cuda, write_json  # noqa: E402
 
 KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
     ('scan', re.compile(r'segment_agg|state_pass|output_kernel|seq_agg|seq_out|state_kernel|'
@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument('--inductor-freezing', action='store_true',
                         help='torch._inductor.config.freezing = True (parameter-only work folded '
                              'into constants at compile time)')
+    parser.add_argument('--inductor-config', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='torch._inductor.config entries, e.g. coordinate_descent_tuning=true')
     parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
                         help='VMamba patch embedding as one kernel or as its modules')
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
@@ -130,6 +132,7 @@ def main() -> int:
         from torch._inductor import config as inductor_config
 
         inductor_config.freezing = True
+    inductor_settings = apply_inductor_config(args.inductor_config)
     h, w = (int(v) for v in args.size.split('x'))
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
@@ -151,6 +154,7 @@ def main() -> int:
                                         'weights': args.weights,
                                         'compile_mode': args.compile_mode,
                                         'inductor_freezing': args.inductor_freezing,
+                                        'inductor_config': inductor_settings,
                                         'fused_stem': args.fused_stem,
                                         'gelu_epilogue': args.gelu_epilogue}),
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
