@@ -11,6 +11,7 @@ configuration against the modules. VMamba-T widths (48 -> 96) unless ``--dim``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,6 +35,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dim', type=int, default=96, help='stage-1 channels (C2)')
     parser.add_argument('--tune', action='store_true', help='sweep launch configurations')
+    parser.add_argument('--candidates', default=None,
+                        help='JSON list of TUNING overrides swept instead of the built-in list '
+                             '(with --tune)')
     parser.add_argument('--no-modules', action='store_true', help='skip the compiled modules')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -58,7 +62,8 @@ def main() -> int:
               'what': 'conv_norm_stem (Triton, per launch configuration) vs torch.compile of '
                       'the modules; CUDA-graph replays, median us; rel_l2 vs the modules',
               'sizes': {}}
-    configs = candidates() if args.tune else [dict(stem.TUNING)]
+    configs = ((json.loads(args.candidates) if args.candidates else candidates()) if args.tune
+               else [dict(stem.TUNING)])
     for h, w in SIZES:
         x = torch.randn(1, 3, h, w, device='cuda')
         vmamba.FUSED_STEM = False

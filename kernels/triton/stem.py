@@ -38,7 +38,9 @@ from .common import layer_norm_rows, pow2_option, prepared
 # block_m: stage-1 pixels per program of the second kernel, block_m_conv1: conv1 outputs per
 # program of the first. Swept on an H100 (bench/stem.py --tune: bench/results/stem_h100.json):
 # 128 / 128 / 4 warps best at 1280x720 and 2048x2048 (80 / 329 us; 64 / 128: 84 / 336).
-TUNING = {"block_m": 128, "block_m_conv1": 128, "num_warps": 4, "num_stages": 1}
+# num_stages pipelines conv2's tap loop (stem_loop_h100.json, one card): 1 / 2 / 3 stages
+# 85 / 77 / 74 us at 1280x720, 337 / 323 / 303 us at 2048x2048.
+TUNING = {"block_m": 128, "block_m_conv1": 128, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -107,7 +109,11 @@ def _stem_conv2_kernel(
     c2_ok = c2 < C2
     mid_b = mid_ptr + b * H1 * W1 * C1
     acc = tl.zeros((BLOCK_M, BLOCK_C2), dtype=tl.float32)
-    for tap in tl.static_range(9):
+    # A loop, not unrolled: with num_stages > 1 the pipeliner issues the next taps' loads
+    # (asynchronous copies to shared memory) while this tap's dot runs; unrolled, each tap
+    # waited for its own loads (ncu at 1280x720: 12.5 % occupancy at 255 registers, issue
+    # slots 19 % busy, bench/results/ncu_stem_h100.txt).
+    for tap in range(9):
         i1 = 2 * i2 + (tap // 3) - 1
         j1 = 2 * j2 + (tap % 3) - 1
         in1 = pix_ok & (i1 >= 0) & (i1 < H1) & (j1 >= 0) & (j1 < W1)

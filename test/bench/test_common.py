@@ -1,9 +1,8 @@
 """bench/common.py helpers that run without a GPU."""
 
+from bench_modules import load
 import pytest
 from torch._inductor import config as inductor_config
-
-from bench_modules import load
 
 
 def test_apply_inductor_config_sets_and_rejects(monkeypatch):
