@@ -11,12 +11,14 @@ Stages (each timed: CUDA events on GPU, ``perf_counter`` on CPU):
 1. **preprocess** (on the device): upload, resize keeping the aspect ratio under the bundle's
    input policy (bilinear, ``align_corners=False``, as mmcv/cv2 ``INTER_LINEAR``), normalise with
    the bundle's mean/std, pad bottom/right with zeros to a multiple of 32.
-2. **inference** under fp16/bf16 autocast: the dense part (backbone, FPN, RPN head, UperNet;
-   fixed shapes, optionally ``torch.compile``-d and captured in a CUDA graph per input shape),
-   then the sparse part (proposals, RoI box head).
+2. **inference** under fp16/bf16 autocast: the dense part (backbone, FPN, RPN head and its
+   top-n proposals before NMS, UperNet; fixed shapes, optionally ``torch.compile``-d and
+   captured in a CUDA graph per input shape), then the sparse part (the proposals' clip to each
+   image and NMS, RoI box head).
 3. **postprocess** (on the device): score threshold, per-class NMS (``batched_nms``), at most
-   ``max_detections`` boxes, mapped to source-image pixels; the stride-4 class map is argmax-ed
-   and sampled with nearest neighbour at every source pixel; then one copy to the host.
+   ``max_detections`` boxes; the stride-4 class map is argmax-ed and sampled with nearest
+   neighbour at every source pixel; then one copy to the host per kind of output for the whole
+   batch, where the boxes are mapped to source-image pixels.
 
 Non-finite model output (NaN/Inf: broken weights, fp16 overflow) would otherwise come out as an
 all-zero mask and no boxes, like an empty scene. Each frame's outputs are checked on the device
@@ -152,6 +154,29 @@ def select_detections_batch(candidates: Sequence[tuple], score_threshold: float,
     keeps = nms_each(groups, nms_iou)
     return [(b[k[:max_detections]], s[k[:max_detections]], c[k[:max_detections]])
             for (b, s, c), k in zip(groups, keeps, strict=True)]
+
+
+def tensors_to_host(groups: Sequence[Sequence[torch.Tensor]], device: torch.device
+                    ) -> list[list[torch.Tensor]]:
+    """Copy the groups' tensors to the host, with one device-to-host copy per group.
+
+    Each group (tensors of one dtype, e.g. one per frame) is joined on the device and copied
+    into pinned memory without blocking; one synchronisation then waits for all the copies
+    (a ``.cpu()`` per tensor waits once each). The host tensors are views of their group's
+    copy, in the shapes given. On the CPU nothing is copied to the host: they are views of the
+    joined groups (of the tensors themselves for a group of one).
+    """
+    flat = [torch.cat([t.reshape(-1) for t in g]) if len(g) > 1 else g[0].reshape(-1)
+            for g in groups]
+    if device.type == 'cuda':
+        host = [torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in flat]
+        for h, f in zip(host, flat, strict=True):
+            h.copy_(f, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        flat = host
+    return [[part.view(t.shape) for part, t in zip(f.split([t.numel() for t in g]), g,
+                                                   strict=True)]
+            for f, g in zip(flat, groups, strict=True)]
 
 
 def validate_frame(frame: Any, index: int = 0) -> torch.Tensor:
@@ -537,26 +562,24 @@ class Pipeline:
         """Names of the model outputs and a (outputs, batch) bool tensor: all finite per frame.
 
         Only queues device work (no synchronisation): one ``isfinite().all()`` reduction per
-        output tensor. Detection is judged on the RPN objectness and box deltas (computed from
-        every pyramid level, so NaN anywhere in the backbone/FPN shows there; absent from models
-        without an RPN) and on the RoI head's candidate scores and boxes before the threshold,
-        which would silently drop NaN scores.
+        output tensor. Detection is judged on the RPN objectness and box deltas, which the dense
+        part has checked per frame (``rpn_objectness_finite``, ``rpn_deltas_finite``: computed
+        from every pyramid level, so NaN anywhere in the backbone/FPN shows there; absent from
+        models without an RPN), and on the RoI head's candidate scores and boxes before the
+        threshold, which would silently drop NaN scores.
         """
-        def per_frame(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            return [torch.isfinite(t).flatten(1).all(1) for t in tensors]
-
         def per_candidates(which: int) -> torch.Tensor:
             return torch.stack([torch.isfinite(c[which]).all() for c in candidates])
 
         names, flags = [], []
         if candidates is not None:
             names += ['detection scores', 'detection boxes']
-            for rpn, which in (('objectness', 1), ('deltas', 0)):
-                checks = [*per_frame(dense.get(rpn, ())), per_candidates(which)]
-                flags.append(torch.stack(checks).all(0))
+            for rpn, which in (('rpn_objectness_finite', 1), ('rpn_deltas_finite', 0)):
+                flag = per_candidates(which)
+                flags.append(flag & dense[rpn] if rpn in dense else flag)
         if 'segmentation' in self.tasks:
             names.append('segmentation logits')
-            flags.append(per_frame([dense['seg_logits']])[0])
+            flags.append(torch.isfinite(dense['seg_logits']).all(dim=(1, 2, 3)))
         return tuple(names), torch.stack(flags).reshape(len(names), batch)
 
     def _submit_batch(self, frames: list[torch.Tensor], geometry: list, shape: tuple,
@@ -593,13 +616,14 @@ class Pipeline:
             with self.autocast():
                 candidates = self.model.detect(dense, [(g[2], g[3]) for g in geometry])
         timer.mark()
-        dets = masks = None
+        outputs = []  # groups of one tensor per frame, copied to the host together
         if candidates is not None:
             selected = select_detections_batch(candidates, self.score_threshold, self.nms_iou,
                                                self.max_detections)
-            dets = [self._boxes_to_source(d, g) for d, g in zip(selected, geometry, strict=True)]
+            outputs += [[d[0].float() for d in selected], [d[1].float() for d in selected],
+                        [d[2].long() for d in selected]]
         if 'segmentation' in self.tasks:
-            masks = self._postprocess_masks(dense['seg_logits'], geometry)
+            outputs.append(self._postprocess_masks(dense['seg_logits'], geometry))
         output_names, finite = self._finite_flags(dense, candidates, len(geometry))
         # The finiteness flags are computed on the device and read here, with the results'
         # copy to the host, after all the postprocess work is queued: that copy synchronises
@@ -607,9 +631,13 @@ class Pipeline:
         # Reading them right after the forward (``bool(...)``) would stall the host before the
         # postprocess is queued. A bad frame's postprocess runs on garbage (harmless: argmax and
         # the threshold take NaN) and its result is dropped.
-        finite_host = finite.cpu()
-        dets_host = [tuple(t.cpu() for t in d) for d in dets] if dets is not None else None
-        masks_host = [m.cpu() for m in masks] if masks is not None else None
+        host = iter(tensors_to_host([[finite], *outputs], self.device))
+        finite_host = next(host)[0]
+        dets_host = masks_host = None
+        if candidates is not None:  # (boxes, scores, class_ids) per frame
+            dets_host = list(zip(next(host), next(host), next(host), strict=True))
+        if 'segmentation' in self.tasks:
+            masks_host = next(host)
         timer.mark()
         times = timer.times()
         results: list = []
@@ -623,20 +651,24 @@ class Pipeline:
             detections = None
             if dets_host is not None:
                 boxes, scores, ids = dets_host[i]
-                detections = Detections(boxes.numpy(), scores.numpy(), ids.numpy())
+                detections = Detections(self._boxes_to_source(boxes.numpy(), geometry[i]),
+                                        scores.numpy(), ids.numpy())
             mask = masks_host[i].numpy() if masks_host is not None else None
             results.append(FrameResult(h, w, detections, mask, StageTimes(**vars(times))))
         return results, bad
 
     @staticmethod
-    def _boxes_to_source(detections: tuple, geometry: tuple) -> tuple:
-        """Map selected boxes from network-input to source pixels, clamped to the frame."""
+    def _boxes_to_source(boxes: np.ndarray, geometry: tuple) -> np.ndarray:
+        """Map float32 boxes from network-input to source pixels, clamped to the frame (host).
+
+        On the host, after the batch's one copy, it launches nothing (on the device: seven small
+        ops per frame); float32 arithmetic as torch's on the device, so the same numbers.
+        """
         h, w, rh, rw = geometry
-        boxes, scores, ids = detections
-        boxes = boxes.clone()  # scalar arithmetic only: a new_tensor scale would synchronise
-        boxes[:, 0::2] = (boxes[:, 0::2] * (w / rw)).clamp(0, w)
-        boxes[:, 1::2] = (boxes[:, 1::2] * (h / rh)).clamp(0, h)
-        return boxes.float(), scores.float(), ids.long()
+        out = np.empty_like(boxes)
+        out[:, 0::2] = np.clip(boxes[:, 0::2] * np.float32(w / rw), 0, w)
+        out[:, 1::2] = np.clip(boxes[:, 1::2] * np.float32(h / rh), 0, h)
+        return out
 
     def _postprocess_masks(self, logits: torch.Tensor, geometry: list) -> list[torch.Tensor]:
         """Class ids (H, W) uint8 per frame: argmax at stride 4, nearest at source pixels."""

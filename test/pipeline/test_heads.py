@@ -80,6 +80,25 @@ def test_anchors_are_cached_per_grid():
     assert torch.equal(gen(images, maps(184, 320))[0], first[0])  # the first grid intact
 
 
+def test_anchors_at_equal_the_anchor_grid():
+    """Anchors from (cell, base anchor) indices are the grid's, bit for bit, on every level."""
+    from torchvision.models.detection.image_list import ImageList
+    gen = MMDetAnchorGenerator()
+    # 1280x736: P6 is 12 cells high (H / 32 = 23 is odd), stride 64 all the same
+    maps = [torch.zeros(1, 1, 184 // 2 ** i, 320 // 2 ** i) for i in range(4)]
+    maps.append(torch.zeros(1, 1, 12, 10))
+    grid = gen(ImageList(torch.zeros(1, 3, 736, 1280), [(720, 1280)]), maps)[0]
+    start = 0
+    for level, m in enumerate(maps):
+        height, width = m.shape[-2:]
+        index = torch.arange(height * width * 3)
+        got = gen.anchors_at(level, index // 3, index % 3, width)
+        assert torch.equal(got, grid[start:start + len(index)]), level
+        start += len(index)
+    assert start == len(grid)
+    assert 'base_anchors' not in gen.state_dict()  # derived: bundles do not carry it
+
+
 def test_roi_align_is_aligned():
     # Feature map value = x coordinate of the cell centre in image pixels at stride 4.
     pool = AlignedMultiScaleRoIAlign(['0', '1', '2', '3'], 1, sampling_ratio=0)
@@ -126,11 +145,19 @@ def test_maskrcnn_inference_parts():
                         mask_channels=16, rpn_post_nms_top_n_test=50).eval()
     sizes = [(64, 96), (50, 70)]
     with torch.no_grad():
-        pyramid, objectness, deltas = head.dense(feature_maps())
+        dense = head.dense(feature_maps())
+        pyramid = dense['pyramid']
         assert [tuple(p.shape[-2:]) for p in pyramid] == [(16, 24), (8, 12), (4, 6), (2, 3),
                                                           (1, 2)]
-        assert objectness[0].shape == (2, 3, 16, 24) and deltas[0].shape == (2, 12, 16, 24)
-        proposals = head.proposals(pyramid, objectness, deltas, sizes)
+        # P2 keeps pre_nms_top_n (1000) of its 3 * 16 * 24 anchors, the others all of theirs
+        num_boxes = 1000 + 3 * (8 * 12 + 4 * 6 + 2 * 3 + 1 * 2)
+        boxes, scores = dense['rpn_boxes'], dense['rpn_scores']
+        assert boxes.shape == (2, num_boxes, 4) and boxes.dtype == torch.float32
+        assert scores.shape == (2, num_boxes) and scores.dtype == torch.float32
+        assert ((scores > 0) & (scores < 1)).all()
+        for key in ('rpn_objectness_finite', 'rpn_deltas_finite'):
+            assert dense[key].dtype == torch.bool and dense[key].tolist() == [True, True]
+        proposals = head.proposals(pyramid, boxes, scores, sizes)
         assert all(p.shape[1] == 4 and p.shape[0] <= 50 for p in proposals)
         cands = head.candidates(pyramid, proposals, sizes)
         for (boxes, scores, ids), p, (h, w) in zip(cands, proposals, sizes, strict=True):
@@ -143,31 +170,148 @@ def test_maskrcnn_inference_parts():
         assert masks[0].shape == (4, 1, 28, 28)
 
 
-@pytest.mark.parametrize('pre_nms_top_n', [1000, 40])
-def test_proposals_equal_torchvision_filter_proposals(pre_nms_top_n):
-    """Per-level NMS gives torchvision's batched-over-levels result, boxes and order."""
+def test_dense_flags_non_finite_rpn_outputs_per_image():
+    head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
+                        mask_channels=16).eval()
+    feats = feature_maps(batch=3)
+    feats[2][1, :, 0, 0] = float('nan')  # image 1's stride-16 map: P4, then P3 and P2
+    with torch.no_grad():
+        dense = head.dense(feats)
+    assert dense['rpn_objectness_finite'].tolist() == [True, False, True]
+    assert dense['rpn_deltas_finite'].tolist() == [True, False, True]
+    with torch.no_grad():  # Inf in the box regression weights only: deltas, not objectness
+        head.rpn.head.bbox_pred.weight[5, 0, 0, 0] = float('inf')
+        dense = head.dense(feature_maps(batch=3))
+    assert dense['rpn_objectness_finite'].tolist() == [True, True, True]
+    assert dense['rpn_deltas_finite'].tolist() == [False, False, False]
+
+
+def rpn_head_outputs(head, feats, spread=20.0):
+    """FPN maps and RPN head outputs, with the deltas spread so that boxes overlap in many ways
+    (NMS removes a good share) and reach past the images, and no two anchors of an image of
+    equal score: a random head's logits are all near 0, their sigmoids tie in float32, and
+    torchvision orders tied boxes as its (unstable) sort happens to."""
+    pyramid = head.dense(feats)['pyramid']
+    objectness, deltas = head.rpn.head(pyramid)
+    generator = torch.Generator().manual_seed(0)
+    per_level = [o[0].numel() for o in objectness]
+    logits = [torch.linspace(-4, 4, sum(per_level))[torch.randperm(sum(per_level),
+                                                                   generator=generator)]
+              for _ in range(len(feats[0]))]
+    levels = torch.stack(logits).split(per_level, dim=1)
+    objectness = [v.reshape(o.shape) for v, o in zip(levels, objectness, strict=True)]
+    return pyramid, objectness, [d * spread for d in deltas]
+
+
+def torchvision_proposals(head, pyramid, objectness, deltas, sizes):
+    """torchvision's RegionProposalNetwork inference from the RPN head outputs."""
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+    rpn = head.rpn
+    anchors = rpn.anchor_generator(ImageList(pyramid[0], sizes), list(pyramid))
+    obj, reg = concat_box_prediction_layers(objectness, deltas)
+    boxes = rpn.box_coder.decode(reg.float(), anchors).view(len(sizes), -1, 4)
+    per_level = [o[0].numel() for o in objectness]
+    return rpn.filter_proposals(boxes, obj.float(), sizes, per_level)[0]
+
+
+@pytest.mark.parametrize('pre_nms_top_n', [1000, 40])
+def test_pre_nms_proposals_equal_torchvision_top_n(pre_nms_top_n):
+    """The dense part's top-n boxes and scores: torchvision's before its clip, bit for bit."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
+                        mask_channels=16, rpn_pre_nms_top_n_test=pre_nms_top_n).eval()
+    with torch.no_grad():
+        # 96x160: P2 has 2880 anchors, so 1000 selects there too
+        pyramid, objectness, deltas = rpn_head_outputs(head, feature_maps(height=96, width=160))
+        boxes, scores = head.pre_nms_proposals(objectness, deltas)
+        rpn = head.rpn
+        anchors = rpn.anchor_generator(ImageList(pyramid[0], [(96, 160)] * 2), list(pyramid))
+        obj, reg = concat_box_prediction_layers(objectness, deltas)
+        all_boxes = rpn.box_coder.decode(reg.float(), anchors).view(2, -1, 4)
+        obj = obj.reshape(2, -1)
+        top_n_idx = rpn._get_top_n_idx(obj, [o[0].numel() for o in objectness])
+    batch_idx = torch.arange(2)[:, None]
+    assert boxes.shape == (2, top_n_idx.shape[1], 4)
+    assert top_n_idx.shape[1] < obj.shape[1]
+    torch.testing.assert_close(boxes, all_boxes[batch_idx, top_n_idx], rtol=0, atol=0)
+    torch.testing.assert_close(scores, torch.sigmoid(obj[batch_idx, top_n_idx]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('pre_nms_top_n', [1000, 40])
+def test_proposals_equal_torchvision_filter_proposals(pre_nms_top_n):
+    """Per-level NMS gives torchvision's batched-over-levels result, boxes and order."""
     torch.manual_seed(0)
     head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
                         mask_channels=16, rpn_pre_nms_top_n_test=pre_nms_top_n,
                         rpn_post_nms_top_n_test=300).eval()
     sizes = [(64, 96), (50, 70)]
     with torch.no_grad():
-        pyramid, objectness, deltas = head.dense(feature_maps())
-        # spread the deltas so that boxes overlap in many ways and NMS removes a good share
-        deltas = [d * 20 for d in deltas]
-        ours = head.proposals(pyramid, objectness, deltas, sizes)
-        rpn = head.rpn
-        anchors = rpn.anchor_generator(ImageList(pyramid[0], sizes), list(pyramid))
-        obj, reg = concat_box_prediction_layers(objectness, deltas)
-        boxes = rpn.box_coder.decode(reg.float(), anchors).view(2, -1, 4)
-        per_level = [o[0].numel() for o in objectness]
-        want, _ = rpn.filter_proposals(boxes, obj.float(), sizes, per_level)
+        pyramid, objectness, deltas = rpn_head_outputs(head, feature_maps())
+        ours = head.proposals(pyramid, *head.pre_nms_proposals(objectness, deltas), sizes)
+        want = torchvision_proposals(head, pyramid, objectness, deltas, sizes)
+    per_level = [o[0].numel() for o in objectness]
     for got, ref in zip(ours, want, strict=True):
         assert 0 < got.shape[0] < sum(min(pre_nms_top_n, n) for n in per_level)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_proposals_clip_each_image_to_its_own_size():
+    """Images of one padded shape and different sizes in one batch (one CUDA graph serves
+    them): each image's proposals are clipped to its own size, as torchvision's and as alone."""
+    torch.manual_seed(0)
+    head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
+                        mask_channels=16, rpn_post_nms_top_n_test=300).eval()
+    sizes = [(64, 96), (40, 96), (64, 50), (33, 65)]  # all padded to 64x96
+    with torch.no_grad():
+        pyramid, objectness, deltas = rpn_head_outputs(head, feature_maps(batch=4))
+        boxes, scores = head.pre_nms_proposals(objectness, deltas)
+        ours = head.proposals(pyramid, boxes, scores, sizes)
+        want = torchvision_proposals(head, pyramid, objectness, deltas, sizes)
+        alone = [head.proposals([p[i:i + 1] for p in pyramid], boxes[i:i + 1], scores[i:i + 1],
+                                [size])[0] for i, size in enumerate(sizes)]
+    for got, ref, one, (h, w), unclipped in zip(ours, want, alone, sizes, boxes, strict=True):
+        assert (unclipped[:, 2] > w).any() and (unclipped[:, 3] > h).any()  # the clip matters
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        torch.testing.assert_close(got, one, rtol=0, atol=0)
+        assert got.min() >= 0 and got[:, 0::2].max() == w and got[:, 1::2].max() == h
+
+
+def test_candidates_equal_torchvision_decode_and_clip_per_image():
+    """The box head's boxes of all images decoded and clipped at once, each to its own size."""
+    import torch.nn.functional as F
+    from torchvision.ops import clip_boxes_to_image
+
+    head = MaskRCNNHead(CHANNELS, num_classes=3, fpn_channels=32, representation_size=64,
+                        mask_channels=16, rpn_post_nms_top_n_test=50).eval()
+    sizes = [(64, 96), (40, 70), (64, 50), (50, 96)]  # one padded shape
+    with torch.no_grad():
+        head.roi_heads.box_predictor.bbox_pred.weight.mul_(200)  # boxes reach past the images
+        dense = head.dense(feature_maps(batch=4))
+        pyramid = dense['pyramid']
+        proposals = head.proposals(pyramid, dense['rpn_boxes'], dense['rpn_scores'], sizes)
+        proposals[2] = proposals[2][:0]  # an image without proposals
+        got = head.candidates(pyramid, proposals, sizes)
+        heads = head.roi_heads
+        features = heads.box_head(heads.box_roi_pool(head._pyramid_dict(pyramid), proposals,
+                                                     sizes))
+        logits, regression = heads.box_predictor(features)
+        boxes = heads.box_coder.decode(regression, proposals)
+        scores = F.softmax(logits, -1)
+    counts = [len(p) for p in proposals]
+    for (b, s, ids), want_b, want_s, (h, w) in zip(got, boxes.split(counts), scores.split(counts),
+                                                   sizes, strict=True):
+        n = len(want_b)
+        if n:
+            assert (want_b[..., 2] > w).any() or (want_b[..., 3] > h).any()  # the clip matters
+        want_b = clip_boxes_to_image(want_b, (h, w))[:, 1:].reshape(-1, 4)
+        torch.testing.assert_close(b, want_b, rtol=0, atol=0)
+        torch.testing.assert_close(s, want_s[:, 1:].reshape(-1), rtol=0, atol=0)
+        assert torch.equal(ids, torch.arange(3).repeat(n))
+    assert [len(c[1]) for c in got] == [3 * n for n in counts] and counts[0] > 0
 
 
 def test_maskrcnn_training_losses_backprop():

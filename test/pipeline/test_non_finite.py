@@ -95,20 +95,34 @@ def test_several_bad_frames_are_all_named(fp16_pipe):
     assert 'frame 0' in str(info.value) and 'frame 2' in str(info.value)
 
 
-def test_nan_in_the_box_classifier_is_named_detection_scores():
-    """NaN class logits in the RoI head: the threshold would drop every box; now it is named."""
+def bundle_with_nan(key):
+    """Random det + seg bundle whose weight ``key`` is all NaN."""
     bundle = create_random_bundle(None, num_classes=3,
                                   input_policy={'max_long_side_px': 128,
                                                 'max_short_side_px': 128})
     tensors = dict(bundle.tensors)
-    key = 'detector.roi_heads.box_predictor.cls_score.weight'
     tensors[key] = torch.full_like(tensors[key], float('nan'))
     meta = {k: v for k, v in bundle.metadata.items() if k != 'content_hash'}
     meta['content_hash'] = content_hash(tensors, meta)
-    pipe = Pipeline(Bundle(meta, tensors), score_threshold=0.0)
+    return Bundle(meta, tensors)
+
+
+def test_nan_in_the_box_classifier_is_named_detection_scores():
+    """NaN class logits in the RoI head: the threshold would drop every box; now it is named."""
+    pipe = Pipeline(bundle_with_nan('detector.roi_heads.box_predictor.cls_score.weight'),
+                    score_threshold=0.0)
     with pytest.raises(NonFiniteOutputError) as info:
         pipe(random_frame(64, 64))
     assert info.value.bad_frames == {0: ['detection scores']}
+
+
+def test_nan_objectness_is_named_detection_scores():
+    """NaN RPN objectness leaves no proposal, so no candidate to check: the dense part's
+    per-frame flag names it."""
+    pipe = Pipeline(bundle_with_nan('detector.rpn.head.cls_logits.weight'), score_threshold=0.0)
+    with pytest.raises(NonFiniteOutputError) as info:
+        pipe([random_frame(64, 64), random_frame(64, 64, seed=1)])
+    assert info.value.bad_frames == {0: ['detection scores'], 1: ['detection scores']}
 
 
 def test_segmentation_only_bundle_names_the_logits(tmp_path):

@@ -13,6 +13,7 @@ from mamba_perception.pipeline import (
     resized_size,
     select_detections,
     select_detections_batch,
+    tensors_to_host,
 )
 from mamba_perception.results import Detections, FrameResult, StageTimes
 
@@ -104,6 +105,29 @@ def test_select_detections_batch_equals_each_frame_alone():
     assert [len(s) for _, s, _ in got] == [25, 0, 1, 25]  # the cap, empty and single frames
 
 
+def host_copy_groups(device):
+    return [[torch.arange(6.0, device=device).view(2, 3), torch.zeros(0, 3, device=device),
+             torch.full((1, 3), 7.0, device=device)],
+            [torch.tensor([[True, False], [False, True]], device=device)],
+            [torch.arange(6, device=device).view(2, 3).t()]]  # not contiguous
+
+
+@pytest.mark.parametrize('device', [
+    'cpu',
+    pytest.param('cuda', marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason='needs CUDA')])])
+def test_tensors_to_host_keeps_shapes_and_values(device):
+    groups = host_copy_groups(device)
+    host = tensors_to_host(groups, torch.device(device))
+    assert [len(h) for h in host] == [3, 1, 1]
+    for got_group, want_group in zip(host, groups, strict=True):
+        for got, want in zip(got_group, want_group, strict=True):
+            assert got.device.type == 'cpu' and got.dtype == want.dtype
+            assert torch.equal(got, want.cpu())
+            if device == 'cuda':
+                assert got.is_pinned()
+
+
 # -- geometry: boxes and masks land exactly on source pixels ----------------------------------
 
 class BrightRectangleOracle(torch.nn.Module):
@@ -189,7 +213,9 @@ def test_torch_and_noncontiguous_inputs(pipeline):
 
 
 def test_batch_of_different_sizes_equals_one_by_one(pipeline):
-    sizes = [(96, 160), (100, 150), (96, 160), (300, 400)]  # last is resized to 192x256
+    # 300x400 is resized to 192x256; 70x140 is padded to 96x160 as the first and third are:
+    # frames of two sizes in one batch, each one's boxes clipped to its own size
+    sizes = [(96, 160), (100, 150), (96, 160), (300, 400), (70, 140)]
     frames = [random_frame(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     batched = pipeline(frames)
     assert isinstance(batched, list) and len(batched) == len(frames)

@@ -6,7 +6,10 @@ https://arxiv.org/abs/1612.03144. The configuration is mmdetection's ``mask-rcnn
 VMamba's COCO configs inherit through the Swin Mask R-CNN config. The parts are torchvision's
 (``FeaturePyramidNetwork``, ``AnchorGenerator``, ``RPNHead``, ``RegionProposalNetwork``,
 ``RoIHeads``, ``TwoMLPHead``, ``FastRCNNPredictor``, ``MaskRCNNHeads``, ``MaskRCNNPredictor``,
-``roi_align``, ``batched_nms``); nothing here re-implements NMS, RoIAlign or anchor grids.
+``roi_align``, ``batched_nms``); nothing here re-implements NMS or RoIAlign. For inference,
+the anchors of each level's top-n boxes and the box decoding are computed here, with
+torchvision's arithmetic (tested bit for bit), so that the RPN up to NMS runs in the dense part
+(compiled, CUDA-graph captured) and the decoding makes no host-to-device copies.
 
 Numerical conventions bridged so that mmdet checkpoints give mmdet's numbers
 (``mamba_perception.models.convert`` maps the keys):
@@ -40,7 +43,7 @@ Numerical conventions bridged so that mmdet checkpoints give mmdet's numbers
 """
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,15 +53,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
-from torchvision.models.detection.rpn import (
-    RegionProposalNetwork,
-    RPNHead,
-    concat_box_prediction_layers,
-)
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import (
     FeaturePyramidNetwork,
     MultiScaleRoIAlign,
-    clip_boxes_to_image,
     roi_align,
 )
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -82,9 +80,12 @@ class MMDetAnchorGenerator(AnchorGenerator):
         self.strides = tuple(strides)
         # torchvision's generate_anchors rounds to whole pixels; mmdet >= 2.0 keeps fractions.
         self.cell_anchors = [self._unrounded(s, aspect_ratios) for s in sizes]
-        # (grid sizes, device) -> anchors. A fixed camera size asks for the same anchors every
-        # frame, and building them is ~90 small ops (a third of the RPN's post-processing ops,
-        # with ten tiny host -> device copies on CUDA). Bounded for multi-scale training.
+        # cell_anchors as one (L, A, 4) that moves with the model, for anchors_at (derived
+        # from the arguments: not saved)
+        self.register_buffer('base_anchors', torch.stack(self.cell_anchors), persistent=False)
+        # (grid sizes, device) -> anchors, for torchvision's RPN forward (training): a fixed
+        # size asks for the same anchors every step, and building them is ~90 small ops.
+        # Bounded for multi-scale training. Inference takes only the anchors it needs.
         self._cache: dict = {}
 
     @staticmethod
@@ -115,6 +116,21 @@ class MMDetAnchorGenerator(AnchorGenerator):
             self._cache[key] = anchors
         return [anchors for _ in image_list.image_sizes]
 
+    def anchors_at(self, level: int, cell: torch.Tensor, anchor: torch.Tensor,
+                   grid_width: int) -> torch.Tensor:
+        """Anchors (..., 4) of one level at grid cells ``cell`` and base anchors ``anchor``.
+
+        ``cell`` is ``y * grid_width + x``, ``anchor`` indexes the level's A base anchors. The
+        result is bit for bit the anchor at ``cell * A + anchor`` of the level's part of
+        :meth:`forward`, without building the grid: inference needs each level's top-n anchors
+        (4720 of ~235k at 1280x736), and these are a few elementwise ops with no cache or host
+        data, which ``torch.compile`` traces and a CUDA graph captures.
+        """
+        y, x = cell // grid_width, cell % grid_width
+        # integer shifts plus float32 base anchors, as torchvision's grid_anchors adds them
+        shifts = torch.stack([x, y, x, y], dim=-1) * self.strides[level]
+        return shifts + self.base_anchors[level, anchor]
+
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's multi-scale RoIAlign, but with ``aligned=True`` as mmdet's RoIAlign."""
@@ -142,6 +158,47 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
                                sampling_ratio=self.sampling_ratio, aligned=True)
             result[idx] = pooled.to(result.dtype)
         return result
+
+
+def _decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, box_coder) -> torch.Tensor:
+    """Decode (..., 4) deltas at anchors as torchvision's ``BoxCoder.decode_single``, bit for bit.
+
+    The same operations in the same order, x and y side by side (the coder's x and y weights
+    are equal: the RPN's are 1, the box head's 10, 10, 5, 5), but without its two
+    ``torch.tensor(0.5, device=...)``: each is a blocking host-to-device copy (a stream
+    synchronisation on CUDA), which a CUDA-graph capture does not allow either.
+    """
+    wx, wy, ww, wh = box_coder.weights
+    if wx != wy or ww != wh:
+        raise ValueError(f'box coder weights {box_coder.weights}: x and y must be equal')
+    anchors = anchors.to(deltas.dtype)
+    sizes = anchors[..., 2:] - anchors[..., :2]
+    centres = anchors[..., :2] + 0.5 * sizes
+    d_centres = deltas[..., :2] / wx
+    d_sizes = (deltas[..., 2:] / ww).clamp(max=box_coder.bbox_xform_clip)
+    pred_centres = d_centres * sizes + centres
+    half_sizes = 0.5 * (torch.exp(d_sizes) * sizes)
+    return torch.cat([pred_centres - half_sizes, pred_centres + half_sizes], dim=-1)
+
+
+def _all_finite(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B,) bool: all values of image b in all the (B, C, H, W) maps are finite."""
+    return torch.stack([torch.isfinite(m).all(dim=(1, 2, 3)) for m in maps]).all(0)
+
+
+def _image_bounds(image_sizes: Sequence[tuple[int, int]], device: torch.device,
+                  repeats: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(B, 1, 4) float32 (width, height, width, height) per image, to clamp xyxy boxes with.
+
+    With ``repeats``, each image's row ``repeats[i]`` times. Built on the host and copied from
+    pinned memory without blocking: a plain host-to-device copy waits for the stream.
+    """
+    bounds = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32)
+    if repeats is not None:
+        bounds = bounds.repeat_interleave(torch.tensor(repeats, dtype=torch.int64), dim=0)
+    if device.type == 'cuda':
+        bounds = bounds.pin_memory()
+    return bounds.to(device, non_blocking=True)[:, None]
 
 
 class MaskRCNNHead(nn.Module):
@@ -194,25 +251,84 @@ class MaskRCNNHead(nn.Module):
                             if with_mask else None))
 
     # -- dense part: fixed shapes for a fixed input size (CUDA-graph and compile friendly) --
-    def dense(self, features: Sequence[torch.Tensor]
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """FPN maps P2..P6 and the RPN head outputs (objectness (B,A,H,W), deltas (B,4A,H,W))."""
+    def dense(self, features: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """FPN maps and the RPN's outputs up to NMS, which depend only on the input shape.
+
+        Keys: ``pyramid`` (P2..P6); ``rpn_boxes`` (B, N, 4) and ``rpn_scores`` (B, N), the
+        proposals before NMS (:meth:`pre_nms_proposals`); ``rpn_objectness_finite`` and
+        ``rpn_deltas_finite`` (B,) bool: each image's RPN head outputs are all finite (they are
+        computed from every pyramid level, so NaN anywhere in the backbone or FPN shows there).
+        """
         pyramid = list(self.neck(OrderedDict(zip(FEATURE_NAMES, features, strict=True))).values())
         objectness, deltas = self.rpn.head(pyramid)
-        return pyramid, objectness, deltas
+        boxes, scores = self.pre_nms_proposals(objectness, deltas)
+        return {'pyramid': pyramid, 'rpn_boxes': boxes, 'rpn_scores': scores,
+                'rpn_objectness_finite': _all_finite(objectness),
+                'rpn_deltas_finite': _all_finite(deltas)}
+
+    def pre_nms_proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each level's ``pre_nms_top_n`` most object-like anchors, decoded (eval mode).
+
+        Args:
+            objectness: RPN head logits (B, A, H, W) per level.
+            deltas: RPN head box deltas (B, 4A, H, W) per level.
+
+        Returns:
+            ``boxes`` (B, N, 4) float32 xyxy in padded-input pixels, not clipped, and their
+            sigmoid ``scores`` (B, N) float32; level-major, each level by decreasing score;
+            N = sum over levels of min(pre_nms_top_n, H * W * A). These are the boxes and
+            scores torchvision's ``RegionProposalNetwork.filter_proposals`` has before it clips
+            them to the image, computed from the top-n anchors only (torchvision decodes all
+            ~235k anchors of a 1280x736 input and then keeps 4720).
+        """
+        num_images = objectness[0].shape[0]
+        batch_idx = torch.arange(num_images, device=objectness[0].device)[:, None]
+        top_logits, top_deltas, top_anchors = [], [], []
+        for level, (obj, reg, top_n) in enumerate(zip(
+                objectness, deltas, self._pre_nms_counts(objectness), strict=True)):
+            _, num_anchors, height, width = obj.shape
+            # anchors in torchvision's order (y, x, a), as concat_box_prediction_layers has them
+            obj = obj.permute(0, 2, 3, 1).reshape(num_images, -1).float()
+            logits, index = obj.topk(top_n)
+            cell, anchor = index // num_anchors, index % num_anchors
+            reg = reg.reshape(num_images, num_anchors, 4, height * width)
+            top_logits.append(logits)
+            top_deltas.append(reg[batch_idx, anchor, :, cell])  # (B, top_n, 4)
+            top_anchors.append(self.rpn.anchor_generator.anchors_at(level, cell, anchor, width))
+        # float32: fp16 has 1 px resolution above 1024 px
+        boxes = _decode_boxes(torch.cat(top_deltas, 1).float(), torch.cat(top_anchors, 1),
+                              self.rpn.box_coder)
+        return boxes, torch.sigmoid(torch.cat(top_logits, 1))
+
+    def _pre_nms_counts(self, maps: Sequence[torch.Tensor]) -> list[int]:
+        """Boxes each level keeps before NMS: pre_nms_top_n, or all its anchors if fewer."""
+        per_cell = self.rpn.anchor_generator.num_anchors_per_location()
+        return [min(self.rpn.pre_nms_top_n(), m.shape[-2] * m.shape[-1] * a)
+                for m, a in zip(maps, per_cell, strict=True)]
 
     def _pyramid_dict(self, pyramid: Sequence[torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
         return OrderedDict(zip((*FEATURE_NAMES, 'pool'), pyramid, strict=True))
 
-    def proposals(self, pyramid: Sequence[torch.Tensor], objectness: list[torch.Tensor],
-                  deltas: list[torch.Tensor],
-                  image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    # -- sparse part: data-dependent shapes, host-driven -------------------------------------
+    def proposals(self, pyramid: Sequence[torch.Tensor], boxes: torch.Tensor,
+                  scores: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """RPN proposals per image, (N_i, 4) xyxy in padded-input pixels (eval mode).
+
+        Args:
+            pyramid: the FPN maps from :meth:`dense` (their grids give each level's run of
+                boxes).
+            boxes, scores: the proposals before NMS from :meth:`dense` (``rpn_boxes``,
+                ``rpn_scores``).
+            image_sizes: (height, width) of each image before padding; images of one padded
+                shape may differ in size (and share one CUDA graph), so the clip to them is
+                done here.
 
         The same boxes in the same order as torchvision's ``RegionProposalNetwork.
         filter_proposals`` (tested), computed with one host synchronisation instead of about
         seven per image:
 
+        * The clip to each image and the small-box and score tests run for all images at once.
         * NMS "independently per level" runs as one ``torchvision.ops.nms`` per image and
           level instead of one ``batched_nms`` over all levels: torchvision's NMS kernel ends
           in a one-block pass that is quadratic in the box count (~4700 boxes at 1280x720 cost
@@ -224,27 +340,16 @@ class MaskRCNNHead(nn.Module):
           dropped after NMS.
         """
         rpn = self.rpn
-        images = ImageList(pyramid[0], image_sizes)
-        anchors = rpn.anchor_generator(images, list(pyramid))
-        num_images = len(anchors)
-        per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
-        obj, reg = concat_box_prediction_layers(objectness, deltas)
-        # decode in float32: BoxCoder casts the anchors to the deltas' dtype
-        boxes = rpn.box_coder.decode(reg.float(), anchors).view(num_images, -1, 4)
-        obj = obj.float().reshape(num_images, -1)
-        top_n_idx = rpn._get_top_n_idx(obj, per_level)  # level-major, so levels stay contiguous
-        batch_idx = torch.arange(num_images, device=obj.device)[:, None]
-        scores = torch.sigmoid(obj[batch_idx, top_n_idx])
-        boxes = torch.stack([clip_boxes_to_image(b, size) for b, size in
-                             zip(boxes[batch_idx, top_n_idx], image_sizes, strict=True)])
+        num_images = boxes.shape[0]
+        # clip_boxes_to_image, all images at once, each against its own size
+        boxes = boxes.clamp(min=0).minimum(_image_bounds(image_sizes, boxes.device))
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths >= rpn.min_size) & (heights >= rpn.min_size)  # remove_small_boxes
         if rpn.score_thresh > 0:  # sigmoid scores are >= 0: nothing to do otherwise
             valid &= scores >= rpn.score_thresh  # >= as torchvision
         scores = torch.where(valid, scores, -1.0)
         slices, start = [], 0  # each level's run of top-n boxes, fixed by the input size
-        for n in per_level:
-            n = min(rpn.pre_nms_top_n(), n)
+        for n in self._pre_nms_counts(pyramid):
             slices.append(slice(start, start + n))
             start += n
         keeps = nms_each([(boxes[i, s], scores[i, s]) for i in range(num_images)
@@ -273,17 +378,19 @@ class MaskRCNNHead(nn.Module):
         feats = self._pyramid_dict(pyramid)
         box_features = heads.box_head(heads.box_roi_pool(feats, proposals, image_sizes))
         class_logits, box_regression = heads.box_predictor(box_features)
-        boxes = heads.box_coder.decode(box_regression.float(), proposals)  # (sum N, K+1, 4)
-        scores = F.softmax(class_logits.float(), -1)
-        out = []
+        # (sum N, K+1, 4), as heads.box_coder.decode(box_regression.float(), proposals)
+        boxes = _decode_boxes(box_regression.float().unflatten(1, (-1, 4)),
+                              torch.cat(proposals)[:, None], heads.box_coder)
         counts = [p.shape[0] for p in proposals]
-        for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes,
-                                  strict=True):
-            b = clip_boxes_to_image(b, size)[:, 1:]  # drop background
-            s = s[:, 1:]
-            labels = torch.arange(self.num_classes, device=b.device).expand_as(s)
-            out.append((b.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)))
-        return out
+        # background dropped, and clip_boxes_to_image of all images at once, each to its size
+        bounds = _image_bounds(image_sizes, boxes.device, repeats=counts)
+        boxes = boxes[:, 1:].clamp(min=0).minimum(bounds)
+        scores = F.softmax(class_logits.float(), -1)[:, 1:]
+        labels = torch.arange(self.num_classes, device=boxes.device).expand_as(scores)
+        # flattened once for all images; each image's part is a view
+        sizes = [n * self.num_classes for n in counts]
+        return list(zip(boxes.reshape(-1, 4).split(sizes), scores.reshape(-1).split(sizes),
+                        labels.reshape(-1).split(sizes), strict=True))
 
     def masks(self, pyramid: Sequence[torch.Tensor], boxes: list[torch.Tensor],
               class_ids: list[torch.Tensor],

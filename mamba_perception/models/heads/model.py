@@ -7,9 +7,9 @@ The model is described by a plain config dict (stored in the bundle metadata)::
      'segmentation': {'num_classes': 150, ...} or None}   # UPerHead kwargs (+ 'auxiliary')
 
 Inference is split into a dense part with fixed shapes for a fixed input size
-(:meth:`PerceptionModel.forward_dense`: backbone, FPN, RPN head, UperNet; safe to compile and to
-capture in a CUDA graph) and a sparse part with data-dependent shapes
-(:meth:`PerceptionModel.detect`: proposals, RoI heads).
+(:meth:`PerceptionModel.forward_dense`: backbone, FPN, RPN head and its proposals up to NMS,
+UperNet; safe to compile and to capture in a CUDA graph) and a sparse part with data-dependent
+shapes (:meth:`PerceptionModel.detect`: the proposals' clip to each image and NMS, RoI heads).
 """
 
 from typing import Any, Optional
@@ -69,13 +69,15 @@ class PerceptionModel(nn.Module):
     def forward_dense(self, x: torch.Tensor) -> dict[str, Any]:
         """Fixed-shape outputs for a normalised, padded batch x (B, 3, H, W), H and W % 32 == 0.
 
-        Keys: ``seg_logits`` (B, K, H/4, W/4); ``pyramid`` (P2..P6), ``objectness`` and
-        ``deltas`` (one per level) for detection.
+        Keys: ``seg_logits`` (B, K, H/4, W/4); for detection those of
+        :meth:`MaskRCNNHead.dense`: ``pyramid`` (P2..P6), the RPN's proposals before NMS
+        ``rpn_boxes`` (B, N, 4) and ``rpn_scores`` (B, N), and the per-image finiteness flags
+        ``rpn_objectness_finite`` and ``rpn_deltas_finite`` (B,).
         """
         feats = self.features(x)
         out: dict[str, Any] = {}
         if self.detector is not None:
-            out['pyramid'], out['objectness'], out['deltas'] = self.detector.dense(feats)
+            out.update(self.detector.dense(feats))
         if self.decode_head is not None:
             out['seg_logits'] = self.decode_head(feats)
         return out
@@ -85,8 +87,8 @@ class PerceptionModel(nn.Module):
         """Per-image (boxes, scores, class_ids) candidates before threshold and NMS."""
         if self.detector is None:
             raise ValueError('this model has no detection head')
-        proposals = self.detector.proposals(dense['pyramid'], dense['objectness'],
-                                            dense['deltas'], image_sizes)
+        proposals = self.detector.proposals(dense['pyramid'], dense['rpn_boxes'],
+                                            dense['rpn_scores'], image_sizes)
         return self.detector.candidates(dense['pyramid'], proposals, image_sizes)
 
 
