@@ -205,19 +205,22 @@ class PerceptionNode(LifecycleNode):
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
         log.info(f'configuring: loading {config["bundle_path"]} on {device} '
                  f'({config["precision"]})')
+        cuda_graphs = config['cuda_graphs'] and device.startswith('cuda')
+        if config['cuda_graphs'] and not cuda_graphs:
+            log.info(f'cuda_graphs: not applicable on {device}, running without')
         try:
             pipeline = Pipeline(config['bundle_path'], device=device,
                                 precision=config['precision'],
                                 score_threshold=config['score_threshold'],
                                 nms_iou=config['nms_iou'],
                                 max_detections=config['max_detections'],
-                                compile=config['compile'], cuda_graphs=config['cuda_graphs'],
+                                compile=config['compile'], cuda_graphs=cuda_graphs,
                                 compile_cache_dir=config['compile_cache_dir'] or None)
             height, width = config['warmup_size_px']
             if config['warmup_iterations'] > 0 and height > 0 and width > 0:
                 started = time.perf_counter()
                 batches = warmup_batches(len(config['cameras']),
-                                         config['compile'] or config['cuda_graphs'])
+                                         config['compile'] or cuda_graphs)
                 pipeline.warmup([(b, height, width) for b in batches],
                                 iterations=config['warmup_iterations'])
                 log.info(f'warmed up at {height}x{width}, batches {batches}, in '

@@ -121,7 +121,10 @@ PARAMETERS = (
               'Where torch.compile keeps its on-disk caches, so that a restart or reboot loads '
               'the compiled model instead of compiling again; empty: torch\'s default (a temp '
               'directory, lost at reboot)', check=_check_cache_dir),
-    ParamSpec('cuda_graphs', False, 'Capture the dense model in a CUDA graph per input size'),
+    ParamSpec('cuda_graphs', True,
+              'Capture the dense model in a CUDA graph per input size where the device is CUDA '
+              '(without it a batch-1 forward is bound by kernel launches); not applicable on '
+              'the CPU, where it is ignored (logged)'),
     ParamSpec('pipelined', True,
               'Two worker threads: the next frames\' dense forward runs on the GPU while this '
               'batch\'s detection, postprocess and publishing run on the host (more frames per '

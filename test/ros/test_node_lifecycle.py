@@ -113,6 +113,8 @@ def test_lifecycle_enabled_and_parameters(start_node, ros_node, tiny_bundle, vid
     assert transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
     assert state() == State.PRIMARY_STATE_FINALIZED
     assert node.stop() == 0, node.output()
+    # cuda_graphs is on by default (av.yaml's vehicle setting): on the CPU it does not apply
+    assert 'cuda_graphs: not applicable on cpu' in node.output(), node.output()
 
     for proc, words in ((bad_start, 'precision'), (missing, 'does not exist')):
         proc.proc.wait(60)
