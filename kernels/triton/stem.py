@@ -47,17 +47,18 @@ TUNING = {"block_m": 128, "block_m_conv1": 128, "num_warps": 4, "num_stages": 3}
 def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_ptr, c1, c1_ok,
                 C1, eps1, CIN: tl.constexpr, HAS_B1: tl.constexpr, K1: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """GELU(LN1(conv1(x))) at conv1 outputs (i1, j1) as (BLOCK_M, BLOCK_C1) fp32; 0 where !ok.
+    """GELU(LN1(conv1(x))) at conv1 row i1, columns j1, as (BLOCK_M, BLOCK_C1) fp32.
 
     conv1 as an implicit GEMM: the 3x3xCIN image patch of each output, k = (c, dy, dx)
     flattened and padded to K1, gathered from the image, times the (K1, BLOCK_C1) weight.
+    Columns not ``ok`` read zeros (their rows are not stored).
     """
     k = tl.arange(0, K1)
-    k_ok = k < CIN * 9
-    iy = 2 * i1[:, None] + ((k % 9) // 3)[None, :] - 1
+    iy = 2 * i1 + (k % 9) // 3 - 1  # one input row per k: the tile's rows share it
     ix = 2 * j1[:, None] + (k % 3)[None, :] - 1
-    patch_ok = ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-    patch = tl.load(x_b + (k // 9)[None, :] * sx_c + iy * sx_h + ix * sx_w, mask=patch_ok,
+    k_ok = (k < CIN * 9) & (iy >= 0) & (iy < H)
+    patch_ok = ok[:, None] & k_ok[None, :] & (ix >= 0) & (ix < W)
+    patch = tl.load(x_b + ((k // 9) * sx_c + iy * sx_h)[None, :] + ix * sx_w, mask=patch_ok,
                     other=0.0).to(w1.dtype)
     h = tl.dot(patch, w1, input_precision=DOT_PRECISION)
     if HAS_B1:
@@ -66,8 +67,7 @@ def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_pt
     # from the LayerNorm) is what the modules would give, and Pipeline reports it.
     h = h.to(w1.dtype).to(tl.float32)
     h = layer_norm_rows(h, c1_ok, n1w_ptr, n1b_ptr, c1, C1, eps1)
-    h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    return tl.where(ok[:, None], h, 0.0)
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
 
 
 @triton.jit
@@ -76,19 +76,26 @@ def _stem_conv1_kernel(
     eps1, CIN: tl.constexpr, HAS_B1: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, K1: tl.constexpr, BLOCK_C1: tl.constexpr,
 ):
-    """Write GELU(LN1(conv1(x))) as a (batch, H1, W1, C1) map in the weights' dtype."""
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix_ok = pix < H1 * W1
+    """Write GELU(LN1(conv1(x))) as a (batch, H1, W1, C1) map in the weights' dtype.
+
+    A program owns BLOCK_M outputs of one conv1 row (grid: row blocks, rows, images): the row
+    is the program's id, not a division of a flat pixel index by the runtime W1, which the
+    compiler repeated for every element of the patch tile (this kernel is issue-bound: ncu,
+    bench/results/ncu_stem_h100.txt).
+    """
+    b = tl.program_id(2).to(tl.int64)
+    i1 = tl.program_id(1)
+    j1 = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j1_ok = j1 < W1
     c1 = tl.arange(0, BLOCK_C1)
     c1_ok = c1 < C1
     k = tl.arange(0, K1)
     w1 = tl.load(w1_ptr + k[:, None] * BLOCK_C1 + c1[None, :])
     b1 = tl.load(b1_ptr + c1, mask=c1_ok, other=0.0).to(tl.float32)  # unused without HAS_B1
-    h = _conv1_rows(x_ptr + b * sx_b, pix // W1, pix % W1, pix_ok, H, W, sx_c, sx_h, sx_w, w1,
+    h = _conv1_rows(x_ptr + b * sx_b, i1, j1, j1_ok, H, W, sx_c, sx_h, sx_w, w1,
                     b1, n1w_ptr, n1b_ptr, c1, c1_ok, C1, eps1, CIN, HAS_B1, K1, DOT_PRECISION)
-    mid = mid_ptr + (b * H1 * W1 + pix[:, None]) * C1 + c1[None, :]
-    tl.store(mid, h.to(mid_ptr.dtype.element_ty), mask=pix_ok[:, None] & c1_ok[None, :])
+    mid = mid_ptr + ((b * H1 + i1) * W1 + j1[:, None]) * C1 + c1[None, :]
+    tl.store(mid, h.to(mid_ptr.dtype.element_ty), mask=j1_ok[:, None] & c1_ok[None, :])
 
 
 @triton.jit
@@ -178,7 +185,7 @@ def conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n
     launch = dict(num_warps=opts["num_warps"], num_stages=int(cfg["num_stages"]))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         mid = torch.empty(batch, h1, w1_, c1, device=x.device, dtype=w1.dtype)
-        _stem_conv1_kernel[(triton.cdiv(h1 * w1_, opts["block_m_conv1"]), batch)](
+        _stem_conv1_kernel[(triton.cdiv(w1_, opts["block_m_conv1"]), h1, batch)](
             x, mid, w1p, b1, n1_weight, n1_bias, height, width, h1, w1_, c1, *x.stride(),
             float(eps1), CIN=cin, HAS_B1=b1 is not w1p, DOT_PRECISION=precision,
             BLOCK_M=opts["block_m_conv1"], K1=k1, BLOCK_C1=bc1, **launch)
