@@ -11,8 +11,9 @@ prologue so that its fp32 sum never goes to memory). Run as separate kernels it 
 writes the hidden activation (4x the channels) twice and launches ~5 kernels (add +
 LayerNorm, fc1, GELU, fc2, the residual add in the next kernel); at stage 1 of VMamba-T at
 1280x720 the GELU pass alone moves 88 MB. Here the program loops over the hidden units
-BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf) GELU in fp32,
-rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T`` into the (BLOCK_M, C)
+BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf) GELU in
+fp32 (``common.gelu_erf``), rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T``
+into the (BLOCK_M, C)
 fp32 output: the hidden activation never leaves the chip. Then + b2 + the residual (reloaded:
 it is in L2, and keeping it live across the loop costs registers the dot tiles need), stored
 fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32 output, also run in this
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import layer_norm_rows, pow2_option, prepared
+from .common import gelu_erf, layer_norm_rows, pow2_option, prepared
 
 # MLP launch configuration per padded channel width (<= 128, and wider), read at every call.
 # Swept on an H100 over VMamba-T's stage 1 / 2 shapes at 1280x720 and 2048x2048
@@ -78,6 +79,7 @@ def _norm_mlp_kernel(
     HAS_BRANCH: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PADDED_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -110,7 +112,7 @@ def _norm_mlp_kernel(
                 h += tl.load(b1_ptr + hid).to(tl.float32)[None, :]
             else:
                 h += tl.load(b1_ptr + hid, mask=hid_ok, other=0.0).to(tl.float32)[None, :]
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        h = gelu_erf(h, FAST_MATH)
         if PADDED_T:
             w2 = tl.load(w2_ptr + hid[:, None] * BLOCK_C + cols[None, :])
         else:
@@ -235,6 +237,7 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
             # fp32 weights: a true fp32 product (tl.dot would use TF32 on tensor cores).
             DOT_PRECISION="ieee" if w1.dtype == torch.float32 else "tf32", PADDED_T=padded_t,
             BLOCK_M=cfg["block_m"], BLOCK_C=cfg["block_c"], BLOCK_H=cfg["block_h"],
+            FAST_MATH=x.is_cuda,  # PTX approximations (common.gelu_erf); the interpreter: exact
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

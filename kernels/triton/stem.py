@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..stem import conv_out_hw
-from .common import layer_norm_rows, pow2_option, prepared
+from .common import gelu_erf, layer_norm_rows, pow2_option, prepared
 
 # block_m: stage-1 pixels per program of the second kernel, block_m_conv1: conv1 outputs per
 # program of the first. Swept on an H100 (bench/stem.py --tune: bench/results/stem_h100.json):
@@ -46,7 +46,7 @@ TUNING = {"block_m": 128, "block_m_conv1": 128, "num_warps": 4, "num_stages": 3}
 @triton.jit
 def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_ptr, c1, c1_ok,
                 C1, eps1, CIN: tl.constexpr, HAS_B1: tl.constexpr, K1: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr):
     """GELU(LN1(conv1(x))) at conv1 row i1, columns j1, as (BLOCK_M, BLOCK_C1) fp32.
 
     conv1 as an implicit GEMM: the 3x3xCIN image patch of each output, k = (c, dy, dx)
@@ -67,14 +67,14 @@ def _conv1_rows(x_b, i1, j1, ok, H, W, sx_c, sx_h, sx_w, w1, b1, n1w_ptr, n1b_pt
     # from the LayerNorm) is what the modules would give, and Pipeline reports it.
     h = h.to(w1.dtype).to(tl.float32)
     h = layer_norm_rows(h, c1_ok, n1w_ptr, n1b_ptr, c1, C1, eps1)
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return gelu_erf(h, FAST_MATH)
 
 
 @triton.jit
 def _stem_conv1_kernel(
     x_ptr, mid_ptr, w1_ptr, b1_ptr, n1w_ptr, n1b_ptr, H, W, H1, W1, C1, sx_b, sx_c, sx_h, sx_w,
     eps1, CIN: tl.constexpr, HAS_B1: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, K1: tl.constexpr, BLOCK_C1: tl.constexpr,
+    BLOCK_M: tl.constexpr, K1: tl.constexpr, BLOCK_C1: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """Write GELU(LN1(conv1(x))) as a (batch, H1, W1, C1) map in the weights' dtype.
 
@@ -93,7 +93,8 @@ def _stem_conv1_kernel(
     w1 = tl.load(w1_ptr + k[:, None] * BLOCK_C1 + c1[None, :])
     b1 = tl.load(b1_ptr + c1, mask=c1_ok, other=0.0).to(tl.float32)  # unused without HAS_B1
     h = _conv1_rows(x_ptr + b * sx_b, i1, j1, j1_ok, H, W, sx_c, sx_h, sx_w, w1,
-                    b1, n1w_ptr, n1b_ptr, c1, c1_ok, C1, eps1, CIN, HAS_B1, K1, DOT_PRECISION)
+                    b1, n1w_ptr, n1b_ptr, c1, c1_ok, C1, eps1, CIN, HAS_B1, K1, DOT_PRECISION,
+                    FAST_MATH)
     mid = mid_ptr + ((b * H1 + i1) * W1 + j1[:, None]) * C1 + c1[None, :]
     tl.store(mid, h.to(mid_ptr.dtype.element_ty), mask=j1_ok[:, None] & c1_ok[None, :])
 
@@ -188,7 +189,9 @@ def conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n
         _stem_conv1_kernel[(triton.cdiv(w1_, opts["block_m_conv1"]), h1, batch)](
             x, mid, w1p, b1, n1_weight, n1_bias, height, width, h1, w1_, c1, *x.stride(),
             float(eps1), CIN=cin, HAS_B1=b1 is not w1p, DOT_PRECISION=precision,
-            BLOCK_M=opts["block_m_conv1"], K1=k1, BLOCK_C1=bc1, **launch)
+            BLOCK_M=opts["block_m_conv1"], K1=k1, BLOCK_C1=bc1,
+            FAST_MATH=x.is_cuda,  # PTX approximations (common.gelu_erf); the interpreter: exact
+            **launch)
         _stem_conv2_kernel[(triton.cdiv(h2 * w2_, opts["block_m"]), batch)](
             mid, out, w2p, b2_, n2_weight, n2_bias, h1, w1_, h2, w2_, c1, c2, float(eps2),
             HAS_B2=b2 is not None, DOT_PRECISION=precision, BLOCK_M=opts["block_m"],

@@ -96,7 +96,7 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     fn = norm_mlp._norm_mlp_kernel
     # with padded_t also the residual add of a 16-bit branch (VMamba's stage-1 blocks)
     consts = dict(HAS_BRANCH=padded_t, HAS_B1=True, HAS_B2=True, DOT_PRECISION=precision,
-                  PADDED_T=padded_t, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64)
+                  PADDED_T=padded_t, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64, FAST_MATH=True)
     fp32 = {'x_ptr', 'out_ptr', 'nw_ptr', 'nb_ptr', 'b2_ptr'}
     sig = {n: 'constexpr' if n in consts else 'fp32' if n == 'eps' else
            ('*fp32' if n in fp32 else weights) if n.endswith('_ptr') else 'i32'
@@ -106,6 +106,40 @@ def test_prenorm_kernel_compiles_for_sm90(padded_t, weights, precision):
     ptx = compiled.asm['ptx']
     # 16-bit weights must reach the tensor cores (wgmma on sm_90).
     assert ('wgmma' in ptx) == (weights != '*fp32')
+    # the GELU's reciprocal and exp2 as single approximate instructions (common.gelu_erf)
+    assert 'rcp.approx.ftz.f32' in ptx and 'ex2.approx.ftz.f32' in ptx
+
+
+def test_stem_kernels_compile_for_sm90():
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import stem
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # VMamba-T's widths: 3 -> 48 (padded to 64) -> 96 (128), fp16 weights, fp32 image in
+    consts = dict(CIN=3, HAS_B1=True, HAS_B2=True, DOT_PRECISION='tf32', BLOCK_M=128, K1=32,
+                  BLOCK_C1=64, BLOCK_C2=128, FAST_MATH=True)
+    fp32 = {'x_ptr', 'out_ptr', 'n1w_ptr', 'n1b_ptr', 'n2w_ptr', 'n2b_ptr'}
+    for fn, stages in ((stem._stem_conv1_kernel, 1), (stem._stem_conv2_kernel, 3)):
+        kept = {k: v for k, v in consts.items() if k in fn.arg_names}
+        sig = {n: 'constexpr' if n in kept else 'fp32' if n.startswith('eps') else
+               ('*fp32' if n in fp32 else '*fp16') if n.endswith('_ptr') else 'i32'
+               for n in fn.arg_names}
+        # Triton's specialisation at 1280x720: pointers and W1 = 640, W2 = 320, C1 = 48,
+        # C2 = 96 divisible by 16 (without it the masked tap loads are not staged)
+        attrs = {(i,): [['tt.divisibility', 16]] for i, n in enumerate(fn.arg_names)
+                 if n.endswith('_ptr') or n in ('W1', 'W2', 'C1', 'C2')}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kept, attrs=attrs),
+                                  target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=4, num_stages=stages))
+        ptx = compiled.asm['ptx']
+        assert 'wgmma' in ptx, fn.__name__
+        if fn is stem._stem_conv1_kernel:
+            assert 'rcp.approx.ftz.f32' in ptx and 'ex2.approx.ftz.f32' in ptx
+        else:  # the tap loop's loads staged asynchronously (num_stages 3)
+            assert 'cp.async' in ptx
 
 
 @pytest.mark.parametrize('bias', [False, True])
