@@ -5,8 +5,9 @@
 #   bash bench/device_plan.sh kernels    # GPU tests of the scan / conv / prenorm kernels,
 #                                        # stem and state-pass sweeps, ncu of the Vim scan
 #                                        # and the fused MLP
-#   bash bench/device_plan.sh backbone   # VMamba-T and ViT-S, 1280x720 and 2048^2, compiled,
-#                                        # fp16
+#   bash bench/device_plan.sh backbone   # prenorm / stem GPU tests; VMamba-T (and a baseline
+#                                        # copy in .whl/base) and ViT-S, 1280x720 and 2048^2,
+#                                        # compiled, fp16
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
@@ -71,6 +72,20 @@ kernels)
         --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_h100.txt 2>&1"
     ;;
 backbone)
+    # The fused MLP's and the stem's kernels changed without a GPU at stop 21 (per-row conv1,
+    # common.gelu_erf with MUFU approximations): their GPU tests first, then the backbone
+    # against a baseline copy of the code (.whl/base: git archive <commit> bench kernels
+    # mamba_perception | tar -x -C .whl/base; 6ba9185 for the stop-21 changes) in its own
+    # process, when present.
+    step 120 "GPU tests: prenorm and stem kernels" python -m pytest -q \
+        test/kernels/test_prenorm.py test/kernels/test_stem.py
+    if [ -d .whl/base/kernels ]; then
+        mkdir -p /tmp/ppbase && ln -sfn "$PWD/.whl/base/kernels" /tmp/ppbase/mamba_perception_kernels
+        step 170 "backbone base" env PYTHONPATH="$PWD/.whl/base:/tmp/ppbase" bash -c "cd .whl/base \
+            && python bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 2048x2048 \
+            --modes compile --dtypes fp16 --batches 1 --budget-s 160 \
+            --out $OUT/backbone_speed_base_h100.json"
+    fi
     backbone default
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
