@@ -5,19 +5,23 @@ import pytest
 from torch._inductor import config as inductor_config
 
 
-def test_apply_inductor_config_sets_and_rejects(monkeypatch):
+def test_apply_inductor_config_sets_and_rejects():
     common = load('common')
-    # monkeypatch restores the entries after the test (inductor's config is process-wide)
-    monkeypatch.setattr(inductor_config, 'coordinate_descent_tuning',
-                        inductor_config.coordinate_descent_tuning)
-    monkeypatch.setattr(inductor_config.triton, 'unique_kernel_names',
-                        inductor_config.triton.unique_kernel_names)
-    applied = common.apply_inductor_config(['coordinate_descent_tuning=true',
-                                            'triton.unique_kernel_names=false'])
-    assert applied == {'coordinate_descent_tuning': True, 'triton.unique_kernel_names': False}
-    assert inductor_config.coordinate_descent_tuning is True
-    assert inductor_config.triton.unique_kernel_names is False
-    with pytest.raises(ValueError, match='has no'):
-        common.apply_inductor_config(['no_such_setting=1'])
-    with pytest.raises(ValueError, match='KEY=VALUE'):
-        common.apply_inductor_config(['coordinate_descent_tuning'])
+    # inductor's config is process-wide: restored by hand (pytest's monkeypatch deletes the
+    # attribute on undo, which removes the setting from inductor's config module)
+    triton_config = inductor_config.triton
+    before = (inductor_config.coordinate_descent_tuning, triton_config.unique_kernel_names)
+    try:
+        applied = common.apply_inductor_config(['coordinate_descent_tuning=true',
+                                                'triton.unique_kernel_names=false'])
+        assert applied == {'coordinate_descent_tuning': True,
+                           'triton.unique_kernel_names': False}
+        assert inductor_config.coordinate_descent_tuning is True
+        assert inductor_config.triton.unique_kernel_names is False
+        with pytest.raises(ValueError, match='has no'):
+            common.apply_inductor_config(['no_such_setting=1'])
+        with pytest.raises(ValueError, match='KEY=VALUE'):
+            common.apply_inductor_config(['coordinate_descent_tuning'])
+    finally:
+        inductor_config.coordinate_descent_tuning, triton_config.unique_kernel_names = before
+    assert inductor_config.coordinate_descent_tuning == before[0]
