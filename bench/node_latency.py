@@ -127,7 +127,7 @@ def overhead(args):
 
             def build():  # what the node publishes: the detections as CDR bytes, the mask
                 conversions.detections_to_cdr(result, Header())
-                conversions.mask_to_image(result.class_mask, Header())
+                conversions.mask_to_cdr(result.class_mask, Header())
             entry['build_output_msgs'] = timed(build, args.repeats, False)
         except ImportError:
             entry['build_output_msgs'] = 'not measured: ROS message packages not installed here'
@@ -228,7 +228,7 @@ def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool)
             try:
                 from std_msgs.msg import Header
                 conversions.detections_to_cdr(r, Header())
-                conversions.mask_to_image(r.class_mask, Header())
+                conversions.mask_to_cdr(r.class_mask, Header())
             except ImportError:
                 pass
             lat_ms[k].append((time.time_ns() - taken[k].stamp_ns) / 1e6)

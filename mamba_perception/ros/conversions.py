@@ -414,11 +414,35 @@ def array_to_image(pixels: np.ndarray, header: Header, encoding: str):
     return msg
 
 
-def mask_to_image(mask: np.ndarray, header: Header):
-    """mono8 class-id ``Image`` at source resolution, with the source header."""
+def image_to_cdr(pixels: np.ndarray, header: Header, encoding: str) -> bytes:
+    """Return :func:`array_to_image`'s ``sensor_msgs/Image`` as serialized CDR bytes.
+
+    The pixels are copied once, into the bytes (``array_to_image`` copies them into the
+    message's array, rclpy again into its C message, the middleware again to serialize it),
+    and no Python message is built; ``Publisher.publish`` takes the bytes. Same bytes as
+    rclpy's serialization (test_conversions.py).
+    """
+    pixels = np.ascontiguousarray(pixels, np.uint8)
+    height, width = pixels.shape[:2]
+    step = width * (1 if pixels.ndim == 2 else pixels.shape[2])
+    stamp = header.stamp
+    frame, offset = _cdr_string(str(header.frame_id).encode(), 8)
+    head = [b'\0\1\0\0', struct.pack('<iI', int(stamp.sec), int(stamp.nanosec)), frame]
+    head.append(_pad(offset, 4))
+    offset += len(head[-1]) + 8
+    head.append(struct.pack('<II', height, width))
+    enc, offset = _cdr_string(encoding.encode(), offset)
+    head += [enc, b'\0']  # is_bigendian
+    offset += 1
+    head += [_pad(offset, 4), struct.pack('<II', step, pixels.nbytes)]  # step, data length
+    return b''.join([*head, pixels.data])
+
+
+def mask_to_cdr(mask: np.ndarray, header: Header) -> bytes:
+    """mono8 class-id ``Image`` at source resolution with the source header, as CDR bytes."""
     if mask.dtype != np.uint8 or mask.ndim != 2:
         raise InputError(f'class mask must be (H, W) uint8, got {mask.shape} {mask.dtype}')
-    return array_to_image(mask, header, 'mono8')
+    return image_to_cdr(mask, header, 'mono8')
 
 
 def label_info(class_names: Sequence[str], threshold: float, header: Header):

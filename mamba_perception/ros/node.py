@@ -521,14 +521,14 @@ class PerceptionNode(LifecycleNode):
             # cost ~2.4 ms for 100 boxes (bench/detections_publish.py)
             pubs['detections'].publish(conversions.detections_to_cdr(result, header))
         if 'mask' in pubs and result.class_mask is not None:
-            pubs['mask'].publish(conversions.mask_to_image(result.class_mask, header))
+            pubs['mask'].publish(conversions.mask_to_cdr(result.class_mask, header))
         overlay_pub = pubs['overlay']
         if overlay_pub.get_subscription_count() > 0:
             pipeline = self._pipeline
             image = conversions.overlay(conversions.rgb_of(frame), result,
                                         pipeline.class_colors, pipeline.class_names,
                                         self.get_parameter('overlay_alpha').value)
-            overlay_pub.publish(conversions.array_to_image(image, header, 'rgb8'))
+            overlay_pub.publish(conversions.image_to_cdr(image, header, 'rgb8'))
             with self._lock:
                 self._health[camera].overlays_published += 1
         publish_ms = (time.perf_counter() - started) * 1e3

@@ -250,11 +250,37 @@ def test_serialized_detections_are_the_message_rclpy_would_send(boxes, frame_id)
     assert deserialize_message(raw, Detection2DArray) == want
 
 
+@pytest.mark.parametrize('encoding, shape', [('mono8', (3, 5)), ('rgb8', (2, 7, 3)),
+                                             ('bgra8', (4, 1, 4)), ('mono8', (0, 0))])
+@pytest.mark.parametrize('frame_id', ['', 'c', 'ca', 'cam', 'cam_front_optical'])
+def test_serialized_image_is_the_message_rclpy_would_send(encoding, shape, frame_id):
+    # The node publishes its mask and overlay as image_to_cdr's bytes: rclpy must read them
+    # back as array_to_image's message, whatever the strings do to alignment (same length as
+    # rclpy's serialization; CDR leaves padding bytes unspecified, so not the same bytes).
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    rng = np.random.default_rng(len(frame_id))
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    header = Header(frame_id=frame_id)
+    header.stamp.sec = int(rng.integers(-(2 ** 31), 2 ** 31 - 1))
+    header.stamp.nanosec = int(rng.integers(0, 10 ** 9))
+    raw = conversions.image_to_cdr(pixels, header, encoding)
+    want = conversions.array_to_image(pixels, header, encoding)
+    assert isinstance(raw, bytes) and len(raw) == len(serialize_message(want))
+    assert deserialize_message(raw, Image) == want
+    # a strided view (every other column) is published as its pixels, not its memory
+    wide = rng.integers(0, 256, (3, 10), dtype=np.uint8)
+    got = deserialize_message(conversions.image_to_cdr(wide[:, ::2], header, 'mono8'), Image)
+    np.testing.assert_array_equal(np.frombuffer(got.data, np.uint8).reshape(3, 5), wide[:, ::2])
+
+
 def test_mask_and_label_info_and_overlay(rgb):
+    from rclpy.serialization import deserialize_message
+
     header = Header(frame_id='cam')
     h, w = rgb.shape[:2]
     result = result_with([[10, 20, 50, 100]], [0.9], [1], h, w)
-    mask = conversions.mask_to_image(result.class_mask, header)
+    mask = deserialize_message(conversions.mask_to_cdr(result.class_mask, header), Image)
     assert (mask.height, mask.width, mask.encoding, mask.step) == (h, w, 'mono8', w)
     assert mask.header == header
     np.testing.assert_array_equal(np.frombuffer(mask.data, np.uint8).reshape(h, w),
