@@ -87,6 +87,9 @@ backbone)
             --out $OUT/backbone_speed_base_h100.json"
     fi
     backbone default
+    # stage 2 (C = 192) through the fused MLP too: slower than cuBLAS + its GELU epilogue
+    # before the cheaper GELU (stop 19); worth one row now
+    backbone fused256 --fused-mlp-max-channels 256
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
         --out "$OUT/backbone_speed_anchor_h100.json"
