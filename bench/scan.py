@@ -676,7 +676,7 @@ def main(argv=None):
     parser.add_argument("--candidates", default=None,
                         help="with --tune-by-width: a JSON list of ss2d_lowrank.TUNING updates "
                              "to time instead of the launch-option grid (an A/B of variants, "
-                             "e.g. '[{}, {\"state_impl\": \"folded\"}]')")
+                             "e.g. '[{}, {\"seq_block_d\": 256, \"seq_num_warps\": 2}]')")
     parser.add_argument("--bidir", action="store_true",
                         help="only the Vim (bidir) cases: Vim-T/S at 1280x720 and 2048x2048")
     parser.add_argument("--tune-bidir", action="store_true",

@@ -40,8 +40,8 @@ def gelu_erf(h, FAST: tl.constexpr):
 
     ``erf(a) = 1 - t (c1 + t (c2 + t (c3 + t (c4 + t c5)))) exp(-a^2)``, ``t = 1 / (1 + p a)``,
     ``a >= 0``, absolute error <= 1.5e-7 (on the GELU in fp32: <= 3.4e-7 absolute, below
-    torch's own fp32 GELU's 1.2e-6; test_prenorm's test_gelu_erf). With
-    ``q = x/2 (1 - erf(|x|/sqrt 2))``, GELU is ``x - q`` for x >= 0 and ``q`` below.
+    torch's own fp32 GELU's 1.2e-6; test_prenorm's test_triton_kernel_gelu_erf_is_exact_gelu).
+    With ``q = x/2 (1 - erf(|x|/sqrt 2))``, GELU is ``x - q`` for x >= 0 and ``q`` below.
     ``FAST`` (CUDA): the reciprocal and exp2 as single MUFU instructions (``rcp.approx.ftz``,
     ``ex2.approx.ftz``: 1 ulp; their arguments are >= 1 and <= 0, where flushing denormals
     changes nothing that survives the fp16 rounding downstream) instead of the range-checked

@@ -13,10 +13,9 @@ LayerNorm, fc1, GELU, fc2, the residual add in the next kernel); at stage 1 of V
 1280x720 the GELU pass alone moves 88 MB. Here the program loops over the hidden units
 BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf) GELU in
 fp32 (``common.gelu_erf``), rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T``
-into the (BLOCK_M, C)
-fp32 output: the hidden activation never leaves the chip. Then + b2 + the residual (reloaded:
-it is in L2, and keeping it live across the loop costs registers the dot tiles need), stored
-fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32 output, also run in this
+into the (BLOCK_M, C) fp32 output: the hidden activation never leaves the chip. Then + b2 +
+the residual (reloaded: it is in L2, and keeping it live across the loop costs registers the
+dot tiles need), stored fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32 output, also run in this
 prologue was slower on an H100 at stop 21: 2.096 vs 2.055 ms for VMamba-T at 1280x720,
 bench/results/backbone_speed_tail_in_mlp_h100.json; removed.)
 

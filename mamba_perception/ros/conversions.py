@@ -363,6 +363,13 @@ def _pad(offset: int, align: int) -> bytes:
     return b'\0' * (-offset % align)
 
 
+def _header_cdr(header: Header) -> bytes:
+    """CDR of a std_msgs/Header at a 4-aligned offset (stamp, frame_id), padded to 4 bytes."""
+    stamp = header.stamp
+    frame, end = _cdr_string(str(header.frame_id).encode(), 8)
+    return struct.pack('<iI', int(stamp.sec), int(stamp.nanosec)) + frame + _pad(end, 4)
+
+
 def detections_to_cdr(result: FrameResult, header: Header) -> bytes:
     """Return :func:`detections_to_msg`'s ``Detection2DArray`` as serialized CDR bytes.
 
@@ -373,11 +380,7 @@ def detections_to_cdr(result: FrameResult, header: Header) -> bytes:
     serialized message. Same length as rclpy's serialization and deserializes to the same
     message (CDR leaves padding bytes unspecified: zeros here); test_conversions.py checks it.
     """
-    stamp = header.stamp
-    frame, _ = _cdr_string(str(header.frame_id).encode(), 8)
-    # std_msgs/Header (stamp, frame_id) padded to 4: the array's and every box's, same bytes.
-    header_cdr = (struct.pack('<iI', int(stamp.sec), int(stamp.nanosec)) + frame
-                  + _pad(len(frame), 4))
+    header_cdr = _header_cdr(header)  # the array's and every box's: the same bytes
     dets = result.detections
     n = 0 if dets is None else len(dets)
     parts = [b'\0\1\0\0', header_cdr, struct.pack('<I', n)]
@@ -419,23 +422,17 @@ def image_to_cdr(pixels: np.ndarray, header: Header, encoding: str) -> bytes:
 
     The pixels are copied once, into the bytes (``array_to_image`` copies them into the
     message's array, rclpy again into its C message, the middleware again to serialize it),
-    and no Python message is built; ``Publisher.publish`` takes the bytes. Same bytes as
-    rclpy's serialization (test_conversions.py).
+    and no Python message is built; ``Publisher.publish`` takes the bytes. Same length as
+    rclpy's serialization and deserializes to the same message (test_conversions.py).
     """
     pixels = np.ascontiguousarray(pixels, np.uint8)
     height, width = pixels.shape[:2]
     step = width * (1 if pixels.ndim == 2 else pixels.shape[2])
-    stamp = header.stamp
-    frame, offset = _cdr_string(str(header.frame_id).encode(), 8)
-    head = [b'\0\1\0\0', struct.pack('<iI', int(stamp.sec), int(stamp.nanosec)), frame]
-    head.append(_pad(offset, 4))
-    offset += len(head[-1]) + 8
-    head.append(struct.pack('<II', height, width))
-    enc, offset = _cdr_string(encoding.encode(), offset)
-    head += [enc, b'\0']  # is_bigendian
-    offset += 1
-    head += [_pad(offset, 4), struct.pack('<II', step, pixels.nbytes)]  # step, data length
-    return b''.join([*head, pixels.data])
+    header_cdr = _header_cdr(header)
+    enc, end = _cdr_string(encoding.encode(), len(header_cdr) + 8)  # after height, width
+    end += 1  # is_bigendian
+    return b''.join([b'\0\1\0\0', header_cdr, struct.pack('<II', height, width), enc, b'\0',
+                     _pad(end, 4), struct.pack('<II', step, pixels.nbytes), pixels.data])
 
 
 def mask_to_cdr(mask: np.ndarray, header: Header) -> bytes:
