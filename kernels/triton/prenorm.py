@@ -15,9 +15,9 @@ BLOCK_H at a time: ``h = A @ W1[chunk].T + b1`` (fp32 accumulation), exact (erf)
 fp32 (``common.gelu_erf``), rounded to the weights' dtype, accumulated as ``h @ W2[:, chunk].T``
 into the (BLOCK_M, C) fp32 output: the hidden activation never leaves the chip. Then + b2 +
 the residual (reloaded: it is in L2, and keeping it live across the loop costs registers the
-dot tiles need), stored fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32 output, also run in this
-prologue was slower on an H100 at stop 21: 2.096 vs 2.055 ms for VMamba-T at 1280x720,
-bench/results/backbone_speed_tail_in_mlp_h100.json; removed.)
+dot tiles need), stored fp32. (The SS2D tail, out_norm -> out_proj on the scan's fp32
+output, also run in this prologue was slower on an H100 at stop 21: 2.096 vs 2.055 ms for
+VMamba-T at 1280x720, bench/results/backbone_speed_tail_in_mlp_h100.json; removed.)
 
 ``_norm_linear_kernel``: ``residual + linear(layer_norm(y))``, the end of VMamba's SS2D mixer
 (out_norm -> out_proj on the scan's fp32 output, then the block's residual add): the program
