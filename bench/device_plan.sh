@@ -9,6 +9,9 @@
 #                                        # copy in .whl/base) and ViT-S, 1280x720 and 2048^2,
 #                                        # compiled, fp16
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
+#   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
+#                                        # and 4: kernel time by module (eager) and by
+#                                        # kind (compiled)
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
 #                                        # sparse part's profile, compiled batch 1 and 4
@@ -23,7 +26,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|dense|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
@@ -72,11 +75,9 @@ kernels)
         --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_h100.txt 2>&1"
     ;;
 backbone)
-    # The fused MLP's and the stem's kernels changed without a GPU at stop 21 (per-row conv1,
-    # common.gelu_erf with MUFU approximations): their GPU tests first, then the backbone
-    # against a baseline copy of the code (.whl/base: git archive <commit> bench kernels
-    # mamba_perception | tar -x -C .whl/base; 6ba9185 for the stop-21 changes) in its own
-    # process, when present.
+    # The prenorm / stem kernels' GPU tests first, then the backbone against a baseline copy
+    # of the code (.whl/base: git archive <commit> bench kernels mamba_perception | tar -x -C
+    # .whl/base) in its own process, when present.
     step 120 "GPU tests: prenorm and stem kernels" python -m pytest -q \
         test/kernels/test_prenorm.py test/kernels/test_stem.py
     if [ -d .whl/base/kernels ]; then
@@ -99,6 +100,16 @@ vim)
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
             --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 \
             --budget-s 190 --out "$OUT/backbone_speed_vim${extra:+_freezing}_h100.json" $extra
+    done
+    ;;
+dense)
+    # Where a 4-camera batch's GPU time goes (issue #6: 4 x 30 Hz needs a batch every 33 ms;
+    # by FLOPs UperNet is 1.66 of the dense part's 2.06 TFLOP per frame): per module in eager
+    # (hooks), per kernel kind compiled, batch 1 and 4
+    for batch in 1 4; do
+        step 280 "det+seg dense part, batch $batch" python bench/profile_backbone.py \
+            --perception detseg --size 768x1344 --batch $batch --compile --iters 5 \
+            --out "$OUT/profile_detseg_720p_b${batch}_h100.json"
     done
     ;;
 pipeline)
@@ -142,7 +153,7 @@ node)
         --seconds 8 --repeats 20 --profile-dir "$OUT" --out "$OUT/node_latency_h100.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, vim, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, vim, dense, pipeline, batches or node" >&2
     exit 2
     ;;
 esac

@@ -10,6 +10,18 @@ forward is measured in the same run for comparison.
         --out $OUT/profile_vmamba_tiny_720p.json
 
 ``--compile`` also profiles ``torch.compile`` of the same forward (inductor, default mode).
+
+``--perception det|seg|detseg`` profiles a whole perception model's dense part instead
+(``PerceptionModel.forward_dense`` of a random bundle with ``--model`` as its backbone and the
+full heads, as the pipeline and node benchmarks build it) at ``--batch`` frames of ``--size``,
+which is then the padded input size (a 1280x720 frame runs at 768x1344 by the bundles' input
+policy). The eager variant also splits the kernel time by module (``module_us``: the backbone's
+stem, stages and downsamples, the FPN, the RPN head, UperNet, ...; ``other`` = kernels launched
+outside them, such as the RPN's pre-NMS selection), so a user sees which part of the model the
+GPU time goes to::
+
+    python bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
+        --out $OUT/profile_detseg_720p_b4.json
 """
 
 from __future__ import annotations
@@ -61,12 +73,90 @@ def build(name: str):
     return model, model.forward_intermediates
 
 
-def profile(fn, iters: int, top_n: int = 40) -> dict:
-    """Per-kernel CUDA time (µs per forward) of ``fn`` over ``iters`` calls."""
+PERCEPTION_TASKS = {'det': ('detection',), 'seg': ('segmentation',),
+                    'detseg': ('detection', 'segmentation')}
+MODULE_RANGE = 'module::'
+
+
+def build_perception(backbone: str, tasks: str):
+    """Random-weight perception model (full heads) and its dense forward, as the benches build."""
+    from mamba_perception.models.bundle import create_random_bundle
+
+    bundle = create_random_bundle(backbone=backbone, tasks=PERCEPTION_TASKS[tasks],
+                                  num_classes=150 if tasks == 'seg' else 80)
+    model = bundle.build_model('cpu')
+    return model, model.forward_dense
+
+
+def perception_modules(model) -> list:
+    """Names of the modules whose kernel time ``module_us`` reports (none nested in another)."""
+    names = []
+    backbone = getattr(model, 'backbone', None)
+    if backbone is not None:
+        for child in ('patch_embed', 'pos_drop'):
+            if hasattr(backbone, child):
+                names.append(f'backbone.{child}')
+        for i, layer in enumerate(getattr(backbone, 'layers', [])):
+            # (the last stage's downsample is an Identity that forward_intermediates skips)
+            names += [f'backbone.layers.{i}.{part}' for part in ('blocks', 'downsample')
+                      if isinstance(getattr(layer, part, None), torch.nn.Module)
+                      and not isinstance(getattr(layer, part), torch.nn.Identity)]
+    for name in ('detector.neck', 'detector.rpn.head', 'decode_head'):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            continue
+        names.append(name)
+    return names
+
+
+def module_ranges(model, names) -> list:
+    """Forward hooks that put each named module's call inside a profiler range; their handles.
+
+    Only for eager calls (dynamo would break the graph at the hooks).
+    """
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        ranges = []  # a stack: a module may be called again inside its own call
+
+        def enter(_module, _args, name=name, ranges=ranges):
+            ranges.append(torch.profiler.record_function(MODULE_RANGE + name))
+            ranges[-1].__enter__()
+
+        def leave(_module, _args, _out, ranges=ranges):
+            ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def module_times(events, iters: int, total_us: float, device: bool = True) -> dict:
+    """µs per forward inside each module range (``other``: the rest of ``total_us``).
+
+    ``device``: kernel time of each range (CUDA); else its CPU time (what a CPU test can see).
+    """
+    times = collections.Counter()
+    for evt in events:
+        if evt.name.startswith(MODULE_RANGE):
+            spent = evt.device_time_total if device else evt.cpu_time_total
+            times[evt.name[len(MODULE_RANGE):]] += spent / iters
+    out = {name: round(us, 1) for name, us in times.items()}
+    out['other'] = round(total_us - sum(times.values()), 1)
+    return out
+
+
+def profile(fn, iters: int, top_n: int = 40, modules: bool = False) -> dict:
+    """Per-kernel CUDA time (µs per forward) of ``fn`` over ``iters`` calls.
+
+    ``modules``: ``fn`` runs with :func:`module_ranges` hooks; ``module_us`` splits the kernel
+    time by them.
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if modules else [])
+    with tprofile(activities=activities) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
@@ -82,10 +172,13 @@ def profile(fn, iters: int, top_n: int = 40) -> dict:
     total = sum(per_kernel.values())
     top = [{'kernel': n[:160], 'kind': kind_of(n), 'us': round(us, 1),
             'launches': round(launches[n], 1)} for n, us in per_kernel.most_common(top_n)]
-    return {'kernel_sum_us': round(total, 1),
-            'launches_per_forward': round(sum(launches.values()), 1),
-            'per_kind_us': {k: round(v, 1) for k, v in per_kind.most_common()},
-            'top_kernels': top}
+    row = {'kernel_sum_us': round(total, 1),
+           'launches_per_forward': round(sum(launches.values()), 1),
+           'per_kind_us': {k: round(v, 1) for k, v in per_kind.most_common()},
+           'top_kernels': top}
+    if modules:
+        row['module_us'] = module_times(prof.events(), iters, total)
+    return row
 
 
 def main() -> int:
@@ -112,6 +205,10 @@ def main() -> int:
                         help='VMamba patch embedding as one kernel or as its modules')
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
                         help="VMamba fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue")
+    parser.add_argument('--perception', choices=sorted(PERCEPTION_TASKS),
+                        help="a perception model's dense part (module docstring) instead of the "
+                             'backbone alone')
+    parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -136,13 +233,20 @@ def main() -> int:
     h, w = (int(v) for v in args.size.split('x'))
     dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    model, fwd = build(args.model)
+    model, fwd = (build_perception(args.model, args.perception) if args.perception
+                  else build(args.model))
     model = model.cuda().eval()
+    if args.perception:
+        # As Pipeline: the heads' conv weights channels-last on CUDA (the backbone hands them
+        # channels-last maps)
+        for head in (model.detector, model.decode_head):
+            if head is not None:
+                head.to(memory_format=torch.channels_last)
     if args.weights == 'cast':
         from mamba_perception.models.layers import cast_autocast_weights
 
         cast_autocast_weights(model, dtype)
-    x = torch.randn(1, 3, h, w, device='cuda')
+    x = torch.randn(args.batch, 3, h, w, device='cuda')
 
     def runner(f):
         def step():
@@ -150,7 +254,8 @@ def main() -> int:
                 return f(x)
         return step
 
-    result = {'provenance': provenance({'batch': 1, 'lowrank_impl': args.lowrank_impl,
+    result = {'provenance': provenance({'batch': args.batch, 'perception': args.perception,
+                                        'lowrank_impl': args.lowrank_impl,
                                         'weights': args.weights,
                                         'compile_mode': args.compile_mode,
                                         'inductor_freezing': args.inductor_freezing,
@@ -169,7 +274,11 @@ def main() -> int:
         first_s = time.perf_counter() - t0
         for _ in range(3):
             step()
-        row = profile(step, args.iters, args.top)
+        hooks = (module_ranges(model, perception_modules(model))
+                 if args.perception and label == 'eager' else [])
+        row = profile(step, args.iters, args.top, modules=bool(hooks))
+        for handle in hooks:
+            handle.remove()
         row['first_call_s'] = round(first_s, 2)
         row['graph_replay_ms'] = round(time_cuda(step, iters=20, reps=5)['median_us'] / 1e3, 3)
         result['variants'][label] = row
@@ -177,6 +286,8 @@ def main() -> int:
               f'kernel sum {row["kernel_sum_us"]} us, {row["launches_per_forward"]} launches, '
               f'first call {first_s:.1f} s', flush=True)
         print('   per kind (us):', row['per_kind_us'], flush=True)
+        if 'module_us' in row:
+            print('   per module (us):', row['module_us'], flush=True)
         for k in row['top_kernels'][:15]:
             print(f"   {k['us']:8.1f} us x{k['launches']:5.1f} {k['kind']:12s} {k['kernel'][:90]}")
         write_json(args.out, result)

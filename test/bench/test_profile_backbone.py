@@ -1,0 +1,51 @@
+"""bench/profile_backbone.py --perception: which modules the kernel time is split by, and how."""
+
+from bench_modules import load
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+profile_backbone = load('profile_backbone')
+
+
+def _model(tasks):
+    torch.manual_seed(0)
+    model, forward = profile_backbone.build_perception('vmamba_test', tasks)
+    return model.eval(), forward
+
+
+def test_perception_modules_cover_backbone_and_heads_without_nesting():
+    model, _ = _model('detseg')
+    names = profile_backbone.perception_modules(model)
+    assert names[0] == 'backbone.patch_embed'
+    assert {'detector.neck', 'detector.rpn.head', 'decode_head'} <= set(names)
+    stages = len(model.backbone.layers)
+    assert sum(n.endswith('.blocks') for n in names) == stages
+    # a range inside another would count its kernels twice
+    assert not [(a, b) for a in names for b in names if b.startswith(a + '.')]
+    seg_only, _ = _model('seg')
+    seg_names = profile_backbone.perception_modules(seg_only)
+    assert 'decode_head' in seg_names and not any(n.startswith('detector') for n in seg_names)
+
+
+def test_module_ranges_time_each_module_and_are_removed():
+    model, forward = _model('detseg')
+    names = profile_backbone.perception_modules(model)
+    x = torch.randn(1, 3, 64, 96)
+    handles = profile_backbone.module_ranges(model, names)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            forward(x)
+    for handle in handles:
+        handle.remove()
+    events = prof.events()
+    inside = profile_backbone.module_times(events, 2, total_us=0.0, device=False)
+    assert set(inside) == set(names) | {'other'}
+    assert all(inside[n] > 0 for n in names), inside
+    # other = the total minus what the ranges hold
+    times = profile_backbone.module_times(events, 2, total_us=1e6, device=False)
+    assert abs(times['other'] - (1e6 - sum(inside[n] for n in names))) < 1.0
+    # one range per call of its module and iteration
+    assert sum(e.name == profile_backbone.MODULE_RANGE + 'decode_head' for e in events) == 2
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as after:
+        forward(x)
+    assert not [e for e in after.events() if e.name.startswith(profile_backbone.MODULE_RANGE)]
