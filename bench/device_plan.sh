@@ -111,6 +111,20 @@ dense)
             --perception detseg --size 768x1344 --batch $batch --compile --iters 5 \
             --out "$OUT/profile_detseg_720p_b${batch}_h100.json"
     done
+    # UperNet's fusion conv with its coarse levels mixed at their own resolution (stop 22,
+    # off by default, untimed): 2.06 -> ~1.24 TFLOP per frame by count; the resize-shift-sum
+    # it adds is one fused inductor pass per level (CPU codegen). Compiled only (eager writes
+    # nine stride-4 maps per level).
+    step 200 "det+seg dense part, batch 4, coarse UperNet fusion" python \
+        bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
+        --no-eager --iters 5 --upernet-coarse-fusion on \
+        --out "$OUT/profile_detseg_720p_b4_coarse_h100.json"
+    for fusion in off on; do
+        step 200 "pipeline compiled, batches 1 and 4, coarse UperNet fusion $fusion" python \
+            bench/pipeline_speed.py --tasks detseg --sizes 720p --batches 1 4 \
+            --precisions fp16 --frames 100 --warmup 5 --modes compile_graphs --budget-s 190 \
+            --upernet-coarse-fusion $fusion --out "$OUT/pipeline_compile_coarse_${fusion}_h100.json"
+    done
     ;;
 pipeline)
     step 150 "pipeline factors (same process)" env OUT="$OUT" python bench/pipeline_factors.py

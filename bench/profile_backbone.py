@@ -209,6 +209,9 @@ def main() -> int:
                         help="a perception model's dense part (module docstring) instead of the "
                              'backbone alone')
     parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--upernet-coarse-fusion', choices=('on', 'off'), default=None,
+                        help="UperNet's fusion conv with the coarse levels mixed at their own "
+                             'resolution (segmentation.COARSE_FUSION; default: the module\'s)')
     parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -225,6 +228,10 @@ def main() -> int:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
+    from mamba_perception.models.heads import segmentation
+
+    if args.upernet_coarse_fusion is not None:
+        segmentation.COARSE_FUSION = args.upernet_coarse_fusion == 'on'
     if args.inductor_freezing:
         from torch._inductor import config as inductor_config
 
@@ -255,6 +262,7 @@ def main() -> int:
         return step
 
     result = {'provenance': provenance({'batch': args.batch, 'perception': args.perception,
+                                        'upernet_coarse_fusion': segmentation.COARSE_FUSION,
                                         'lowrank_impl': args.lowrank_impl,
                                         'weights': args.weights,
                                         'compile_mode': args.compile_mode,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from mamba_perception.models.heads import FCNHead, MaskRCNNHead, UPerHead
+from mamba_perception.models.heads import FCNHead, MaskRCNNHead, UPerHead, segmentation
 from mamba_perception.models.heads.detection import (
     AlignedMultiScaleRoIAlign,
     MMDetAnchorGenerator,
@@ -41,6 +41,65 @@ def test_uperhead_any_class_count_and_aux_head():
     assert aux(feats).shape == (1, 7, 4, 6)
     with pytest.raises(ValueError, match='4 input levels'):
         UPerHead(CHANNELS[:3])
+
+
+@pytest.mark.parametrize('size', [(20, 28), (17, 23)])  # stride-4 sizes: even, and odd
+def test_conv3x3_of_resized_equals_the_conv_of_the_resized_map(size):
+    torch.manual_seed(1)
+    coarse = torch.randn(2, 6, (size[0] + 1) // 2, (size[1] + 3) // 4, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    resized = torch.nn.functional.interpolate(coarse, size=size, mode='bilinear',
+                                              align_corners=False)
+    want = torch.nn.functional.conv2d(resized, weight, padding=1)
+    got = segmentation.conv3x3_of_resized(coarse, weight, size)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a wrong tap order or shift direction is far off (the check above can fail)
+    flipped = segmentation.conv3x3_of_resized(coarse, weight.flip(-1), size)
+    assert (flipped - want).abs().max() > 1e-2
+
+
+def test_uperhead_coarse_fusion_gives_the_same_logits(monkeypatch):
+    torch.manual_seed(2)
+    head = UPerHead(CHANNELS, num_classes=11, channels=16).double().eval()
+    for bn in head.modules():  # running statistics away from the identity
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+    feats = [f.double() for f in feature_maps(height=64, width=96)]
+    monkeypatch.setattr(segmentation, 'COARSE_FUSION', False)
+    want = head(feats)
+    monkeypatch.setattr(segmentation, 'COARSE_FUSION', True)
+    got = head(feats)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # training keeps the modules' path (the fused one has no reason to be differentiated)
+    calls, fuse = [], head._fuse_coarse
+    monkeypatch.setattr(head, '_fuse_coarse', lambda outs: calls.append(1) or fuse(outs))
+    head.train()(feats)
+    assert not calls
+    with torch.no_grad():
+        head.eval()(feats)
+    assert calls == [1]
+
+
+def test_uperhead_coarse_fusion_rounds_like_the_modules_under_autocast(monkeypatch):
+    # 16-bit autocast: nine tap maps rounded and summed per level instead of one conv's fp32
+    # accumulation; the logits' error against float64 stays of the modules' order
+    channels = [24, 48, 96, 192]
+    feats = feature_maps(batch=1, height=192, width=320, channels=channels)
+    head = UPerHead(channels, num_classes=20, channels=64).eval()
+    with torch.no_grad():
+        want = head.double()([f.double() for f in feats])
+        head.float()
+        errors = {}
+        for coarse in (False, True):
+            monkeypatch.setattr(segmentation, 'COARSE_FUSION', coarse)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                got = head(feats).double()
+            errors[coarse] = float((got - want).norm() / want.norm())
+    assert errors[False] < 0.02 and errors[True] < 2 * errors[False], errors
 
 
 def test_anchors_follow_mmdet_convention():
