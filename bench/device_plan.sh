@@ -11,7 +11,10 @@
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
-#                                        # kind (compiled)
+#                                        # kind (compiled); batch 4 with the coarse UperNet
+#                                        # fusion
+#   bash bench/device_plan.sh coarse     # det+seg pipeline with / without the coarse UperNet
+#                                        # fusion, CUDA graphs and compiled, batches 1 and 4
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
 #                                        # head-layout change is worth (one process), the
 #                                        # sparse part's profile, compiled batch 1 and 4
@@ -26,7 +29,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|dense|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
@@ -107,23 +110,27 @@ dense)
     # by FLOPs UperNet is 1.66 of the dense part's 2.06 TFLOP per frame): per module in eager
     # (hooks), per kernel kind compiled, batch 1 and 4
     for batch in 1 4; do
-        step 280 "det+seg dense part, batch $batch" python bench/profile_backbone.py \
+        step 190 "det+seg dense part, batch $batch" python bench/profile_backbone.py \
             --perception detseg --size 768x1344 --batch $batch --compile --iters 5 \
             --out "$OUT/profile_detseg_720p_b${batch}_h100.json"
     done
     # UperNet's fusion conv with its coarse levels mixed at their own resolution (stop 22,
-    # off by default, untimed): 2.06 -> ~1.24 TFLOP per frame by count; the resize-shift-sum
-    # it adds is one fused inductor pass per level (CPU codegen). Compiled only (eager writes
-    # nine stride-4 maps per level).
-    step 200 "det+seg dense part, batch 4, coarse UperNet fusion" python \
+    # off by default, untimed): 2.06 -> 1.25 TFLOP per frame by count, plus the
+    # resize_tap_sum kernel's gathers (36 per output element and level)
+    step 180 "det+seg dense part, batch 4, coarse UperNet fusion" python \
         bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
-        --no-eager --iters 5 --upernet-coarse-fusion on \
+        --iters 5 --upernet-coarse-fusion on \
         --out "$OUT/profile_detseg_720p_b4_coarse_h100.json"
+    ;;
+coarse)
+    # The whole pipeline with and without the coarse UperNet fusion, CUDA graphs (the node's
+    # default) and compiled, batches 1 and 4; one process per setting on one card
     for fusion in off on; do
-        step 200 "pipeline compiled, batches 1 and 4, coarse UperNet fusion $fusion" python \
+        step 280 "pipeline, batches 1 and 4, coarse UperNet fusion $fusion" python \
             bench/pipeline_speed.py --tasks detseg --sizes 720p --batches 1 4 \
-            --precisions fp16 --frames 100 --warmup 5 --modes compile_graphs --budget-s 190 \
-            --upernet-coarse-fusion $fusion --out "$OUT/pipeline_compile_coarse_${fusion}_h100.json"
+            --precisions fp16 --frames 100 --warmup 5 --modes cuda_graphs compile_graphs \
+            --budget-s 270 --upernet-coarse-fusion $fusion \
+            --out "$OUT/pipeline_coarse_${fusion}_h100.json"
     done
     ;;
 pipeline)
@@ -167,7 +174,7 @@ node)
         --seconds 8 --repeats 20 --profile-dir "$OUT" --out "$OUT/node_latency_h100.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, vim, dense, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2
     exit 2
     ;;
 esac

@@ -19,12 +19,15 @@ the conv's oracle is ``F.conv2d``):
   the SS2D mixer and its residual add).
 * ``conv_norm_stem``: VMamba's patch embedding, conv -> LayerNorm -> GELU -> conv ->
   LayerNorm, in one pass (inference, ``stem.py``).
+* ``resize_tap_sum``: a 3x3 conv of bilinearly upsampled maps from per-tap 1x1 products taken
+  at the maps' own resolution (+ base, + per-channel affine, + ReLU): UperNet's fusion conv
+  (inference, ``resize.py``).
 
 ``backend_name(device)`` tells which implementation runs for a device: ``'triton'`` on CUDA,
 ``'torch-chunked'`` elsewhere. Triton is imported only when a CUDA tensor reaches an op.
 All are ``torch.library`` custom ops (``torch.ops.mamba_perception.*``) with fake impls and
-(except the inference-only ``prenorm.py`` and ``stem.py`` ops) registered backward passes, so
-autograd, ``torch.compile`` and ``torch.export`` treat each as one node.
+(except the inference-only ``prenorm.py``, ``resize.py`` and ``stem.py`` ops) registered
+backward passes, so autograd, ``torch.compile`` and ``torch.export`` treat each as one node.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .reference import (
     ss2d_scan_lowrank_ref,
     ss2d_scan_ref,
 )
+from .resize import resize_tap_sum
 from .stem import conv_norm_stem
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "dwconv2d_nhwc",
     "norm_linear_residual",
     "norm_mlp_residual",
+    "resize_tap_sum",
     "expand_lowrank",
     "selective_scan",
     "selective_scan_ref",

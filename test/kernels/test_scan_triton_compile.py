@@ -162,3 +162,24 @@ def test_norm_linear_kernel_compiles_for_sm90(bias):
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                               target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
     assert 'wgmma' in compiled.asm['ptx']
+
+
+@pytest.mark.parametrize('levels,affine', [(3, True), (1, False)])
+def test_resize_tap_sum_kernel_compiles_for_sm90(levels, affine):
+    if importlib.util.find_spec('triton.backends.nvidia') is None:
+        pytest.skip('triton has no NVIDIA backend here')
+    from mamba_perception_kernels.triton import resize
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = resize._resize_tap_sum_kernel
+    consts = dict(LEVELS=levels, AFFINE=affine, RELU=affine, BLOCK_P=32, BLOCK_C=64)
+    floats = {'sh1', 'sw1', 'sh2', 'sw2', 'sh3', 'sw3'}
+    sig = {n: ('constexpr' if n in consts else
+               ('*fp32' if n in ('scale_ptr', 'shift_ptr') else '*fp16') if n.endswith('_ptr')
+               else 'fp32' if n in floats else 'i32')
+           for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4))
+    assert compiled.asm['cubin']

@@ -43,22 +43,6 @@ def test_uperhead_any_class_count_and_aux_head():
         UPerHead(CHANNELS[:3])
 
 
-@pytest.mark.parametrize('size', [(20, 28), (17, 23)])  # stride-4 sizes: even, and odd
-def test_conv3x3_of_resized_equals_the_conv_of_the_resized_map(size):
-    torch.manual_seed(1)
-    coarse = torch.randn(2, 6, (size[0] + 1) // 2, (size[1] + 3) // 4, dtype=torch.float64)
-    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64)
-    resized = torch.nn.functional.interpolate(coarse, size=size, mode='bilinear',
-                                              align_corners=False)
-    want = torch.nn.functional.conv2d(resized, weight, padding=1)
-    got = segmentation.conv3x3_of_resized(coarse, weight, size)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # a wrong tap order or shift direction is far off (the check above can fail)
-    flipped = segmentation.conv3x3_of_resized(coarse, weight.flip(-1), size)
-    assert (flipped - want).abs().max() > 1e-2
-
-
 def test_uperhead_coarse_fusion_gives_the_same_logits(monkeypatch):
     torch.manual_seed(2)
     head = UPerHead(CHANNELS, num_classes=11, channels=16).double().eval()

@@ -20,7 +20,9 @@ at stride 4, ~60 % of a 1280x720 det+seg forward's FLOPs) can run its three coar
 channel mixing at their own resolution (``COARSE_FUSION``): the conv is linear and the bilinear
 resize mixes no channels, so for each tap t, W_t applied to the resized map equals the resized
 W_t-map. Each coarse level then costs nine 1x1 products at its resolution (1/4, 1/16, 1/64 of
-the pixels) plus a resize-shift-sum of the nine results; the same numbers up to rounding.
+the pixels) plus a resize-shift-sum of the nine results (``mamba_perception_kernels.
+resize_tap_sum``, one Triton kernel per level on CUDA, with the BatchNorm and ReLU); the same
+numbers up to rounding.
 """
 
 from typing import Sequence
@@ -30,9 +32,8 @@ from torch import nn
 import torch.nn.functional as F
 
 # UPerHead's fusion conv with the coarse levels mixed at their own resolution (module
-# docstring), at inference. Off until timed on a GPU: eager, each level's nine resized tap maps
-# are written at stride 4 (more bytes than the FLOPs saved); compiled, inductor can fuse the
-# resize-shift-sum into one pass. Read at call time (benchmarks switch it).
+# docstring), at inference. Off until timed on a GPU (by FLOP count 2.06 -> 1.25 TFLOP per
+# 1280x720 det+seg frame). Read at call time (benchmarks switch it).
 COARSE_FUSION = False
 
 
@@ -53,27 +54,6 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
-
-
-def conv3x3_of_resized(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """``conv2d(_resize(x, size), weight, padding=1)`` with the channel mixing at x's size.
-
-    For each tap (ky, kx) the 1x1 product W[:, :, ky, kx] x is taken at x's resolution (one
-    conv for all nine taps), resized, shifted by (ky - 1, kx - 1) with zeros outside the map
-    and summed: the resize mixes no channels and the product no pixels, so they commute.
-    """
-    out_channels, in_channels = weight.shape[:2]
-    height, width = (int(v) for v in size)
-    taps = weight.permute(2, 3, 0, 1).reshape(9 * out_channels, in_channels, 1, 1)
-    per_tap = F.conv2d(x, taps)  # (B, 9 * out, h, w), tap-major
-    out = None
-    for tap in range(9):
-        ky, kx = divmod(tap, 3)
-        resized = _resize(per_tap[:, tap * out_channels:(tap + 1) * out_channels], size)
-        # conv2d's tap (ky, kx) reads the input at (y + ky - 1, x + kx - 1), zero outside
-        shifted = F.pad(resized, (1, 1, 1, 1))[:, :, ky:ky + height, kx:kx + width]
-        out = shifted if out is None else out + shifted
-    return out
 
 
 class PPM(nn.ModuleList):
@@ -140,16 +120,23 @@ class UPerHead(nn.Module):
         return self.conv_seg(self.dropout(fused))
 
     def _fuse_coarse(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        # fpn_bottleneck (conv -> bn -> relu) over cat(outs[0], resized outs[1:]), the conv
-        # split by input level: level 0 as it is, the coarse ones by conv3x3_of_resized.
+        # fpn_bottleneck (conv -> bn -> relu) over cat(outs[0], resized outs[1:]), its conv
+        # split by input level: level 0 as it is, each coarse level as nine 1x1 products at
+        # its own resolution (one conv, tap-major output channels) that resize_tap_sum
+        # resizes, shifts and adds, with the BatchNorm (folded) and the ReLU.
         block = self.fpn_bottleneck
         weight, width = block.conv.weight, self.channels
-        size = outs[0].shape[-2:]
         acc = F.conv2d(outs[0], weight[:, :width], padding=1)
+        taps = []
         for level in range(1, len(outs)):
-            acc = acc + conv3x3_of_resized(
-                outs[level], weight[:, level * width:(level + 1) * width], size)
-        return block.activate(block.bn(acc))
+            per_tap = weight[:, level * width:(level + 1) * width].permute(2, 3, 0, 1)
+            taps.append(F.conv2d(outs[level], per_tap.reshape(9 * width, width, 1, 1)))
+        bn = block.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        from mamba_perception_kernels import resize_tap_sum
+
+        return resize_tap_sum(acc, taps, scale, shift, relu=True)
 
 
 class FCNHead(nn.Module):
