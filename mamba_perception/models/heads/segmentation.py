@@ -21,7 +21,7 @@ channel mixing at their own resolution (``COARSE_FUSION``): the conv is linear a
 resize mixes no channels, so for each tap t, W_t applied to the resized map equals the resized
 W_t-map. Each coarse level then costs nine 1x1 products at its resolution (1/4, 1/16, 1/64 of
 the pixels) plus a resize-shift-sum of the nine results (``mamba_perception_kernels.
-resize_tap_sum``, one Triton kernel per level on CUDA, with the BatchNorm and ReLU); the same
+resize_tap_sum``, one Triton kernel for all three on CUDA, with the BatchNorm and ReLU); the same
 numbers up to rounding.
 """
 
