@@ -17,8 +17,9 @@ full heads, as the pipeline and node benchmarks build it) at ``--batch`` frames 
 which is then the padded input size (a 1280x720 frame runs at 768x1344 by the bundles' input
 policy). The eager variant also splits the kernel time by module (``module_us``: the backbone's
 stem, stages and downsamples, the FPN, the RPN head, UperNet, ...; ``other`` = kernels launched
-outside them, such as the RPN's pre-NMS selection), so a user sees which part of the model the
-GPU time goes to::
+outside them, such as the RPN's pre-NMS selection) and its GEMM / conv work by module
+(``module_gflop``, ``torch.utils.flop_counter``), so a user sees which part of the model the
+GPU time goes to and how close each part runs to the tensor cores' rate::
 
     python bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
         --out $OUT/profile_detseg_720p_b4.json
@@ -129,6 +130,40 @@ def module_ranges(model, names) -> list:
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return handles
+
+
+def module_flops(model, names, step) -> dict:
+    """FLOPs of one ``step()`` inside each named module (``other``: the rest).
+
+    By ``torch.utils.flop_counter``: GEMMs and convolutions; custom ops (the scans) count 0.
+    The modules must not nest (``perception_modules``): each one's count is the running total
+    at its exit minus that at its entry.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    spent = collections.Counter()
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        entries = []
+
+        def enter(_module, _args, entries=entries):
+            entries.append(counter.get_total_flops())
+
+        def leave(_module, _args, _out, name=name, entries=entries):
+            spent[name] += counter.get_total_flops() - entries.pop()
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with counter:
+            step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = dict(spent)
+    out['other'] = counter.get_total_flops() - sum(spent.values())
+    return out
 
 
 def module_times(events, iters: int, total_us: float, device: bool = True) -> dict:
@@ -287,6 +322,9 @@ def main() -> int:
         row = profile(step, args.iters, args.top, modules=bool(hooks))
         for handle in hooks:
             handle.remove()
+        if hooks:  # and what each module asks of the tensor cores, to compare with its time
+            row['module_gflop'] = {name: round(flops / 1e9, 3) for name, flops in
+                                   module_flops(model, perception_modules(model), step).items()}
         row['first_call_s'] = round(first_s, 2)
         row['graph_replay_ms'] = round(time_cuda(step, iters=20, reps=5)['median_us'] / 1e3, 3)
         result['variants'][label] = row
@@ -296,6 +334,7 @@ def main() -> int:
         print('   per kind (us):', row['per_kind_us'], flush=True)
         if 'module_us' in row:
             print('   per module (us):', row['module_us'], flush=True)
+            print('   per module (GFLOP):', row['module_gflop'], flush=True)
         for k in row['top_kernels'][:15]:
             print(f"   {k['us']:8.1f} us x{k['launches']:5.1f} {k['kind']:12s} {k['kernel'][:90]}")
         write_json(args.out, result)

@@ -49,3 +49,27 @@ def test_module_ranges_time_each_module_and_are_removed():
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as after:
         forward(x)
     assert not [e for e in after.events() if e.name.startswith(profile_backbone.MODULE_RANGE)]
+
+
+def test_module_flops_split_the_forward_by_module():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, forward = _model('detseg')
+    names = profile_backbone.perception_modules(model)
+    x = torch.randn(1, 3, 64, 96)
+
+    def step():
+        with torch.no_grad():
+            forward(x)
+
+    split = profile_backbone.module_flops(model, names, step)
+    total = FlopCounterMode(display=False)
+    with total:
+        step()
+    assert set(split) == set(names) | {'other'}
+    assert sum(split.values()) == total.get_total_flops() and split['other'] >= 0
+    # UperNet's 3x3 convs dominate its count; the RPN head is one 3x3 conv + two 1x1s
+    assert split['decode_head'] > split['detector.rpn.head'] > 0
+    # the hooks are gone: a second split counts the same
+    assert profile_backbone.module_flops(model, names, step) == split
+    assert not model.decode_head._forward_hooks and not model.decode_head._forward_pre_hooks
