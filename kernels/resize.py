@@ -63,11 +63,12 @@ def resize_tap_sum_op(base: Tensor, taps: list[Tensor], scale: Optional[Tensor],
                       shift: Optional[Tensor], relu: bool) -> Tensor:
     """Return the resize-shift-sum (module docstring): (B, C, H, W) channels-last."""
     if backend_name(base.device) == "triton":
-        from .triton.resize import resize_tap_sum_fwd
+        from .triton.resize import fits_int32, resize_tap_sum_fwd
 
-        scale, shift = (None, None) if scale is None else (
-            t.float() for t in dense_vectors(scale, shift))
-        return resize_tap_sum_fwd(base, list(taps), scale, shift, relu)
+        if fits_int32(base, taps):  # the kernel's offsets inside an image are int32
+            if scale is not None:
+                scale, shift = (t.float() for t in dense_vectors(scale, shift))
+            return resize_tap_sum_fwd(base, list(taps), scale, shift, relu)
     return resize_tap_sum_torch(base, list(taps), scale, shift, relu)
 
 

@@ -133,6 +133,17 @@ def launch_config(channels: int, config: dict | None = None) -> dict:
 
 
 MAX_LEVELS = 3  # tap maps per launch (UperNet has three coarse levels)
+_MAX_IMAGE_SPAN = 2**31 - 1  # offsets inside one image are int32 (the batch offset int64)
+
+
+def fits_int32(base: torch.Tensor, taps: list) -> bool:
+    """Whether every image's offsets in ``base``, ``taps`` and the output fit int32."""
+    def span(t):
+        return sum(abs(st) * max(n - 1, 0)
+                   for st, n in zip(t.stride()[1:], t.shape[1:], strict=True))
+
+    return (max(span(t) for t in (base, *taps)) <= _MAX_IMAGE_SPAN
+            and base[0].numel() <= _MAX_IMAGE_SPAN)
 
 
 def resize_tap_sum_fwd(base: torch.Tensor, taps: list, scale: torch.Tensor | None,

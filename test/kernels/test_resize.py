@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from triton_tests import (
+    HAS_TRITON,
     TRITON_DEVICE,
     needs_triton_device,
     only_without_gpu,
@@ -115,6 +116,19 @@ def test_compiles_as_one_node():
     compiled = torch.compile(lambda b, t: resize_tap_sum(b, t) * 2, backend='aot_eager',
                              fullgraph=True)
     torch.testing.assert_close(compiled(base, taps), 2 * resize_tap_sum(base, taps))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='no triton')
+def test_kernel_takes_only_images_whose_offsets_fit_int32():
+    from mamba_perception_kernels.triton.resize import fits_int32
+
+    base = torch.empty(2, 4, 8, 8)
+    small = torch.empty(2, 36, 4, 4)
+    assert fits_int32(base, [small, small])
+    # one image of a level whose rows lie 2^28 elements apart: 3 rows span > 2^31 - 1
+    huge = torch.empty_strided((2, 36, 9, 4), (0, 1, 2 ** 28, 36), device='meta')
+    assert not fits_int32(base, [small, huge])
+    assert not fits_int32(torch.empty(1, 2 ** 16, 2 ** 8, 2 ** 8, device='meta'), [small])
 
 
 # --------------------------------------------------------------------------------------------
