@@ -9,9 +9,7 @@ to ``scale``, ``shift``) and the ReLU.
 
 One program owns BLOCK_P output pixels (row-major over the map) times BLOCK_C channels of one
 image. For each tap and output pixel it reads the four coarse neighbours of the shifted
-position, BLOCK_C channels each (contiguous in a channels-last map; a unit channel stride is
-passed as a constexpr so those reads are vector loads: 210 scalar -> 30 vector loads in the
-sm_90 PTX of the three-level kernel), and accumulates the
+position, BLOCK_C channels each (contiguous in a channels-last map), and accumulates the
 bilinear blend in fp32; positions the shift moves outside the map contribute zero (the conv's
 zero padding). The source index and weights follow ``F.interpolate(mode='bilinear',
 align_corners=False)`` with an output size: ``src = (dst + 0.5) * in / out - 0.5`` clamped at 0,
@@ -65,7 +63,7 @@ def _tap_blend(taps_img, ys, y_ok, xs, x_ok, ch, t_y, t_x, h_in, w_in, scale_h, 
 
 @triton.jit
 def _level_sum(taps_ptr, pid_b, t_b, t_c, t_y, t_x, h_in, w_in, scale_h, scale_w, y, x, c, C,
-               H, W, mask, C_CONTIG: tl.constexpr):
+               H, W, mask):
     # One level's nine resized, shifted taps at the output pixels (y, x), channels c (fp32).
     taps_img = taps_ptr + pid_b.to(tl.int64) * t_b
     total = tl.zeros(mask.shape, dtype=tl.float32)
@@ -76,10 +74,7 @@ def _level_sum(taps_ptr, pid_b, t_b, t_c, t_y, t_x, h_in, w_in, scale_h, scale_w
         xs = x + (tap % 3 - 1)
         y_ok = (ys >= 0) & (ys < H)
         x_ok = (xs >= 0) & (xs < W)
-        if C_CONTIG:  # a constexpr unit stride: the channel loads can be vectorised
-            ch = (tap * C + c)[None, :]
-        else:
-            ch = (tap * C + c)[None, :] * t_c
+        ch = (tap * C + c)[None, :] * t_c
         total += _tap_blend(taps_img, ys, y_ok, xs, x_ok, ch, t_y, t_x, h_in, w_in,
                             scale_h, scale_w, mask)
     return total
@@ -93,7 +88,6 @@ def _resize_tap_sum_kernel(
         t2_ptr, h2, w2, sh2, sw2, t2_b, t2_c, t2_y, t2_x,
         t3_ptr, h3, w3, sh3, sw3, t3_b, t3_c, t3_y, t3_x,
         LEVELS: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr,
-        BASE_C1: tl.constexpr, OUT_C1: tl.constexpr, TAPS_C1: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -105,27 +99,24 @@ def _resize_tap_sum_kernel(
     mask = p_ok[:, None] & c_ok[None, :]
     y = p // W
     x = p % W
-    # *_C1: the channel stride is 1 (channels-last), as a constexpr so loads / stores vectorise
-    base_c = c if BASE_C1 else c * s_c
     total = tl.load(base_ptr + pid_b.to(tl.int64) * s_b + (y * s_y + x * s_x)[:, None]
-                    + base_c[None, :], mask=mask, other=0.0).to(tl.float32)
+                    + (c * s_c)[None, :], mask=mask, other=0.0).to(tl.float32)
     # All levels in one pass: one read of base, one rounding, one write.
     total += _level_sum(t1_ptr, pid_b, t1_b, t1_c, t1_y, t1_x, h1, w1, sh1, sw1, y, x, c, C,
-                        H, W, mask, TAPS_C1)
+                        H, W, mask)
     if LEVELS >= 2:
         total += _level_sum(t2_ptr, pid_b, t2_b, t2_c, t2_y, t2_x, h2, w2, sh2, sw2, y, x, c,
-                            C, H, W, mask, TAPS_C1)
+                            C, H, W, mask)
     if LEVELS >= 3:
         total += _level_sum(t3_ptr, pid_b, t3_b, t3_c, t3_y, t3_x, h3, w3, sh3, sw3, y, x, c,
-                            C, H, W, mask, TAPS_C1)
+                            C, H, W, mask)
     if AFFINE:
         total = (total * tl.load(scale_ptr + c, mask=c_ok, other=0.0)[None, :]
                  + tl.load(shift_ptr + c, mask=c_ok, other=0.0)[None, :])
     if RELU:
         total = tl.maximum(total, 0.0)
-    out_c = c if OUT_C1 else c * o_c
     tl.store(out_ptr + pid_b.to(tl.int64) * o_b + (y * o_y + x * o_x)[:, None]
-             + out_c[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+             + (c * o_c)[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_config(channels: int, config: dict | None = None) -> dict:
@@ -182,7 +173,5 @@ def resize_tap_sum_fwd(base: torch.Tensor, taps: list, scale: torch.Tensor | Non
             base, out, scale if scale is not None else out, shift if shift is not None else out,
             channels, height, width, *base.stride(), *out.stride(), *levels,
             LEVELS=len(taps), AFFINE=scale is not None, RELU=bool(relu),
-            BASE_C1=base.stride(1) == 1, OUT_C1=out.stride(1) == 1,
-            TAPS_C1=all(level.stride(1) == 1 for level in taps),
             BLOCK_P=cfg["block_p"], BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"])
     return out
