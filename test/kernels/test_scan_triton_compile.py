@@ -7,6 +7,7 @@ kernels of all three ops here.
 """
 
 import importlib.util
+import re
 
 import pytest
 
@@ -164,8 +165,8 @@ def test_norm_linear_kernel_compiles_for_sm90(bias):
     assert 'wgmma' in compiled.asm['ptx']
 
 
-@pytest.mark.parametrize('levels,affine', [(3, True), (1, False)])
-def test_resize_tap_sum_kernel_compiles_for_sm90(levels, affine):
+@pytest.mark.parametrize('levels,affine,channels_last', [(3, True, True), (1, False, False)])
+def test_resize_tap_sum_kernel_compiles_for_sm90(levels, affine, channels_last):
     if importlib.util.find_spec('triton.backends.nvidia') is None:
         pytest.skip('triton has no NVIDIA backend here')
     from mamba_perception_kernels.triton import resize
@@ -175,11 +176,20 @@ def test_resize_tap_sum_kernel_compiles_for_sm90(levels, affine):
 
     fn = resize._resize_tap_sum_kernel
     consts = dict(LEVELS=levels, AFFINE=affine, RELU=affine, BLOCK_P=32, BLOCK_C=64)
+    if channels_last:  # a launch makes integer arguments equal to 1 constexprs
+        consts.update(s_c=1, o_c=1, t1_c=1, t2_c=1, t3_c=1)
     floats = {'sh1', 'sw1', 'sh2', 'sw2', 'sh3', 'sw3'}
     sig = {n: ('constexpr' if n in consts else
                ('*fp32' if n in ('scale_ptr', 'shift_ptr') else '*fp16') if n.endswith('_ptr')
                else 'fp32' if n in floats else 'i32')
            for n in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+    # and marks pointers and integers divisible by 16 (C % 16 == 0 and the strides of
+    # channels-last maps)
+    aligned = {'C', 's_b', 's_y', 's_x', 'o_b', 'o_y', 'o_x', 't1_b', 't1_y', 't1_x'}
+    attrs = {(i,): [['tt.divisibility', 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (n.endswith('_ptr') or n in aligned)}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4))
-    assert compiled.asm['cubin']
+    vector_loads = re.findall(r'ld\.global[^\n]*\.v[248]', compiled.asm['ptx'])
+    # channels-last maps: the channel gathers are vector loads (no constexpr flag needed)
+    assert bool(vector_loads) == channels_last
