@@ -14,7 +14,7 @@ bilinear blend in fp32; positions the shift moves outside the map contribute zer
 zero padding). The source index and weights follow ``F.interpolate(mode='bilinear',
 align_corners=False)`` with an output size: ``src = (dst + 0.5) * in / out - 0.5`` clamped at 0,
 its neighbour clamped at the last row / column. Neighbouring programs share most of their
-coarse reads, so HBM sees about one read of ``taps`` and ``src`` and one write of the output.
+coarse reads, so HBM sees about one read of ``taps`` and ``base`` and one write of the output.
 """
 
 from __future__ import annotations
