@@ -111,25 +111,35 @@ def perception_modules(model) -> list:
     return names
 
 
-def module_ranges(model, names) -> list:
-    """Forward hooks that put each named module's call inside a profiler range; their handles.
+def around_calls(model, names, enter, leave) -> list:
+    """Call ``enter(name)`` / ``leave(name, what enter returned)`` around the modules' calls.
 
-    Only for eager calls (dynamo would break the graph at the hooks).
+    A stack per module (it may be called inside its own call); returns the hook handles
+    (remove them when done). Eager calls only: dynamo would break the graph at the hooks.
     """
     handles = []
     for name in names:
         module = model.get_submodule(name)
-        ranges = []  # a stack: a module may be called again inside its own call
+        stack = []
 
-        def enter(_module, _args, name=name, ranges=ranges):
-            ranges.append(torch.profiler.record_function(MODULE_RANGE + name))
-            ranges[-1].__enter__()
+        def pre(_module, _args, name=name, stack=stack):
+            stack.append(enter(name))
 
-        def leave(_module, _args, _out, ranges=ranges):
-            ranges.pop().__exit__(None, None, None)
+        def post(_module, _args, _out, name=name, stack=stack):
+            leave(name, stack.pop())
 
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return handles
+
+
+def module_ranges(model, names) -> list:
+    """Hooks that put each named module's call inside a profiler range; their handles."""
+    def enter(name):
+        scope = torch.profiler.record_function(MODULE_RANGE + name)
+        scope.__enter__()
+        return scope
+
+    return around_calls(model, names, enter, lambda _name, scope: scope.__exit__(None, None, None))
 
 
 def module_flops(model, names, step) -> dict:
@@ -143,18 +153,11 @@ def module_flops(model, names, step) -> dict:
 
     counter = FlopCounterMode(display=False)
     spent = collections.Counter()
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
-        entries = []
 
-        def enter(_module, _args, entries=entries):
-            entries.append(counter.get_total_flops())
+    def leave(name, at_entry):
+        spent[name] += counter.get_total_flops() - at_entry
 
-        def leave(_module, _args, _out, name=name, entries=entries):
-            spent[name] += counter.get_total_flops() - entries.pop()
-
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    handles = around_calls(model, names, lambda _name: counter.get_total_flops(), leave)
     try:
         with counter:
             step()
