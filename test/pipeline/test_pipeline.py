@@ -259,17 +259,19 @@ def test_bf16_autocast_on_cpu(pipeline, bundle_path):
     assert dtypes['backbone.layers.0.blocks.0.norm.weight'] == torch.float32
 
 
-def test_compile_allows_more_input_shapes_than_dynamo_default(bundle_path, monkeypatch):
+def test_compile_allows_more_input_shapes_than_dynamo_default(bundle_path):
     # Each (frame size, batch size) is a compiled graph of the one shared forward_dense code
     # object: at dynamo's default limit (8) a node with several cameras and sizes would fall
     # back to eager without a word. Building the pipeline compiles nothing yet (lazy).
     from mamba_perception.pipeline import COMPILED_SHAPES_LIMIT
 
-    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 8)
-    Pipeline(bundle_path, compile=False)
-    assert torch._dynamo.config.recompile_limit == 8
-    Pipeline(bundle_path, compile=True)
-    assert torch._dynamo.config.recompile_limit == COMPILED_SHAPES_LIMIT >= 32
+    # config.patch, not monkeypatch: monkeypatch's undo left torch 2.14's config entry
+    # hidden ("recompile_limit does not exist") for every later compile in the process
+    with torch._dynamo.config.patch(recompile_limit=8):
+        Pipeline(bundle_path, compile=False)
+        assert torch._dynamo.config.recompile_limit == 8
+        Pipeline(bundle_path, compile=True)
+        assert torch._dynamo.config.recompile_limit == COMPILED_SHAPES_LIMIT >= 32
 
 
 def test_warmup_accepts_sizes(pipeline):
