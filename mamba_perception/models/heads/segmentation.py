@@ -32,9 +32,11 @@ from torch import nn
 import torch.nn.functional as F
 
 # UPerHead's fusion conv with the coarse levels mixed at their own resolution (module
-# docstring), at inference. Off until timed on a GPU (by FLOP count 2.06 -> 1.25 TFLOP per
-# 1280x720 det+seg frame). Read at call time (benchmarks switch it).
-COARSE_FUSION = False
+# docstring), at inference. By FLOP count 2.06 -> 1.25 TFLOP per 1280x720 det+seg frame;
+# measured (H100, fp16, compiled + CUDA graphs, batch 4 at 1280x720): pipeline p50 43.8 ->
+# 39.6 ms, peak memory 4510 -> 2146 MiB (bench/results/pipeline_coarse_*_h100.json). Read at
+# call time (benchmarks switch it).
+COARSE_FUSION = True
 
 
 class ConvModule(nn.Sequential):
