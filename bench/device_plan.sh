@@ -11,8 +11,8 @@
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
-#                                        # kind (compiled); batch 4 with the coarse UperNet
-#                                        # fusion
+#                                        # kind (compiled); batch 4 without the coarse
+#                                        # UperNet fusion; the resize kernel's sweep
 #   bash bench/device_plan.sh coarse     # det+seg pipeline with / without the coarse UperNet
 #                                        # fusion, CUDA graphs and compiled, batches 1 and 4
 #   bash bench/device_plan.sh pipeline   # det+seg Pipeline at 720p: what each sparse-part /
@@ -114,13 +114,15 @@ dense)
             --perception detseg --size 768x1344 --batch $batch --compile --iters 5 \
             --out "$OUT/profile_detseg_720p_b${batch}_h100.json"
     done
-    # UperNet's fusion conv with its coarse levels mixed at their own resolution (stop 22,
-    # off by default, untimed): 2.06 -> 1.25 TFLOP per frame by count, plus the
-    # resize_tap_sum kernel's gathers (36 per output element and level)
-    step 180 "det+seg dense part, batch 4, coarse UperNet fusion" python \
+    # UperNet's fusion conv with its coarse levels mixed at their own resolution is the
+    # default since stop 23 (23.1 -> 19.0 ms per batch of four); the rows above are with it,
+    # this one without, for comparison
+    step 180 "det+seg dense part, batch 4, coarse UperNet fusion off" python \
         bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
-        --iters 5 --upernet-coarse-fusion on \
-        --out "$OUT/profile_detseg_720p_b4_coarse_h100.json"
+        --iters 5 --upernet-coarse-fusion off \
+        --out "$OUT/profile_detseg_720p_b4_coarse_off_h100.json"
+    # the resize_tap_sum kernel's launch configurations on those shapes (~40 s)
+    step 120 "resize_tap_sum sweep" python bench/resize.py --tune --out "$OUT/resize_tune_h100.json"
     ;;
 coarse)
     # The whole pipeline with and without the coarse UperNet fusion, CUDA graphs (the node's
