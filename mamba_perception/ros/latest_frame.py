@@ -9,6 +9,13 @@ The worker thread (:class:`InferenceWorker`) waits until at least one slot is fu
 full slot at once (frames of cameras that arrived together run as one batch) and hands them to
 the node's processing function, off the executor thread; with two stages a second thread
 finishes each batch while the first starts the next.
+
+With a batch window (``batch_window_s`` > 0) a take waits, after the first frame since the last
+take arrived, up to the window for the other cameras' slots to fill. A worker faster than the
+cameras otherwise takes one or two frames at a time whenever cameras are not phase-locked,
+and a batch of four costs a GPU less than four batches of one; the price is at most the window
+of added latency for the frame that came first, and a silent camera costs every batch the
+whole window.
 """
 
 import logging
@@ -22,12 +29,16 @@ log = logging.getLogger(__name__)
 class LatestFrames:
     """One slot per camera; ``put`` replaces (and counts as dropped) an unprocessed frame."""
 
-    def __init__(self, cameras) -> None:
+    def __init__(self, cameras, batch_window_s: float = 0.0) -> None:
+        if not batch_window_s >= 0.0:
+            raise ValueError(f'batch_window_s must be >= 0, got {batch_window_s!r}')
         self._cond = threading.Condition()
         self._slots: dict = {camera: None for camera in cameras}
         self.dropped = {camera: 0 for camera in cameras}
         self.accepted = {camera: 0 for camera in cameras}
         self._closed = False
+        self.batch_window_s = float(batch_window_s)
+        self._first_put_s: Optional[float] = None  # monotonic time of the oldest waiting frame
 
     def put(self, camera: str, item: Any) -> bool:
         """Store ``item`` as ``camera``'s newest frame; True when it replaced an older one."""
@@ -35,19 +46,31 @@ class LatestFrames:
             replaced = self._slots[camera] is not None
             if replaced:
                 self.dropped[camera] += 1
+            if self._first_put_s is None:
+                self._first_put_s = time.monotonic()
             self._slots[camera] = item
             self.accepted[camera] += 1
             self._cond.notify()
         return replaced
 
     def take_all(self, timeout_s: Optional[float] = None) -> dict:
-        """Wait until a slot is full (or closed / timeout); return and empty all full slots."""
+        """Wait until a slot is full (or closed / timeout); return and empty all full slots.
+
+        With a batch window, wait further until every slot is full or the window has passed
+        since the oldest waiting frame arrived (not since this call).
+        """
         with self._cond:
             self._cond.wait_for(lambda: self._closed or any(
                 v is not None for v in self._slots.values()), timeout_s)
+            if self.batch_window_s > 0 and self._first_put_s is not None:
+                left = self._first_put_s + self.batch_window_s - time.monotonic()
+                if left > 0:
+                    self._cond.wait_for(lambda: self._closed or all(
+                        v is not None for v in self._slots.values()), left)
             taken = {k: v for k, v in self._slots.items() if v is not None}
             for k in taken:
                 self._slots[k] = None
+            self._first_put_s = None
             return taken
 
     def clear(self) -> int:
@@ -59,6 +82,7 @@ class LatestFrames:
                     self.dropped[k] += 1
                     self._slots[k] = None
                     n += 1
+            self._first_put_s = None
             return n
 
     def close(self) -> None:

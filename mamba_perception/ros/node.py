@@ -270,7 +270,8 @@ class PerceptionNode(LifecycleNode):
                                       self._pipeline.score_threshold, header)
         for camera in self._cameras:
             self._outputs[camera]['label_info'].publish(info)
-        self._frames = LatestFrames(self._cameras)
+        self._frames = LatestFrames(self._cameras,
+                                    batch_window_s=self._config['batch_window_ms'] / 1e3)
         if self._config['pipelined']:
             self._stage_streams = self._pipeline.stage_streams()
             self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,

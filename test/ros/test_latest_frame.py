@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
 
 
@@ -16,6 +18,44 @@ def test_put_replaces_and_counts_drops():
     assert frames.take_all(0.01) == {}
     frames.put('front', 3)
     assert frames.clear() == 1 and frames.dropped['front'] == 2
+
+
+def test_batch_window_waits_for_the_other_cameras():
+    def take_with_left_arriving_late(frames):
+        frames.put('front', 1)
+        threading.Timer(0.1, frames.put, ('left', 'a')).start()
+        started = time.monotonic()
+        return frames.take_all(5.0), time.monotonic() - started
+
+    # without a window the worker takes the first frame alone ...
+    taken, _ = take_with_left_arriving_late(LatestFrames(['front', 'left']))
+    assert taken == {'front': 1}
+    # ... with one, both as one batch, as soon as every slot is full (not at the window's end)
+    taken, waited = take_with_left_arriving_late(
+        LatestFrames(['front', 'left'], batch_window_s=3.0))
+    assert taken == {'front': 1, 'left': 'a'}
+    assert waited < 2.0
+
+
+def test_batch_window_is_bounded_and_counts_from_the_oldest_frame():
+    frames = LatestFrames(['front', 'left'], batch_window_s=0.5)
+    frames.put('front', 1)
+    started = time.monotonic()
+    assert frames.take_all(5.0) == {'front': 1}  # left is silent: the window ends the wait
+    assert 0.4 < time.monotonic() - started < 3.0
+    frames.put('front', 2)
+    time.sleep(0.6)  # this frame has waited longer than the window already: no further wait
+    started = time.monotonic()
+    assert frames.take_all(5.0) == {'front': 2}
+    assert time.monotonic() - started < 0.25
+    # close() ends a wait inside the window too
+    frames.put('front', 3)
+    threading.Timer(0.1, frames.close).start()
+    started = time.monotonic()
+    frames.take_all(5.0)
+    assert time.monotonic() - started < 0.4
+    with pytest.raises(ValueError, match='batch_window_s'):
+        LatestFrames(['front'], batch_window_s=-1.0)
 
 
 def test_worker_serves_newest_frames_only_under_a_flood():

@@ -68,6 +68,7 @@ def test_parameter_table_is_well_formed():
     ('score_threshold', 1.5, 'out of range'),
     ('score_threshold', 1.0, 'below 1'),
     ('nms_iou', 0.0, 'out of range'),
+    ('batch_window_ms', -1.0, 'out of range'),
     ('max_detections', 0, 'out of range'),
     ('bundle_path', '/no/such/bundle.safetensors', 'does not exist'),
     ('cameras', [], 'at least one'),
