@@ -20,9 +20,9 @@
 #                                        # sparse part's profile, compiled batch 1 and 4
 #   bash bench/device_plan.sh batches    # compiled det+seg at batches 1-4, static vs one
 #                                        # graph for every batch above 1 (compile time, p50)
-#   bash bench/device_plan.sh node       # real node over real DDS, raw 720p, 4 cameras,
-#                                        # compiled; the worker path
-#                                        # without DDS with a GPU timeline
+#   bash bench/device_plan.sh node       # the worker path without DDS, 4 cameras, batch
+#                                        # windows 0 / 5 / 15 ms; the real node over real
+#                                        # DDS, raw 720p, 4 cameras, compiled
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
 # Every step has its own time limit and a failed step does not stop the next; results and a log
@@ -163,17 +163,20 @@ node)
         || { echo "ROS env failed: see $LOG" | tee -a "$LOG"; exit 1; }
     set +e  # the env script sets -e; a failed step must not end the part
     export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
-    step 120 "GPU tests: conversions (staged upload, GPU JPEG)" \
-        python -m pytest -q test/ros/test_conversions.py
-    # 4 cameras, compiled, the worker in two stages (the default)
-    step 480 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
+    # The worker path without DDS, 4 cameras, CUDA graphs, two stages: the batch window
+    # (batch_window_ms, stop 23, off by default, untimed). Stop 23 without it: 2.9 frames per
+    # batch, 36 batches/s, 26.3 Hz per camera; predicted: full batches of four, 30 Hz
+    step 200 "node worker path, 4 cameras, batch window 0 / 5 / 15 ms" python \
+        bench/node_latency.py --device cuda --precision fp16 --cuda-graphs --cameras 4 \
+        --pipelined on --seconds 8 --skip-overhead --batch-window-ms 0 5 15 \
+        --out "$OUT/node_latency_window_h100.json"
+    # 4 cameras, compiled, the worker in two stages (the default); the window as the best row
+    # above (set WINDOW_MS)
+    step 380 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
         --device cuda --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
         --compile --cameras 4 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
-        --pipelined on --out "$OUT/node_dds_4cam_h100.json"
-    # Where a 4-camera batch's time goes without DDS: one stage vs two, GPU timeline of each
-    step 280 "node worker path without DDS, 4 cameras, GPU timeline" python bench/node_latency.py \
-        --device cuda --precision fp16 --cuda-graphs --compile --cameras 4 --pipelined off on \
-        --seconds 8 --repeats 20 --profile-dir "$OUT" --out "$OUT/node_latency_h100.json"
+        --pipelined on --batch-window-ms "${WINDOW_MS:-0}" \
+        --out "$OUT/node_dds_4cam_h100.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2

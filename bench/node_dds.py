@@ -152,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--pipelined', choices=('on', 'off'), nargs='+', default=['on'],
                         help="the node's pipelined parameter; several values: each camera "
                              'count runs once per value')
+    parser.add_argument('--batch-window-ms', type=float, default=0.0,
+                        help="the node's batch_window_ms (wait for the other cameras' frames)")
     parser.add_argument('--tiny-policy', action='store_true',
                         help='cap the network input at 64 px (CPU smoke runs)')
     parser.add_argument('--warmup-iterations', type=int, default=3)
@@ -258,6 +260,7 @@ def node_parameters(args, cameras: list, bundle: Path, pipelined: bool = True) -
         'cameras': cameras, 'input_transport': args.transport, 'bundle_path': str(bundle),
         'device': args.device, 'precision': args.precision, 'cuda_graphs': args.cuda_graphs,
         'compile': args.compile, 'pipelined': pipelined, 'warmup_size_px': list(warmup_hw),
+        'batch_window_ms': float(args.batch_window_ms),
         'warmup_iterations': args.warmup_iterations, 'diagnostics.period_s': 1.0,
         'diagnostics.expected_rate_hz': float(args.rate_hz),
         # The last status of the timed window then covers (about) the whole window.

@@ -14,7 +14,8 @@ Two parts, each writing JSON (``--out``):
   (:class:`InferenceWorker`) decodes, batches and runs the Pipeline, then builds the outputs;
   latency = publish time - stamp. p50/p99 per camera count, with frames dropped; the worker in
   one stage or in two (``--pipelined``: decode + ``Pipeline.submit``, then ``collect`` + build,
-  on ``Pipeline.stage_streams``, as the node); ``--profile-dir`` adds a 1 s GPU timeline
+  on ``Pipeline.stage_streams``, as the node), with the node's ``batch_window_ms``
+  (``--batch-window-ms``); ``--profile-dir`` adds a 1 s GPU timeline
   (torch.profiler) of the largest camera count and the GPU's busy fraction in it.
 
 Run: ``python bench/node_latency.py --device cuda --precision fp16 --backbone vmamba_tiny``.
@@ -187,16 +188,20 @@ def latency(args, pipeline):
     out = {}
     for cameras in args.cameras:
         for mode in args.pipelined:
-            key = f'{cameras}_cameras' + ('' if mode == 'off' else '_pipelined')
-            out[key] = run_cameras(args, pipeline, cameras, mode == 'on', size, cuda)
-            print(key, json.dumps({k: v for k, v in out[key].items() if k != 'profile'}),
-                  flush=True)
+            for window_ms in args.batch_window_ms:
+                key = (f'{cameras}_cameras' + ('' if mode == 'off' else '_pipelined')
+                       + (f'_window{window_ms:g}ms' if window_ms > 0 else ''))
+                out[key] = run_cameras(args, pipeline, cameras, mode == 'on', size, cuda,
+                                       window_ms)
+                print(key, json.dumps({k: v for k, v in out[key].items() if k != 'profile'}),
+                      flush=True)
     return out
 
 
-def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool) -> dict:
+def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool,
+                window_ms: float = 0.0) -> dict:
     names = [f'cam{i}' for i in range(cameras)]
-    frames = LatestFrames(names)
+    frames = LatestFrames(names, batch_window_s=window_ms / 1e3)  # the node's batch_window_ms
     bgr = [fake_frame(*size, seed=i) for i in range(cameras)]
     lat_ms = {n: [] for n in names}
     stage = {'decode_ms': [], 'submit_ms': [], 'collect_ms': [], 'build_ms': []}
@@ -281,13 +286,15 @@ def run_cameras(args, pipeline, cameras: int, pipelined: bool, size, cuda: bool)
     all_lat = np.concatenate([np.asarray(v) for v in lat_ms.values()])
     result = {
         'pipelined': pipelined,
+        'batch_window_ms': window_ms,
         'frames_sent': int(sum(sent.values())),
         'frames_published': int(all_lat.size),
         'frames_dropped': int(sum(frames.dropped.values())),
         'output_rate_hz_per_camera': float(all_lat.size / cameras / args.seconds),
-        'stamp_to_publish_p50_ms': float(np.percentile(all_lat, 50)),
-        'stamp_to_publish_p99_ms': float(np.percentile(all_lat, 99)),
+        'stamp_to_publish_p50_ms': float(np.percentile(all_lat, 50)) if all_lat.size else None,
+        'stamp_to_publish_p99_ms': float(np.percentile(all_lat, 99)) if all_lat.size else None,
         'batches': worker.batches,
+        'frames_per_batch': float(all_lat.size / max(worker.batches, 1)),
         **{f'{k}_p50': float(np.percentile(v, 50)) for k, v in stage.items() if v},
     }
     if profile is not None:
@@ -313,6 +320,8 @@ def main():
     parser.add_argument('--profile-dir', help='CUDA: a 1 s torch.profiler trace of the largest '
                                               'camera count per mode, and its GPU busy time')
     parser.add_argument('--skip-overhead', action='store_true')
+    parser.add_argument('--batch-window-ms', type=float, nargs='+', default=[0.0],
+                        help="the node's batch_window_ms; several values: one run each")
     parser.add_argument('--upernet-coarse-fusion', choices=('on', 'off'), default=None,
                         help="UperNet's fusion conv with the coarse levels mixed at their own "
                              'resolution (segmentation.COARSE_FUSION; default: the module\'s)')
