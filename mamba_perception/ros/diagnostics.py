@@ -99,12 +99,13 @@ class CameraHealth:
         self._errors = Window()
         self._latency = Window()
         self._stamp_gaps = Window()  # ns between consecutive source stamps, at arrival time
+        self._batch_sizes = Window()  # frames in the batch each published frame ran in
         self._stages = {stage: Window() for stage in STAGES}
         self._restart(start_ns)
 
     def _windows(self):
         return (self._inputs, self._outputs, self._drops, self._errors, self._latency,
-                self._stamp_gaps, *self._stages.values())
+                self._stamp_gaps, self._batch_sizes, *self._stages.values())
 
     def _restart(self, now_ns: int) -> None:
         for window in self._windows():
@@ -170,11 +171,17 @@ class CameraHealth:
         self.last_error = message
         self._errors.add(now_ns)
 
-    def record_output(self, now_ns: int, stamp_ns: int, stage_ms: dict) -> None:
-        """Count one frame's outputs published at ``now_ns``; ``stage_ms`` by stage name."""
+    def record_output(self, now_ns: int, stamp_ns: int, stage_ms: dict,
+                      batch_size: int = 0) -> None:
+        """Count one frame's outputs published at ``now_ns``; ``stage_ms`` by stage name.
+
+        ``batch_size``: frames of the batch this frame ran in (0: not known).
+        """
         self._tick(now_ns)
         self.frames_published += 1
         self._outputs.add(now_ns)
+        if batch_size > 0:
+            self._batch_sizes.add(now_ns, float(batch_size))
         if now_ns > 0 and stamp_ns > 0:
             self._latency.add(now_ns, (now_ns - stamp_ns) / 1e6)
         for stage, ms in stage_ms.items():
@@ -192,6 +199,8 @@ class CameraHealth:
         out_rate = len(self._outputs) / observed_s if observed_s > 0 else float('nan')
         p50, p99 = percentiles(self._latency.values())
         lost = self._lost_before_node()
+        sizes = self._batch_sizes.values()
+        batch_mean = float(sizes.mean()) if sizes.size else float('nan')
         values = [
             ('input rate (Hz)', _fmt(in_rate)), ('output rate (Hz)', _fmt(out_rate)),
             ('latency p50 (ms)', _fmt(p50)), ('latency p99 (ms)', _fmt(p99)),
@@ -200,6 +209,9 @@ class CameraHealth:
             ('frames dropped', str(self.frames_dropped)),
             ('frames dropped in window', str(int(self._drops.total()))),
             ('frames lost before node in window (est.)', str(lost)),
+            # with several cameras: below their count, frames ran in smaller batches (see the
+            # batch_window_ms parameter)
+            ('batch size mean (frames)', _fmt(batch_mean)),
             ('bad inputs', str(self.bad_inputs)),
             ('overlays published', str(self.overlays_published)),
             ('bad inputs in window', str(len(self._errors))),

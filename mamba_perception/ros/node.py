@@ -484,7 +484,8 @@ class PerceptionNode(LifecycleNode):
                     self._bad_frame(camera, 'output', str(exc))
                     continue
                 node_ms = {'queued': queued, 'decode': dec, 'handoff': handoff_ms}
-                self._publish(camera, conversions.ros_header(msg.header), frame, result, node_ms)
+                self._publish(camera, conversions.ros_header(msg.header), frame, result, node_ms,
+                              len(cameras))
 
     def _failed_batch(self, cameras: list, exc: BaseException) -> None:
         text = out_of_memory_text(exc) or f'{type(exc).__name__}: {exc}'
@@ -507,11 +508,12 @@ class PerceptionNode(LifecycleNode):
             results[i] = None
         return results
 
-    def _publish(self, camera: str, header, frame, result, node_ms: dict) -> None:
+    def _publish(self, camera: str, header, frame, result, node_ms: dict,
+                 batch_size: int) -> None:
         """Publish one frame's outputs and record its stage times in its camera's health.
 
         ``node_ms`` holds the node's own stage times (queued, decode, handoff); the pipeline's
-        come with ``result``.
+        come with ``result``; ``batch_size``: frames of the batch it ran in.
         """
         started = time.perf_counter()
         pubs = self._outputs.get(camera)
@@ -539,7 +541,7 @@ class PerceptionNode(LifecycleNode):
                     'postprocess': stages['postprocess_ms'], 'publish': publish_ms}
         with self._lock:
             self._health[camera].record_output(self._now_ns(), conversions.stamp_ns(header),
-                                               stage_ms)
+                                               stage_ms, batch_size)
 
     def _worker_crashed(self, exc: BaseException) -> None:
         self.get_logger().error(f'inference worker: unexpected {type(exc).__name__}: {exc}',

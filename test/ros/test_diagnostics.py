@@ -184,3 +184,17 @@ def test_no_frames_lost_with_jitter_repeats_and_a_bag_loop():
         health.record_input(T0 + 2 * NS + i * NS // 30, T0 - 60 * NS + i * NS // 30)
     assert dict(health.report(T0 + 3 * NS, Budgets())[2])[
         'frames lost before node in window (est.)'] == '0'
+
+
+def test_batch_size_mean_over_the_window():
+    health = CameraHealth('front', T0)
+    budgets = Budgets()
+    assert values(health.report(T0 + NS, budgets))['batch size mean (frames)'] == 'n/a'
+    for i, size in enumerate((4, 4, 2, 1)):  # a frame without a size (0) is not counted
+        health.record_output(T0 + i * MS, T0, {}, size)
+    health.record_output(T0 + 5 * MS, T0, {})
+    assert values(health.report(T0 + NS, budgets))['batch size mean (frames)'] == '2.75'
+    # outside the window they no longer count
+    later = T0 + int((budgets.window_s + 2) * NS)
+    health.record_output(later, later - MS, {}, 3)
+    assert values(health.report(later, budgets))['batch size mean (frames)'] == '3.00'

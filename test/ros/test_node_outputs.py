@@ -147,8 +147,9 @@ def test_outputs_of_two_cameras(start_node, ros_node, tiny_bundle, video_frames_
                     'latency p50 (ms)', 'latency p99 (ms)', 'decode p50 (ms)',
                     'preprocess p99 (ms)', 'inference p50 (ms)', 'postprocess p99 (ms)',
                     'publish p50 (ms)', 'queued p50 (ms)', 'handoff p99 (ms)', 'bad inputs',
-                    'frames lost before node in window (est.)'):
+                    'frames lost before node in window (est.)', 'batch size mean (frames)'):
             assert key in values, key
+        assert 1.0 <= float(values['batch size mean (frames)']) <= len(TOPICS)
         assert float(values['output rate (Hz)']) > 0
         assert float(values['inference p50 (ms)']) > 0
         assert float(values['queued p50 (ms)']) >= 0 and float(values['handoff p50 (ms)']) >= 0
