@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 # H100 SXM HBM3 bandwidth used for every "HBM floor" (bytes / this).
 HBM_BYTES_PER_S = 3.35e12
@@ -158,8 +159,6 @@ def wall_ms(fn, iters: int = 40, warmup: int = 5) -> list:
     For work that is host-bound or synchronises inside (NMS, a whole ``Pipeline`` call): the
     span is what a caller waits, GPU idle gaps included. ``warmup`` untimed calls first.
     """
-    import time
-
     import torch
 
     for _ in range(warmup):
@@ -172,6 +171,44 @@ def wall_ms(fn, iters: int = 40, warmup: int = 5) -> list:
         torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def time_launch_config(run, reference, config: dict) -> dict:
+    """Return one ``--tune`` row: ``run()`` (a launch with ``config``) against ``reference``.
+
+    Returns ``config`` with ``us`` (median of CUDA-graph replays), ``rel_l2`` (relative L2
+    error against ``reference``) and ``first_call_s`` (Triton's compile, or its cache), or with
+    ``error`` where the configuration does not compile or run.
+    """
+    import torch
+
+    try:
+        start = time.perf_counter()
+        got = run()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+        err = float((got.float() - reference).norm() / reference.norm())
+        us = time_cuda(run, iters=20, reps=5)["median_us"]
+    except Exception as exc:  # noqa: BLE001 - a configuration may not compile
+        return {"variant": "op", **config, "error": str(exc)[:200]}
+    return {"variant": "op", **config, "us": round(us, 2), "rel_l2": err,
+            "first_call_s": round(first_s, 2)}
+
+
+def best_launch_config(row_groups, keys) -> tuple[dict, float]:
+    """Return the configuration (its ``keys``) of least ``us`` over ``row_groups``, and the sum.
+
+    ``row_groups``: lists of rows (one list per size or batch) as :func:`time_launch_config`
+    returns; rows with an error or of another variant are skipped.
+    """
+    totals: dict = {}
+    for rows in row_groups:
+        for row in rows:
+            if row.get("variant") == "op" and "us" in row:
+                key = tuple(sorted((k, row[k]) for k in keys))
+                totals[key] = totals.get(key, 0.0) + row["us"]
+    best = min(totals, key=totals.get)
+    return dict(best), totals[best]
 
 
 def write_json(path: str, data: dict) -> None:

@@ -15,16 +15,20 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    HBM_BYTES_PER_S,
+    best_launch_config,
+    provenance,
+    time_launch_config,
+    write_json,
+)
 
 CHANNELS = 512
 BASE_HW = (192, 336)  # stride 4 of a 768x1344 input
-HBM_GBPS = 3350.0  # H100 SXM's nominal HBM3 bandwidth, for the floor only
 
 
 def candidates():
@@ -72,7 +76,7 @@ def main() -> int:
               'what': 'resize_tap_sum (Triton, per launch configuration), three levels, '
                       'folded BatchNorm + ReLU; CUDA-graph replays, median us; rel_l2 vs the '
                       'PyTorch path; floor_us = bytes of one read of the inputs and one '
-                      f'write at {HBM_GBPS:.0f} GB/s',
+                      f'write at {HBM_BYTES_PER_S / 1e9:.0f} GB/s',
               'batches': {}}
     configs = ((json.loads(args.candidates) if args.candidates else candidates()) if args.tune
                else [{}])
@@ -81,38 +85,23 @@ def main() -> int:
         ref = resize_tap_sum_torch(base, taps, scale, shift, True).float()
         moved = 2 * base.numel() * base.element_size() + sum(
             t.numel() * t.element_size() for t in taps)
-        rows = [{'variant': 'floor', 'bytes': moved, 'us': moved / HBM_GBPS / 1e3}]
+        rows = [{'variant': 'floor', 'bytes': moved, 'us': moved / HBM_BYTES_PER_S * 1e6}]
         for cfg in configs:
             cfg = {**resize.TUNING, **cfg}
 
             def run(cfg=cfg, args=(base, taps, scale, shift)):
                 return resize.resize_tap_sum_fwd(*args, True, config=cfg)
-            try:
-                t0 = time.perf_counter()
-                got = run()
-                torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0  # Triton compile (or its cache)
-                err = float((got.float() - ref).norm() / ref.norm())
-                us = time_cuda(run, iters=20, reps=5)['median_us']
-            except Exception as exc:  # noqa: BLE001 - a configuration may not compile
-                rows.append({'variant': 'op', **cfg, 'error': str(exc)[:200]})
-                continue
-            rows.append({'variant': 'op', **cfg, 'us': round(us, 2), 'rel_l2': err,
-                         'first_call_s': round(first_s, 2)})
-            print(f'batch {batch} {cfg}: {us:.1f} us ({us / rows[0]["us"]:.1f}x floor), '
-                  f'rel L2 {err:.2e}, first call {first_s:.1f} s', flush=True)
+            rows.append(time_launch_config(run, ref, cfg))
+            if 'us' in rows[-1]:
+                print(f'batch {batch} {cfg}: {rows[-1]["us"]:.1f} us '
+                      f'({rows[-1]["us"] / rows[0]["us"]:.1f}x floor), rel L2 '
+                      f'{rows[-1]["rel_l2"]:.2e}, first call {rows[-1]["first_call_s"]:.1f} s',
+                      flush=True)
         report['batches'][str(batch)] = rows
         write_json(args.out, report)
     if args.tune:  # best by the sum over the batches
-        totals = {}
-        for rows in report['batches'].values():
-            for row in rows:
-                if row['variant'] == 'op' and 'us' in row:
-                    key = tuple(sorted((k, row[k]) for k in resize.TUNING))
-                    totals[key] = totals.get(key, 0.0) + row['us']
-        best = min(totals, key=totals.get)
-        report['best'] = dict(best)
-        print('best:', report['best'], f'{totals[best]:.1f} us summed', flush=True)
+        report['best'], total = best_launch_config(report['batches'].values(), resize.TUNING)
+        print('best:', report['best'], f'{total:.1f} us summed', flush=True)
         write_json(args.out, report)
     return 0
 

@@ -14,12 +14,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    best_launch_config,
+    provenance,
+    time_cuda,
+    time_launch_config,
+    write_json,
+)
 
 SIZES = [(720, 1280), (2048, 2048)]
 
@@ -81,35 +86,19 @@ def main() -> int:
                          'us': time_cuda(run_modules, iters=20, reps=5)['median_us']})
             print(f'{h}x{w} compiled modules: {rows[-1]["us"]:.1f} us', flush=True)
         for cfg in configs:
+            cfg = {**stem.TUNING, **cfg}
+
             def run(cfg=cfg, x=x):
                 return stem.conv_norm_stem_fwd(x, *weights, config=cfg)
-            try:
-                t0 = time.perf_counter()
-                got = run()
-                torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0  # Triton compile (or its cache)
-                err = float((got - ref).norm() / ref.norm())
-                us = time_cuda(run, iters=20, reps=5)['median_us']
-            except Exception as exc:  # noqa: BLE001 - a configuration may not compile
-                rows.append({'variant': 'op', **cfg, 'error': str(exc)[:200]})
-                continue
-            rows.append({'variant': 'op', **cfg, 'us': round(us, 2), 'rel_l2': err,
-                         'first_call_s': round(first_s, 2)})
-            print(f'{h}x{w} {cfg}: {us:.1f} us, rel L2 {err:.2e}, first call {first_s:.1f} s',
-                  flush=True)
+            rows.append(time_launch_config(run, ref, cfg))
+            if 'us' in rows[-1]:
+                print(f'{h}x{w} {cfg}: {rows[-1]["us"]:.1f} us, rel L2 {rows[-1]["rel_l2"]:.2e}, '
+                      f'first call {rows[-1]["first_call_s"]:.1f} s', flush=True)
         report['sizes'][f'{h}x{w}'] = rows
         write_json(args.out, report)
     if args.tune:  # best by the sum over the sizes
-        totals = {}
-        for rows in report['sizes'].values():
-            for row in rows:
-                if row['variant'] == 'op' and 'us' in row:
-                    key = tuple(sorted((k, v) for k, v in row.items()
-                                       if k not in ('variant', 'us', 'rel_l2', 'first_call_s')))
-                    totals[key] = totals.get(key, 0.0) + row['us']
-        best = min(totals, key=totals.get)
-        report['best'] = dict(best)
-        print('best:', report['best'], f'{totals[best]:.1f} us summed', flush=True)
+        report['best'], total = best_launch_config(report['sizes'].values(), stem.TUNING)
+        print('best:', report['best'], f'{total:.1f} us summed', flush=True)
         write_json(args.out, report)
     return 0
 

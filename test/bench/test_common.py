@@ -25,3 +25,24 @@ def test_apply_inductor_config_sets_and_rejects():
     finally:
         inductor_config.coordinate_descent_tuning, triton_config.unique_kernel_names = before
     assert inductor_config.coordinate_descent_tuning == before[0]
+
+
+def test_best_launch_config_sums_over_groups_and_skips_errors():
+    common = load('common')
+    groups = [[{'variant': 'floor', 'us': 1.0},
+               {'variant': 'op', 'a': 1, 'b': 2, 'us': 10.0, 'rel_l2': 0.0},
+               {'variant': 'op', 'a': 2, 'b': 2, 'us': 8.0, 'rel_l2': 0.0},
+               {'variant': 'op', 'a': 3, 'b': 2, 'error': 'out of resources'}],
+              [{'variant': 'op', 'a': 1, 'b': 2, 'us': 10.0},
+               {'variant': 'op', 'a': 2, 'b': 2, 'us': 13.0}]]
+    # fastest in the first group alone (8 us), not over both (21 vs 20)
+    assert common.best_launch_config(groups, ('a', 'b')) == ({'a': 1, 'b': 2}, 20.0)
+
+
+def test_time_launch_config_reports_a_configuration_that_fails():
+    common = load('common')
+
+    def run():
+        raise RuntimeError('out of resources: shared memory')
+    assert common.time_launch_config(run, None, {'a': 1}) == {
+        'variant': 'op', 'a': 1, 'error': 'out of resources: shared memory'}
