@@ -170,6 +170,9 @@ class PerceptionNode(LifecycleNode):
                     self._frames.clear()
                 self.get_logger().info('processing ' + ('enabled' if self._enabled
                                                         else 'disabled'))
+            elif change.name == 'batch_window_ms':
+                if self._frames is not None:  # read by the next take; activate reads the rest
+                    self._frames.batch_window_s = float(change.value) / 1e3
             elif change.name in DYNAMIC_PIPELINE_ATTRIBUTES and self._pipeline is not None:
                 setattr(self._pipeline, change.name,
                         DYNAMIC_PIPELINE_ATTRIBUTES[change.name](change.value))
@@ -270,8 +273,8 @@ class PerceptionNode(LifecycleNode):
                                       self._pipeline.score_threshold, header)
         for camera in self._cameras:
             self._outputs[camera]['label_info'].publish(info)
-        self._frames = LatestFrames(self._cameras,
-                                    batch_window_s=self._config['batch_window_ms'] / 1e3)
+        self._frames = LatestFrames(
+            self._cameras, batch_window_s=self.get_parameter('batch_window_ms').value / 1e3)
         if self._config['pipelined']:
             self._stage_streams = self._pipeline.stage_streams()
             self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,

@@ -133,7 +133,7 @@ PARAMETERS = (
               'With several cameras: after a camera\'s frame arrives, wait up to this long for '
               'the other cameras\' frames so they run as one batch (cheaper per frame on a GPU '
               'than several small batches); adds at most this much latency; 0 takes whatever '
-              'has arrived', low=0.0, high=1000.0),
+              'has arrived', low=0.0, high=1000.0, dynamic=True),
     ParamSpec('warmup_size_px', [720, 1280],
               'Frame [height, width] run at configure so the first real frame is fast; '
               '[0, 0] skips warmup', check=_check_warmup),

@@ -89,3 +89,26 @@ def camera_status(diagnostic_arrays, camera, node='mamba_perception'):
 
 def status_values(status):
     return {kv.key: kv.value for kv in status.values}
+
+
+def call(ros_node, client, request, timeout_s=60.0):
+    """Call a service of another process and return its reply (spinning ``ros_node``)."""
+    ros_node.spin_until(lambda: client.service_is_ready(), 60.0, f'service {client.srv_name}')
+    future = client.call_async(request)
+    ros_node.spin_until(future.done, timeout_s, f'a reply from {client.srv_name}')
+    return future.result()
+
+
+def set_parameter(ros_node, client, name, value):
+    """Set one parameter through a SetParameters ``client``; return its SetParametersResult."""
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+    if isinstance(value, bool):
+        pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
+    elif isinstance(value, float):
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    else:
+        pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+    reply = call(ros_node, client, SetParameters.Request(
+        parameters=[Parameter(name=name, value=pv)]))
+    return reply.results[0]

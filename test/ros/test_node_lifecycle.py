@@ -5,9 +5,16 @@ import time
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 import pytest
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import GetParameters, SetParameters
-from ros_node_helpers import Collector, image_msg, node_args, publish_until, spin_for
+from ros_node_helpers import (
+    Collector,
+    call,
+    image_msg,
+    node_args,
+    publish_until,
+    set_parameter,
+    spin_for,
+)
 from sensor_msgs.msg import Image
 from vision_msgs.msg import Detection2DArray
 
@@ -15,13 +22,6 @@ from mamba_perception.ros import qos
 
 pytestmark = pytest.mark.ros
 NODE = '/mamba_perception'
-
-
-def call(ros_node, client, request, timeout_s=60.0):
-    ros_node.spin_until(lambda: client.service_is_ready(), 60.0, f'service {client.srv_name}')
-    future = client.call_async(request)
-    ros_node.spin_until(future.done, timeout_s, f'a reply from {client.srv_name}')
-    return future.result()
 
 
 def test_lifecycle_enabled_and_parameters(start_node, ros_node, tiny_bundle, video_frames_bgr):
@@ -51,15 +51,7 @@ def test_lifecycle_enabled_and_parameters(start_node, ros_node, tiny_bundle, vid
             transition=Transition(id=transition_id))).success
 
     def set_param(name, value):
-        if isinstance(value, bool):
-            pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
-        elif isinstance(value, float):
-            pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
-        else:
-            pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
-        reply = call(ros_node, set_params, SetParameters.Request(
-            parameters=[Parameter(name=name, value=pv)]))
-        return reply.results[0]
+        return set_parameter(ros_node, set_params, name, value)
 
     def outputs_flow(timeout_s=30.0):
         n = len(detections)
