@@ -171,7 +171,7 @@ class PerceptionNode(LifecycleNode):
                 self.get_logger().info('processing ' + ('enabled' if self._enabled
                                                         else 'disabled'))
             elif change.name == 'batch_window_ms':
-                if self._frames is not None:  # read by the next take; activate reads the rest
+                if self._frames is not None:  # the next take uses it (activate reads it too)
                     self._frames.batch_window_s = float(change.value) / 1e3
             elif change.name in DYNAMIC_PIPELINE_ATTRIBUTES and self._pipeline is not None:
                 setattr(self._pipeline, change.name,
