@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..resize import MAX_LEVELS
 from .common import pow2_option
 
 # Launch configuration, read at every call. Powers of two: the best of bench/resize.py --tune
@@ -134,7 +135,6 @@ def launch_config(channels: int, config: dict | None = None) -> dict:
                 num_warps=pow2_option("resize", "num_warps", cfg["num_warps"]))
 
 
-MAX_LEVELS = 3  # tap maps per launch (UperNet has three coarse levels)
 _MAX_IMAGE_SPAN = 2**31 - 1  # offsets inside one image are int32 (the batch offset int64)
 
 
