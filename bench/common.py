@@ -211,6 +211,22 @@ def best_launch_config(row_groups, keys) -> tuple[dict, float]:
     return dict(best), totals[best]
 
 
+def add_coarse_fusion_option(parser) -> None:
+    """Add ``--upernet-coarse-fusion on|off`` (see :func:`apply_coarse_fusion_option`)."""
+    parser.add_argument("--upernet-coarse-fusion", choices=("on", "off"), default=None,
+                        help="UperNet's fusion conv with the coarse levels mixed at their own "
+                             "resolution (segmentation.COARSE_FUSION; default: the module's)")
+
+
+def apply_coarse_fusion_option(args) -> bool:
+    """Set ``segmentation.COARSE_FUSION`` from the option where given; return the value in use."""
+    from mamba_perception.models.heads import segmentation
+
+    if args.upernet_coarse_fusion is not None:
+        segmentation.COARSE_FUSION = args.upernet_coarse_fusion == "on"
+    return segmentation.COARSE_FUSION
+
+
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` as indented JSON, creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

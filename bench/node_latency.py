@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -40,6 +41,9 @@ from mamba_perception.pipeline import Pipeline
 from mamba_perception.results import Detections, FrameResult
 from mamba_perception.ros import conversions
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_coarse_fusion_option, apply_coarse_fusion_option  # noqa: E402
 
 SIZES = {'1280x720': (720, 1280), '1920x1080': (1080, 1920)}
 
@@ -322,14 +326,10 @@ def main():
     parser.add_argument('--skip-overhead', action='store_true')
     parser.add_argument('--batch-window-ms', type=float, nargs='+', default=[0.0],
                         help="the node's batch_window_ms; several values: one run each")
-    parser.add_argument('--upernet-coarse-fusion', choices=('on', 'off'), default=None,
-                        help="UperNet's fusion conv with the coarse levels mixed at their own "
-                             'resolution (segmentation.COARSE_FUSION; default: the module\'s)')
+    add_coarse_fusion_option(parser)
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
-    from mamba_perception.models.heads import segmentation
-    if args.upernet_coarse_fusion is not None:
-        segmentation.COARSE_FUSION = args.upernet_coarse_fusion == 'on'
+    coarse_fusion = apply_coarse_fusion_option(args)
     report = {
         'benchmark': 'node_latency',
         'provenance': {'host': platform.node(), 'python': platform.python_version(),
@@ -340,7 +340,7 @@ def main():
                        'frames': 'synthetic textured frames (smoothed noise)',
                        'dds': 'not included (no rclpy on this machine or measured separately)'},
     }
-    report['upernet_coarse_fusion'] = segmentation.COARSE_FUSION
+    report['upernet_coarse_fusion'] = coarse_fusion
     if not args.skip_overhead:
         report['overhead_per_frame'] = overhead(args)
         print(json.dumps(report['overhead_per_frame'], indent=1), flush=True)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import wall_ms  # noqa: E402
+from common import add_coarse_fusion_option, apply_coarse_fusion_option, wall_ms  # noqa: E402
 
 TASKS = {'det': ('detection',), 'seg': ('segmentation',),
          'detseg': ('detection', 'segmentation')}
@@ -271,17 +271,13 @@ def main(argv=None) -> int:
                              'batch above 1 (compare warmup_s and p50 with a run without)')
     parser.add_argument('--cudnn-benchmark', action='store_true',
                         help='torch.backends.cudnn.benchmark = True (experiment)')
-    parser.add_argument('--upernet-coarse-fusion', choices=('on', 'off'), default=None,
-                        help="UperNet's fusion conv with the coarse levels mixed at their own "
-                             'resolution (segmentation.COARSE_FUSION; default: the module\'s)')
+    add_coarse_fusion_option(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     HEAD_LAYOUT['layout'] = args.head_layout
     COMPILE_OPTIONS['compile_dynamic_batch'] = args.compile_dynamic_batch
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    from mamba_perception.models.heads import segmentation
-    if args.upernet_coarse_fusion is not None:
-        segmentation.COARSE_FUSION = args.upernet_coarse_fusion == 'on'
+    coarse_fusion = apply_coarse_fusion_option(args)
 
     import mamba_perception_kernels as kernels
 
@@ -312,7 +308,7 @@ def main(argv=None) -> int:
         'target': 'VMamba-T det+seg 1280x720 batch 1 <= 8 ms p99',
         'head_layout': args.head_layout, 'cudnn_benchmark': args.cudnn_benchmark,
         'compile_dynamic_batch': args.compile_dynamic_batch,
-        'upernet_coarse_fusion': segmentation.COARSE_FUSION,
+        'upernet_coarse_fusion': coarse_fusion,
         'results': [], 'skipped': [], 'errors': [],
     }
     todo = select(configs(args.quick, tuple(args.modes), tuple(args.batches or (1, 4))), args)

@@ -37,7 +37,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_inductor_config, provenance, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_coarse_fusion_option,
+    apply_coarse_fusion_option,
+    apply_inductor_config,
+    provenance,
+    time_cuda,
+    write_json,
+)
 
 KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
     ('scan', re.compile(r'segment_agg|state_pass|output_kernel|seq_agg|seq_out|state_kernel|'
@@ -247,9 +254,7 @@ def main() -> int:
                         help="a perception model's dense part (module docstring) instead of the "
                              'backbone alone')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--upernet-coarse-fusion', choices=('on', 'off'), default=None,
-                        help="UperNet's fusion conv with the coarse levels mixed at their own "
-                             'resolution (segmentation.COARSE_FUSION; default: the module\'s)')
+    add_coarse_fusion_option(parser)
     parser.add_argument('--top', type=int, default=40, help='kernels listed in the JSON')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
@@ -266,10 +271,7 @@ def main() -> int:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
-    from mamba_perception.models.heads import segmentation
-
-    if args.upernet_coarse_fusion is not None:
-        segmentation.COARSE_FUSION = args.upernet_coarse_fusion == 'on'
+    coarse_fusion = apply_coarse_fusion_option(args)
     if args.inductor_freezing:
         from torch._inductor import config as inductor_config
 
@@ -300,7 +302,7 @@ def main() -> int:
         return step
 
     result = {'provenance': provenance({'batch': args.batch, 'perception': args.perception,
-                                        'upernet_coarse_fusion': segmentation.COARSE_FUSION,
+                                        'upernet_coarse_fusion': coarse_fusion,
                                         'lowrank_impl': args.lowrank_impl,
                                         'weights': args.weights,
                                         'compile_mode': args.compile_mode,
