@@ -24,6 +24,9 @@ HBM_BYTES_PER_S = 3.35e12
 VMAMBA_STAGE_DIMS = {"T": (96, 192, 384, 768), "S": (192, 384, 768, 1536),
                      "B": (256, 512, 1024, 2048)}
 VMAMBA_DEPTHS = {"T": (2, 2, 8, 2), "S": (2, 2, 15, 2), "B": (2, 2, 15, 2)}
+# The perception benchmarks' --tasks / --perception choices: bundle tasks by short name.
+PERCEPTION_TASKS = {"det": ("detection",), "seg": ("segmentation",),
+                    "detseg": ("detection", "segmentation")}
 
 
 def stage_hw(h: int, w: int) -> list:

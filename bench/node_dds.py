@@ -59,8 +59,9 @@ import numpy as np
 
 from mamba_perception.ros.diagnostics import STAGES  # the node's stage names (no rclpy)
 
-TASKS = {'det': ('detection',), 'seg': ('segmentation',),
-         'detseg': ('detection', 'segmentation')}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PERCEPTION_TASKS as TASKS  # noqa: E402
+
 CLASS_NAMES = [f'class_{i}' for i in range(80)]  # COCO-sized head
 # As test/ros/ros_node_helpers.py: the network input is capped at 64 px so a CPU forward takes
 # tens of ms, while the frames (and the masks and boxes returned) keep their own size.

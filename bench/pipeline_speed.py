@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PERCEPTION_TASKS as TASKS  # noqa: E402
 from common import add_coarse_fusion_option, apply_coarse_fusion_option, wall_ms  # noqa: E402
 
-TASKS = {'det': ('detection',), 'seg': ('segmentation',),
-         'detseg': ('detection', 'segmentation')}
 SIZES = {'720p': (720, 1280), '1080p': (1080, 1920)}
 
 

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    PERCEPTION_TASKS,
     add_coarse_fusion_option,
     apply_coarse_fusion_option,
     apply_inductor_config,
@@ -81,8 +82,6 @@ def build(name: str):
     return model, model.forward_intermediates
 
 
-PERCEPTION_TASKS = {'det': ('detection',), 'seg': ('segmentation',),
-                    'detseg': ('detection', 'segmentation')}
 MODULE_RANGE = 'module::'
 
 
