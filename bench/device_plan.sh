@@ -31,6 +31,7 @@
 set -uo pipefail
 PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
+TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/mamba_perception_kernels
 export PYTHONPATH=$PWD:/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
@@ -57,7 +58,7 @@ backbone() {  # backbone NAME EXTRA_ARGS...: VMamba-T, 720p + 2048^2, compiled, 
     shift
     step 170 "backbone $name" python bench/backbone_speed.py --models vmamba_tiny \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 160 \
-        --out "$OUT/backbone_speed_${name}_h100.json" "$@"
+        --out "$OUT/backbone_speed_${name}_${TAG}.json" "$@"
 }
 
 case $PART in
@@ -69,13 +70,13 @@ kernels)
     # (the reports' text lands in $OUT/ncu_*.txt)
     step 200 "ncu: Vim-S scan at 1280x720" bash -c "ncu --set full -k regex:_bidir_seq_kernel \
         --launch-skip 2 --launch-count 2 python bench/scan.py --profile-one bidir 1 768 45 80 \
-        fp16 > $OUT/ncu_bidir_seq_h100.txt 2>&1"
+        fp16 > $OUT/ncu_bidir_seq_${TAG}.txt 2>&1"
     # The stem op's launch configurations and the state pass's (chunked vs serial) alone.
-    step 120 "stem sweep" python bench/stem.py --tune --out "$OUT/stem_h100.json"
-    step 200 "state pass sweep" python bench/scan.py --tune-state --out "$OUT/scan_state_tune_h100.json"
+    step 120 "stem sweep" python bench/stem.py --tune --out "$OUT/stem_${TAG}.json"
+    step 200 "state pass sweep" python bench/scan.py --tune-state --out "$OUT/scan_state_tune_${TAG}.json"
     step 150 "ncu: fused MLP at stage 1" bash -c "ncu --set full -k regex:_norm_mlp_kernel \
         --launch-skip 1 --launch-count 1 python bench/prenorm.py --ops mlp --iters 2 \
-        --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_h100.txt 2>&1"
+        --out $OUT/prenorm_ncu_run.json > $OUT/ncu_norm_mlp_${TAG}.txt 2>&1"
     ;;
 backbone)
     # The prenorm / stem kernels' GPU tests first, then the backbone against a baseline copy
@@ -88,7 +89,7 @@ backbone)
         step 170 "backbone base" env PYTHONPATH="$PWD/.whl/base:/tmp/ppbase" bash -c "cd .whl/base \
             && python bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 2048x2048 \
             --modes compile --dtypes fp16 --batches 1 --budget-s 160 \
-            --out $OUT/backbone_speed_base_h100.json"
+            --out $OUT/backbone_speed_base_${TAG}.json"
     fi
     backbone default
     # stage 2 (C = 192) through the fused MLP too: slower than cuBLAS + its GELU epilogue
@@ -96,13 +97,13 @@ backbone)
     backbone fused256 --fused-mlp-max-channels 256
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
-        --out "$OUT/backbone_speed_anchor_h100.json"
+        --out "$OUT/backbone_speed_anchor_${TAG}.json"
     ;;
 vim)
     for extra in "" --inductor-freezing; do
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
             --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 \
-            --budget-s 190 --out "$OUT/backbone_speed_vim${extra:+_freezing}_h100.json" $extra
+            --budget-s 190 --out "$OUT/backbone_speed_vim${extra:+_freezing}_${TAG}.json" $extra
     done
     ;;
 dense)
@@ -112,7 +113,7 @@ dense)
     for batch in 1 4; do
         step 190 "det+seg dense part, batch $batch" python bench/profile_backbone.py \
             --perception detseg --size 768x1344 --batch $batch --compile --iters 5 \
-            --out "$OUT/profile_detseg_720p_b${batch}_h100.json"
+            --out "$OUT/profile_detseg_720p_b${batch}_${TAG}.json"
     done
     # UperNet's fusion conv with its coarse levels mixed at their own resolution is the
     # default since stop 23 (23.1 -> 19.0 ms per batch of four); the rows above are with it,
@@ -120,9 +121,9 @@ dense)
     step 180 "det+seg dense part, batch 4, coarse UperNet fusion off" python \
         bench/profile_backbone.py --perception detseg --size 768x1344 --batch 4 --compile \
         --iters 5 --upernet-coarse-fusion off \
-        --out "$OUT/profile_detseg_720p_b4_coarse_off_h100.json"
+        --out "$OUT/profile_detseg_720p_b4_coarse_off_${TAG}.json"
     # the resize_tap_sum kernel's launch configurations on those shapes (~40 s)
-    step 120 "resize_tap_sum sweep" python bench/resize.py --tune --out "$OUT/resize_tune_h100.json"
+    step 120 "resize_tap_sum sweep" python bench/resize.py --tune --out "$OUT/resize_tune_${TAG}.json"
     ;;
 coarse)
     # The whole pipeline with and without the coarse UperNet fusion, CUDA graphs (the node's
@@ -132,7 +133,7 @@ coarse)
             bench/pipeline_speed.py --tasks detseg --sizes 720p --batches 1 4 \
             --precisions fp16 --frames 100 --warmup 5 --modes cuda_graphs compile_graphs \
             --budget-s 270 --upernet-coarse-fusion $fusion \
-            --out "$OUT/pipeline_coarse_${fusion}_h100.json"
+            --out "$OUT/pipeline_coarse_${fusion}_${TAG}.json"
     done
     ;;
 pipeline)
@@ -140,10 +141,10 @@ pipeline)
     step 150 "pipeline, CUDA graphs, sparse-part profiles" python bench/pipeline_speed.py \
         --tasks detseg --sizes 720p --batches 1 4 --precisions fp16 --frames 200 --warmup 10 \
         --modes cuda_graphs --profile-sparse "$OUT/pipeline_profile_sparse" \
-        --out "$OUT/pipeline_graphs_h100.json"
+        --out "$OUT/pipeline_graphs_${TAG}.json"
     step 250 "pipeline, compiled" python bench/pipeline_speed.py --tasks detseg --sizes 720p \
         --batches 1 4 --precisions fp16 --frames 200 --warmup 10 --modes compile_graphs \
-        --out "$OUT/pipeline_compile_h100.json"
+        --out "$OUT/pipeline_compile_${TAG}.json"
     ;;
 batches)
     # One compiled graph for batches 2-4 (a node with 4 cameras compiles twice, not 4 times):
@@ -153,7 +154,7 @@ batches)
         step 280 "pipeline, compiled, batches 1-4 $dyn" python bench/pipeline_speed.py \
             --tasks detseg --sizes 720p --batches 1 2 3 4 --precisions fp16 --frames 100 \
             --warmup 5 --modes compile_graphs --budget-s 270 $dyn \
-            --out "$OUT/pipeline_compile_batches${dyn:+_dynamic}_h100.json"
+            --out "$OUT/pipeline_compile_batches${dyn:+_dynamic}_${TAG}.json"
     done
     ;;
 node)
@@ -169,14 +170,14 @@ node)
     step 200 "node worker path, 4 cameras, batch window 0 / 5 / 15 ms" python \
         bench/node_latency.py --device cuda --precision fp16 --cuda-graphs --cameras 4 \
         --pipelined on --seconds 8 --skip-overhead --batch-window-ms 0 5 15 \
-        --out "$OUT/node_latency_window_h100.json"
+        --out "$OUT/node_latency_window_${TAG}.json"
     # 4 cameras, compiled, the worker in two stages (the default); the window as the best row
     # above (set WINDOW_MS)
     step 380 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
         --device cuda --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
         --compile --cameras 4 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
         --pipelined on --batch-window-ms "${WINDOW_MS:-0}" \
-        --out "$OUT/node_dds_4cam_h100.json"
+        --out "$OUT/node_dds_4cam_window${WINDOW_MS:-0}_${TAG}.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2

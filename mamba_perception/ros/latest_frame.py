@@ -14,8 +14,9 @@ With a batch window (``batch_window_s`` > 0) a take waits, after the first frame
 take arrived, up to the window for the other cameras' slots to fill. A worker faster than the
 cameras otherwise takes one or two frames at a time whenever cameras are not phase-locked,
 and a batch of four costs a GPU less than four batches of one; the price is at most the window
-of added latency for the frame that came first, and a silent camera costs every batch the
-whole window.
+of added latency for the frame that came first. Only cameras heard from within ``silent_after_s``
+are waited for: a camera that stopped (or never started) costs the window only until it counts
+as silent, and a camera slower than the others costs it on the batches it has no frame for.
 """
 
 import logging
@@ -29,16 +30,20 @@ log = logging.getLogger(__name__)
 class LatestFrames:
     """One slot per camera; ``put`` replaces (and counts as dropped) an unprocessed frame."""
 
-    def __init__(self, cameras, batch_window_s: float = 0.0) -> None:
+    def __init__(self, cameras, batch_window_s: float = 0.0, silent_after_s: float = 2.0) -> None:
         if not batch_window_s >= 0.0:
             raise ValueError(f'batch_window_s must be >= 0, got {batch_window_s!r}')
+        if not silent_after_s > 0.0:
+            raise ValueError(f'silent_after_s must be > 0, got {silent_after_s!r}')
         self._cond = threading.Condition()
         self._slots: dict = {camera: None for camera in cameras}
         self.dropped = {camera: 0 for camera in cameras}
         self.accepted = {camera: 0 for camera in cameras}
         self._closed = False
         self.batch_window_s = float(batch_window_s)
+        self.silent_after_s = float(silent_after_s)
         self._first_put_s: Optional[float] = None  # monotonic time of the oldest waiting frame
+        self._last_put_s: dict = {camera: None for camera in cameras}  # monotonic, per camera
 
     def put(self, camera: str, item: Any) -> bool:
         """Store ``item`` as ``camera``'s newest frame; True when it replaced an older one."""
@@ -46,8 +51,10 @@ class LatestFrames:
             replaced = self._slots[camera] is not None
             if replaced:
                 self.dropped[camera] += 1
+            now = time.monotonic()
             if self._first_put_s is None:
-                self._first_put_s = time.monotonic()
+                self._first_put_s = now
+            self._last_put_s[camera] = now
             self._slots[camera] = item
             self.accepted[camera] += 1
             self._cond.notify()
@@ -56,8 +63,9 @@ class LatestFrames:
     def take_all(self, timeout_s: Optional[float] = None) -> dict:
         """Wait until a slot is full (or closed / timeout); return and empty all full slots.
 
-        With a batch window, wait further until every slot is full or the window has passed
-        since the oldest waiting frame arrived (not since this call).
+        With a batch window, wait further until the slot of every camera that is not silent
+        is full or the window has passed since the oldest waiting frame arrived (not since this
+        call).
         """
         with self._cond:
             self._cond.wait_for(lambda: self._closed or any(
@@ -65,13 +73,18 @@ class LatestFrames:
             if self.batch_window_s > 0 and self._first_put_s is not None:
                 left = self._first_put_s + self.batch_window_s - time.monotonic()
                 if left > 0:
-                    self._cond.wait_for(lambda: self._closed or all(
-                        v is not None for v in self._slots.values()), left)
+                    self._cond.wait_for(lambda: self._closed or self._live_slots_full(), left)
             taken = {k: v for k, v in self._slots.items() if v is not None}
             for k in taken:
                 self._slots[k] = None
             self._first_put_s = None
             return taken
+
+    def _live_slots_full(self) -> bool:
+        """True when every camera heard from within ``silent_after_s`` has a waiting frame."""
+        heard_since = time.monotonic() - self.silent_after_s
+        return all(self._slots[camera] is not None for camera, last in self._last_put_s.items()
+                   if last is not None and last >= heard_since)
 
     def clear(self) -> int:
         """Drop every waiting frame (counted as dropped); return how many."""

@@ -173,6 +173,9 @@ class PerceptionNode(LifecycleNode):
             elif change.name == 'batch_window_ms':
                 if self._frames is not None:  # the next take uses it (activate reads it too)
                     self._frames.batch_window_s = float(change.value) / 1e3
+            elif change.name == 'diagnostics.silent_after_s':
+                if self._frames is not None:  # a silent camera is not waited for either
+                    self._frames.silent_after_s = float(change.value)
             elif change.name in DYNAMIC_PIPELINE_ATTRIBUTES and self._pipeline is not None:
                 setattr(self._pipeline, change.name,
                         DYNAMIC_PIPELINE_ATTRIBUTES[change.name](change.value))
@@ -274,7 +277,8 @@ class PerceptionNode(LifecycleNode):
         for camera in self._cameras:
             self._outputs[camera]['label_info'].publish(info)
         self._frames = LatestFrames(
-            self._cameras, batch_window_s=self.get_parameter('batch_window_ms').value / 1e3)
+            self._cameras, batch_window_s=self.get_parameter('batch_window_ms').value / 1e3,
+            silent_after_s=self.get_parameter('diagnostics.silent_after_s').value)
         if self._config['pipelined']:
             self._stage_streams = self._pipeline.stage_streams()
             self._worker = InferenceWorker(self._frames, self._submit, self._worker_crashed,

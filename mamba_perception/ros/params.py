@@ -129,11 +129,12 @@ PARAMETERS = (
               'Two worker threads: the next frames\' dense forward runs on the GPU while this '
               'batch\'s detection, postprocess and publishing run on the host (more frames per '
               'second with several cameras); false: one thread, each batch start to end'),
-    ParamSpec('batch_window_ms', 0.0,
+    ParamSpec('batch_window_ms', 15.0,
               'With several cameras: after a camera\'s frame arrives, wait up to this long for '
               'the other cameras\' frames so they run as one batch (cheaper per frame on a GPU '
-              'than several small batches); adds at most this much latency; 0 takes whatever '
-              'has arrived', low=0.0, high=1000.0, dynamic=True),
+              'than several small batches); adds at most this much latency; cameras silent '
+              'for diagnostics.silent_after_s are not waited for; 0 takes whatever has arrived',
+              low=0.0, high=1000.0, dynamic=True),
     ParamSpec('warmup_size_px', [720, 1280],
               'Frame [height, width] run at configure so the first real frame is fast; '
               '[0, 0] skips warmup', check=_check_warmup),
@@ -171,7 +172,8 @@ PARAMETERS = (
               'Stamp-to-publish latency budget: WARN when p99 exceeds it, ERROR when p50 does',
               low=0.1, high=600000.0, dynamic=True),
     ParamSpec('diagnostics.silent_after_s', 2.0,
-              'ERROR when a camera has sent no frame for this long', low=0.1, high=3600.0,
+              'ERROR when a camera has sent no frame for this long (and the batch window '
+              'stops waiting for it)', low=0.1, high=3600.0,
               dynamic=True),
 )
 BY_NAME = {spec.name: spec for spec in PARAMETERS}

@@ -20,6 +20,13 @@ def test_put_replaces_and_counts_drops():
     assert frames.clear() == 1 and frames.dropped['front'] == 2
 
 
+def heard_from(frames, camera):
+    """``frames`` after one frame of ``camera`` (taken): the batch window waits for it."""
+    frames.put(camera, None)
+    frames.clear()
+    return frames
+
+
 def test_batch_window_waits_for_the_other_cameras():
     def take_with_left_arriving_late(frames):
         frames.put('front', 1)
@@ -32,16 +39,16 @@ def test_batch_window_waits_for_the_other_cameras():
     assert taken == {'front': 1}
     # ... with one, both as one batch, as soon as every slot is full (not at the window's end)
     taken, waited = take_with_left_arriving_late(
-        LatestFrames(['front', 'left'], batch_window_s=3.0))
+        heard_from(LatestFrames(['front', 'left'], batch_window_s=3.0), 'left'))
     assert taken == {'front': 1, 'left': 'a'}
     assert waited < 2.0
 
 
 def test_batch_window_is_bounded_and_counts_from_the_oldest_frame():
-    frames = LatestFrames(['front', 'left'], batch_window_s=0.5)
+    frames = heard_from(LatestFrames(['front', 'left'], batch_window_s=0.5), 'left')
     frames.put('front', 1)
     started = time.monotonic()
-    assert frames.take_all(5.0) == {'front': 1}  # left is silent: the window ends the wait
+    assert frames.take_all(5.0) == {'front': 1}  # no frame from left: the window ends the wait
     assert 0.4 < time.monotonic() - started < 3.0
     frames.put('front', 2)
     time.sleep(0.6)  # this frame has waited longer than the window already: no further wait
@@ -56,6 +63,27 @@ def test_batch_window_is_bounded_and_counts_from_the_oldest_frame():
     assert time.monotonic() - started < 0.4
     with pytest.raises(ValueError, match='batch_window_s'):
         LatestFrames(['front'], batch_window_s=-1.0)
+
+
+def test_batch_window_does_not_wait_for_silent_cameras():
+    def waited_for_front(frames):
+        frames.put('front', 'f')
+        started = time.monotonic()
+        assert frames.take_all(5.0) == {'front': 'f'}
+        return time.monotonic() - started
+
+    frames = LatestFrames(['front', 'left', 'rear'], batch_window_s=0.3, silent_after_s=1.0)
+    # 'left' and 'rear' never sent a frame: nothing to wait for
+    assert waited_for_front(frames) < 0.2
+    # 'left' was heard from just now: the window waits for it
+    frames.put('left', 'l')
+    frames.clear()
+    assert 0.25 < waited_for_front(frames) < 3.0
+    # 'left' has been silent for longer than silent_after_s: no wait again
+    time.sleep(1.0)
+    assert waited_for_front(frames) < 0.2
+    with pytest.raises(ValueError, match='silent_after_s'):
+        LatestFrames(['front'], silent_after_s=0.0)
 
 
 def test_worker_serves_newest_frames_only_under_a_flood():
