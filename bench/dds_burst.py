@@ -37,13 +37,13 @@ MODES = ('one_participant', 'spaced', 'participant_per_camera')
 def subscriber(cameras: list, seconds: float, depth: int) -> None:
     """Child process: count raw frames per camera; print first-arrival stamps as JSON."""
     import rclpy
+    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image
 
     from mamba_perception.ros import qos
     rclpy.init()
     node = rclpy.create_node('dds_burst_subscriber')
     stamps = {cam: [] for cam in cameras}
-    from rclpy.serialization import deserialize_message
     for cam in cameras:
         node.create_subscription(
             Image, f'{cam}/image',
@@ -65,8 +65,8 @@ def _stamp_ns(msg) -> int:
 def publish(mode: str, cameras: list, rate_hz: float, frames: int, gap_ms: float,
             width: int, height: int) -> dict:
     """Publish ``frames`` ticks; return the stamps sent per camera."""
-    import rclpy
     from builtin_interfaces.msg import Time
+    import rclpy
     from sensor_msgs.msg import Image
 
     from mamba_perception.ros import qos

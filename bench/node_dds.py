@@ -427,7 +427,8 @@ class Probe:
         self.executor.shutdown(timeout_sec=5.0)
         self._spinner.join(5.0)
         self.node.destroy_node()
-        for camera_node, camera_context in zip(self._camera_nodes, self._camera_contexts):
+        for camera_node, camera_context in zip(self._camera_nodes, self._camera_contexts,
+                                               strict=True):
             camera_node.destroy_node()
             camera_context.try_shutdown()
 

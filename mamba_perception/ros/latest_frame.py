@@ -81,7 +81,7 @@ class LatestFrames:
             return taken
 
     def _live_slots_full(self) -> bool:
-        """True when every camera heard from within ``silent_after_s`` has a waiting frame."""
+        """Tell whether every camera heard from within ``silent_after_s`` has a waiting frame."""
         heard_since = time.monotonic() - self.silent_after_s
         return all(self._slots[camera] is not None for camera, last in self._last_put_s.items()
                    if last is not None and last >= heard_since)
