@@ -165,19 +165,19 @@ node)
     set +e  # the env script sets -e; a failed step must not end the part
     export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
     # The worker path without DDS, 4 cameras, CUDA graphs, two stages: the batch window
-    # (batch_window_ms, stop 23, off by default, untimed). Stop 23 without it: 2.9 frames per
-    # batch, 36 batches/s, 26.3 Hz per camera; predicted: full batches of four, 30 Hz
+    # (batch_window_ms; stop 24 on an H200: 0 / 5 / 15 ms gave 29.1 / 29.7 / 30.1 Hz per
+    # camera, 15 is the default since; not yet timed on an H100)
     step 200 "node worker path, 4 cameras, batch window 0 / 5 / 15 ms" python \
         bench/node_latency.py --device cuda --precision fp16 --cuda-graphs --cameras 4 \
         --pipelined on --seconds 8 --skip-overhead --batch-window-ms 0 5 15 \
         --out "$OUT/node_latency_window_${TAG}.json"
-    # 4 cameras, compiled, the worker in two stages (the default); the window as the best row
-    # above (set WINDOW_MS)
+    # 4 cameras, compiled, the worker in two stages (the default); WINDOW_MS (default 15, the
+    # node's default)
     step 380 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
         --device cuda --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
         --compile --cameras 4 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
-        --pipelined on --batch-window-ms "${WINDOW_MS:-0}" \
-        --out "$OUT/node_dds_4cam_window${WINDOW_MS:-0}_${TAG}.json"
+        --pipelined on --batch-window-ms "${WINDOW_MS:-15}" \
+        --out "$OUT/node_dds_4cam_window${WINDOW_MS:-15}_${TAG}.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2

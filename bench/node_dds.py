@@ -57,6 +57,7 @@ import traceback
 
 import numpy as np
 
+from mamba_perception.ros import params  # the node's parameter table (no rclpy)
 from mamba_perception.ros.diagnostics import STAGES  # the node's stage names (no rclpy)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--pipelined', choices=('on', 'off'), nargs='+', default=['on'],
                         help="the node's pipelined parameter; several values: each camera "
                              'count runs once per value')
-    parser.add_argument('--batch-window-ms', type=float, default=0.0,
+    parser.add_argument('--batch-window-ms', type=float,
+                        default=params.BY_NAME['batch_window_ms'].default,
                         help="the node's batch_window_ms (wait for the other cameras' frames)")
     parser.add_argument('--tiny-policy', action='store_true',
                         help='cap the network input at 64 px (CPU smoke runs)')

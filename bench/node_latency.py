@@ -39,7 +39,7 @@ import torch
 from mamba_perception.models.bundle import create_random_bundle
 from mamba_perception.pipeline import Pipeline
 from mamba_perception.results import Detections, FrameResult
-from mamba_perception.ros import conversions
+from mamba_perception.ros import conversions, params
 from mamba_perception.ros.latest_frame import InferenceWorker, LatestFrames
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -324,7 +324,8 @@ def main():
     parser.add_argument('--profile-dir', help='CUDA: a 1 s torch.profiler trace of the largest '
                                               'camera count per mode, and its GPU busy time')
     parser.add_argument('--skip-overhead', action='store_true')
-    parser.add_argument('--batch-window-ms', type=float, nargs='+', default=[0.0],
+    parser.add_argument('--batch-window-ms', type=float, nargs='+',
+                        default=[params.BY_NAME['batch_window_ms'].default],
                         help="the node's batch_window_ms; several values: one run each")
     add_coarse_fusion_option(parser)
     parser.add_argument('--out', required=True)
