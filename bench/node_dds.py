@@ -353,9 +353,9 @@ class Probe:
         in_type = CompressedImage if compressed else Image
         # Each camera publishes from its own context (DDS participant), as separate camera
         # drivers do: with one participant writing four raw 720p frames back to back, the
-        # first frame of each tick was lost before the node in ~30 % of ticks (Fast DDS,
-        # LARGE_DATA, on the development machine; not with one participant per camera, nor
-        # with 2 ms between the writes; the reader's history depth did not matter).
+        # first camera lost frames before the node (Fast DDS, LARGE_DATA: ~3 % on an H200
+        # host, ~20 % on the development machine, bench/dds_burst.py; none with one
+        # participant per camera or 2 ms between the writes; the reader's depth did not matter).
         self._camera_contexts, self._camera_nodes, self.publishers = [], [], {}
         for cam in cameras:
             camera_context = rclpy.Context()
