@@ -21,8 +21,8 @@
 #   bash bench/device_plan.sh batches    # compiled det+seg at batches 1-4, static vs one
 #                                        # graph for every batch above 1 (compile time, p50)
 #   bash bench/device_plan.sh node       # the worker path without DDS, 4 cameras, batch
-#                                        # windows 0 / 5 / 15 ms; the real node over real
-#                                        # DDS, raw 720p, 4 cameras, compiled
+#                                        # windows 0 / 15 ms; the real node over real
+#                                        # DDS, raw 720p, 4, 1 and 2 cameras, compiled
 #                                        # (carry .whl: bench/device_ros_env.sh)
 #
 # Every step has its own time limit and a failed step does not stop the next; results and a log
@@ -165,19 +165,19 @@ node)
     set +e  # the env script sets -e; a failed step must not end the part
     export MAMBA_PERCEPTION_SAMPLE_VIDEO=$PWD/.whl/vtest.avi  # no opencv-doc there
     # The worker path without DDS, 4 cameras, CUDA graphs, two stages: the batch window
-    # (batch_window_ms; stop 24 on an H200: 0 / 5 / 15 ms gave 29.1 / 29.7 / 30.1 Hz per
-    # camera, 15 is the default since; not yet timed on an H100)
-    step 200 "node worker path, 4 cameras, batch window 0 / 5 / 15 ms" python \
+    # (batch_window_ms; stop 24 on an H200: 0 / 15 ms gave 29.1 / 30.1 Hz per camera, 15 is
+    # the default since; not yet timed on an H100)
+    step 120 "node worker path, 4 cameras, batch window 0 / 15 ms" python \
         bench/node_latency.py --device cuda --precision fp16 --cuda-graphs --cameras 4 \
-        --pipelined on --seconds 8 --skip-overhead --batch-window-ms 0 5 15 \
+        --pipelined on --seconds 8 --skip-overhead --batch-window-ms 0 15 \
         --out "$OUT/node_latency_window_${TAG}.json"
-    # 4 cameras, compiled, the worker in two stages (the default); WINDOW_MS (default 15, the
-    # node's default)
-    step 380 "node over DDS, raw 720p, 4 cameras, compiled" python bench/node_dds.py \
+    # 4, 1 and 2 cameras (4 first: its node compiles every batch size, the others then load
+    # them from the cache), compiled, two worker stages, the default window (stop 24, H200:
+    # 4 cameras 1200 of 1200 frames, 30.0 Hz, p50 / p99 58.7 / 79.9 ms; cold compile ~190 s)
+    step 450 "node over DDS, raw 720p, 4 / 1 / 2 cameras, compiled" python bench/node_dds.py \
         --device cuda --precision fp16 --backbone vmamba_tiny --tasks detseg --cuda-graphs \
-        --compile --cameras 4 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
-        --pipelined on --batch-window-ms "${WINDOW_MS:-15}" \
-        --out "$OUT/node_dds_4cam_window${WINDOW_MS:-15}_${TAG}.json"
+        --compile --cameras 4 1 2 --video "$MAMBA_PERCEPTION_SAMPLE_VIDEO" --seconds 10 \
+        --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
     echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2
