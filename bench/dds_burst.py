@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import time
@@ -55,9 +56,14 @@ def subscriber(cameras: list, seconds: float, depth: int) -> None:
             lambda data, cam=cam: stamps[cam].append(_stamp_ns(deserialize_message(data, Image))),
             qos.input_qos('best_effort', depth), raw=True)
     print('ready', flush=True)
+    # Until the publisher says it is done (a line on stdin) and half a second more for the
+    # last frames, or ``seconds`` at most.
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         rclpy.spin_once(node, timeout_sec=0.05)
+        if select.select([sys.stdin], [], [], 0)[0]:
+            sys.stdin.readline()
+            end = min(end, time.monotonic() + 0.5)
     print(json.dumps(stamps), flush=True)
     node.destroy_node()
     rclpy.try_shutdown()
@@ -113,16 +119,18 @@ def publish(mode: str, cameras: list, rate_hz: float, frames: int, gap_ms: float
 
 def run_mode(mode: str, args, env: dict) -> dict:
     cameras = [f'cam{k}' for k in range(args.cameras)]
-    listen_s = args.frames / args.rate_hz + 8.0
+    listen_s = args.frames / args.rate_hz + 60.0  # a bound; it stops when told
     child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), '--subscriber', '--cameras',
          str(args.cameras), '--listen-s', str(listen_s), '--reader-depth',
-         str(args.reader_depth)], env=env, stdout=subprocess.PIPE, text=True)
+         str(args.reader_depth)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
     try:
-        assert child.stdout.readline().strip() == 'ready'
+        if child.stdout.readline().strip() != 'ready':
+            raise RuntimeError('the subscriber process did not start')
         sent = publish(mode, cameras, args.rate_hz, args.frames, args.gap_ms, args.width,
                        args.height)
-        out, _ = child.communicate(timeout=listen_s + 30)
+        out, _ = child.communicate('done\n', timeout=listen_s + 30)
     finally:
         if child.poll() is None:
             child.kill()
@@ -137,7 +145,27 @@ def run_mode(mode: str, args, env: dict) -> dict:
     return {'mode': mode, 'per_camera': per_camera}
 
 
-def main(argv=None) -> None:
+def run(args, env: dict) -> list:
+    """One row per mode; this process publishes with ``env``'s DDS setup (restored after)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        rows = []
+        for mode in args.modes:
+            row = run_mode(mode, args, env)
+            lost = {cam: c['lost'] for cam, c in row['per_camera'].items()}
+            print(f'{mode:24s} lost per camera {lost} of ~{args.frames}', flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cameras', type=int, default=4)
     parser.add_argument('--rate-hz', type=float, default=30.0)
@@ -152,7 +180,11 @@ def main(argv=None) -> None:
     parser.add_argument('--out', default=None)
     parser.add_argument('--subscriber', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--listen-s', type=float, default=0.0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.subscriber:
         subscriber([f'cam{k}' for k in range(args.cameras)], args.listen_s, args.reader_depth)
         return
@@ -160,13 +192,7 @@ def main(argv=None) -> None:
     env.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 100)))
     if args.dds == 'large_data':
         env['FASTDDS_BUILTIN_TRANSPORTS'] = 'LARGE_DATA'
-    os.environ.update(env)  # this process publishes with the same setup
-    rows = []
-    for mode in args.modes:
-        row = run_mode(mode, args, env)
-        lost = {cam: c['lost'] for cam, c in row['per_camera'].items()}
-        print(f'{mode:24s} lost per camera {lost} of ~{args.frames}', flush=True)
-        rows.append(row)
+    rows = run(args, env)
     if args.out:
         write_json(args.out, {'benchmark': 'dds_burst', 'method': __doc__.split('\n\n')[1],
                               'provenance': provenance({
