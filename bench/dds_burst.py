@@ -12,8 +12,8 @@ publishing in one of three ways:
 * ``participant_per_camera``: one context (DDS participant) per camera, back to back (separate
   drivers, as ``node_dds.py`` publishes now)
 
-Frames sent before the subscriber matched are not counted: each camera's count starts at its
-first received frame (``received`` / ``expected`` per camera, expected = frames sent from then).
+Frames sent while the cameras were still matching are not counted: the count starts on the tick
+on which every camera had delivered a frame (``expected`` = frames sent from then, per camera).
 
     python bench/dds_burst.py --out /tmp/dds_burst.json   # Fast DDS LARGE_DATA, 30 Hz, 6 s
     FASTDDS_BUILTIN_TRANSPORTS='LARGE_DATA?sockets_size=8MB' python bench/dds_burst.py --dds env
@@ -43,17 +43,17 @@ MODES = ('one_participant', 'spaced', 'participant_per_camera')
 def subscriber(cameras: list, seconds: float, depth: int) -> None:
     """Child process: count raw frames per camera; print first-arrival stamps as JSON."""
     import rclpy
-    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image
 
-    from mamba_perception.ros import qos
+    from mamba_perception.ros import conversions, qos
     rclpy.init()
     node = rclpy.create_node('dds_burst_subscriber')
     stamps = {cam: [] for cam in cameras}
-    for cam in cameras:
+    for cam in cameras:  # taken and deserialized as the node takes camera frames
         node.create_subscription(
             Image, f'{cam}/image',
-            lambda data, cam=cam: stamps[cam].append(_stamp_ns(deserialize_message(data, Image))),
+            lambda data, cam=cam: stamps[cam].append(
+                _stamp_ns(conversions.deserialize_image(data))),
             qos.input_qos('best_effort', depth), raw=True)
     print('ready', flush=True)
     # Until the publisher says it is done (a line on stdin) and half a second more for the
@@ -81,40 +81,42 @@ def publish(mode: str, cameras: list, rate_hz: float, frames: int, gap_ms: float
     from sensor_msgs.msg import Image
 
     from mamba_perception.ros import qos
-    contexts = []
-    for _ in (cameras if mode == 'participant_per_camera' else cameras[:1]):
-        context = rclpy.Context()
-        context.init()
-        contexts.append(context)
-    nodes = [rclpy.create_node(f'dds_burst_publisher_{k}', context=c)
-             for k, c in enumerate(contexts)]
-    publishers = {cam: nodes[k % len(nodes)].create_publisher(
-        Image, f'{cam}/image', qos.input_qos('best_effort', 1)) for k, cam in enumerate(cameras)}
-    msg = Image(height=height, width=width, encoding='bgr8', step=3 * width)
-    msg.data = np.random.default_rng(0).integers(0, 255, height * 3 * width, np.uint8).tobytes()
-    deadline = time.monotonic() + 20.0
-    while not all(p.get_subscription_count() for p in publishers.values()):
-        if time.monotonic() > deadline:
-            raise RuntimeError('the subscriber did not match')
-        time.sleep(0.05)
-    time.sleep(1.0)  # discovery settles both ways
-    sent = {cam: [] for cam in cameras}
-    period, tick = 1.0 / rate_hz, time.monotonic()
-    for _ in range(frames):
-        for cam in cameras:
-            now = time.time_ns()
-            msg.header.stamp = Time(sec=now // 1_000_000_000, nanosec=now % 1_000_000_000)
-            publishers[cam].publish(msg)
-            sent[cam].append(now)
-            if mode == 'spaced':
-                time.sleep(gap_ms / 1e3)
-        tick += period
-        time.sleep(max(0.0, tick - time.monotonic()))
-    for node in nodes:
-        node.destroy_node()
-    for context in contexts:
-        context.try_shutdown()
-    return sent
+    contexts, nodes = [], []
+    try:
+        for k in range(len(cameras) if mode == 'participant_per_camera' else 1):
+            contexts.append(rclpy.Context())
+            contexts[-1].init()
+            nodes.append(rclpy.create_node(f'dds_burst_publisher_{k}', context=contexts[-1]))
+        publishers = {cam: nodes[k % len(nodes)].create_publisher(
+            Image, f'{cam}/image', qos.input_qos('best_effort', 1))
+            for k, cam in enumerate(cameras)}
+        msg = Image(height=height, width=width, encoding='bgr8', step=3 * width)
+        msg.data = np.random.default_rng(0).integers(0, 255, height * 3 * width,
+                                                     np.uint8).tobytes()
+        deadline = time.monotonic() + 20.0
+        while not all(p.get_subscription_count() for p in publishers.values()):
+            if time.monotonic() > deadline:
+                raise RuntimeError('the subscriber did not match')
+            time.sleep(0.05)
+        time.sleep(1.0)  # discovery settles both ways
+        sent = {cam: [] for cam in cameras}
+        period, tick = 1.0 / rate_hz, time.monotonic()
+        for _ in range(frames):
+            for cam in cameras:
+                now = time.time_ns()
+                msg.header.stamp = Time(sec=now // 1_000_000_000, nanosec=now % 1_000_000_000)
+                publishers[cam].publish(msg)
+                sent[cam].append(now)
+                if mode == 'spaced':
+                    time.sleep(gap_ms / 1e3)
+            tick += period
+            time.sleep(max(0.0, tick - time.monotonic()))
+        return sent
+    finally:
+        for node in nodes:
+            node.destroy_node()
+        for context in contexts:
+            context.try_shutdown()
 
 
 def run_mode(mode: str, args, env: dict) -> dict:
@@ -135,14 +137,17 @@ def run_mode(mode: str, args, env: dict) -> dict:
         if child.poll() is None:
             child.kill()
     received = json.loads(out.strip().splitlines()[-1])
+    # Counted from the tick on which every camera had delivered a frame: before it, readers
+    # and writers of some cameras may still be matching. sent[cam][i] is tick i's stamp.
+    first_ticks = [sent[cam].index(min(received[cam])) for cam in cameras if received[cam]]
+    start_tick = max(first_ticks) if len(first_ticks) == len(cameras) else len(sent[cameras[0]])
     per_camera = {}
     for cam in cameras:
         got = set(received[cam])
-        first = min(got) if got else None
-        expected = [s for s in sent[cam] if first is not None and s >= first]
-        per_camera[cam] = {'expected': len(expected), 'received': len(got & set(expected)),
-                           'lost': len(set(expected) - got)}
-    return {'mode': mode, 'per_camera': per_camera}
+        expected = set(sent[cam][start_tick:])
+        per_camera[cam] = {'expected': len(expected), 'received': len(got & expected),
+                           'lost': len(expected - got)}
+    return {'mode': mode, 'start_tick': start_tick, 'per_camera': per_camera}
 
 
 def run(args, env: dict) -> list:
