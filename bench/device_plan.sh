@@ -8,6 +8,8 @@
 #   bash bench/device_plan.sh backbone   # prenorm / stem GPU tests; VMamba-T (and a baseline
 #                                        # copy in .whl/base) and ViT-S, 1280x720 and 2048^2,
 #                                        # compiled, fp16
+#   bash bench/device_plan.sh curve      # VMamba-T vs ViT-S at the five sizes from 720p to
+#                                        # 2048^2, compiled, fp16 (issue #8's curve)
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -29,7 +31,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -98,6 +100,16 @@ backbone)
     step 100 "ViT-S anchor" python bench/backbone_speed.py --models vit_small_patch16_224 \
         --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 90 \
         --out "$OUT/backbone_speed_anchor_${TAG}.json"
+    ;;
+curve)
+    # Issue #8's "faster than ViT-S at every size from 1280x720 up", on the card lent now:
+    # VMamba-T and ViT-S, compiled, fp16, batch 1, at the five sizes (sizes ascending, both
+    # models per size, so a cut run still compares like with like)
+    step 560 "VMamba-T vs ViT-S, 1280x720 ... 2048^2, compiled" python bench/backbone_speed.py \
+        --models vmamba_tiny vit_small_patch16_224 \
+        --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
+        --dtypes fp16 --batches 1 --budget-s 540 --no-check \
+        --out "$OUT/backbone_speed_curve_${TAG}.json"
     ;;
 vim)
     for extra in "" --inductor-freezing; do
@@ -180,7 +192,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, vim, dense, coarse, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, curve, vim, dense, coarse, pipeline, batches or node" >&2
     exit 2
     ;;
 esac
