@@ -10,9 +10,6 @@
 #                                        # compiled, fp16
 #   bash bench/device_plan.sh curve      # VMamba-T vs ViT-S at the five sizes from 720p to
 #                                        # 2048^2, compiled, fp16 (issue #8's curve)
-#   bash bench/device_plan.sh local      # the one-launch scan of small maps: its GPU tests,
-#                                        # then the op per VMamba-T stage (720p, 2048^2)
-#                                        # three-pass vs local launch options
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -34,7 +31,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|local|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -113,16 +110,6 @@ curve)
         --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
         --dtypes fp16 --batches 1 --budget-s 540 --no-check \
         --out "$OUT/backbone_speed_curve_${TAG}.json"
-    ;;
-local)
-    step 240 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
-        -k lowrank
-    # local_max_steps 32 lets stage 2 at 1280x720 and stage 3 at 2048^2 in too (timed, not
-    # the default); 0 = the three-pass path everywhere
-    step 330 "scan op: three-pass vs local" python bench/scan.py --tune-by-width \
-        --out "$OUT/scan_local_${TAG}.json" --candidates '[{"local_max_steps": 0},
-        {"local_max_steps": 32}, {"local_max_steps": 32, "local_num_warps": 4},
-        {"local_max_steps": 32, "local_tile": 4096, "local_num_warps": 16}]'
     ;;
 vim)
     for extra in "" --inductor-freezing; do

@@ -70,18 +70,6 @@ TUNING = {
     "chunk_segments": 64,
     "chunk_block_m": 16,
     "chunk_num_warps": 1,
-    # Small maps (VMamba stages 3-4) in one launch, ``_seq_local_kernel``: a program holds
-    # whole routes of local_block_d channels (halved, down to local_min_block_d, while there
-    # are fewer than local_min_programs programs) as a tile of <= local_tile (segment,
-    # channel) values; used while its segments are <= local_max_steps steps (0: never).
-    # A stage-3 call of the three-pass path is six launches and ~45 us at 1280x720 on an H100
-    # for ~7 us of bytes (bench/PERF_NOTES.md). Not timed yet.
-    "local_max_steps": 16,
-    "local_block_d": 16,
-    "local_min_block_d": 4,
-    "local_min_programs": 96,
-    "local_tile": 2048,
-    "local_num_warps": 8,
 }
 
 
@@ -434,87 +422,6 @@ def _seq_out_kernel(
                   DELTA, SOFTPLUS, FAST_LOG)
 
 
-@triton.jit
-def _local_segment(q, N_SEG, REV: tl.constexpr):
-    """Segment index (in the axis' order) of a route's q-th segment; N_SEG (past the end,
-    every step masked) for q outside the route."""
-    if REV:
-        seg = N_SEG - 1 - q
-    else:
-        seg = q
-    return tl.where((q >= 0) & (q < N_SEG), seg, N_SEG)
-
-
-@triton.jit
-def _seq_local_kernel(
-    x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, acc_ptr, out_ptr,
-    H, W, DIM, L, N_SEG,
-    sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
-    s_bias, s_D,
-    sy_b, sy_h, sy_w, sy_c,
-    R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
-    DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, A_LOG: tl.constexpr,
-):
-    """All four routes of one channel block in one program (maps of a few thousand steps).
-
-    The tile's rows are the route's segments (row q walks the route's q-th segment, T steps),
-    so one program holds a whole route and the three launches of the state pass and the
-    outputs become one: each row first walks the segment *before* its own (row 0 none), an
-    inclusive scan over the rows of those aggregates is then the state entering each row's
-    segment, and each row walks its own segment again storing the outputs. Routes go 0, 2, 1,
-    3 (rows forward and back, then columns), summed into ``acc`` in that order as the
-    two-kernel path does; ``out`` gets the total (it is ``acc`` for fp32 output).
-    """
-    chans = (tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
-    ch_ok = chans < DIM
-    b = tl.program_id(1).to(tl.int64)
-    # Row indices as whole (segment, channel) tiles: with (BLOCK_S, 1) positions the walk's
-    # per-row values and its per-channel loads took two register layouts, converted through
-    # shared memory at every step (offline TTGIR); one shape keeps one layout.
-    rows = tl.arange(0, BLOCK_S)[:, None] + tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.int32)
-    x_b = x_ptr + b * sx_b
-    acc_b = acc_ptr + b * sy_b
-    zero = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    dskip = tl.zeros([1, BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        for j in tl.static_range(4):
-            dskip += tl.load(D_ptr + (j * DIM + chans) * s_D, mask=ch_ok,
-                             other=0.0).to(tl.float32)
-    for step in tl.static_range(4):
-        axis = step // 2
-        rev = step % 2
-        k = axis + 2 * rev
-        is_col = axis == 1
-        F = tl.where(is_col, H, W)
-        sx_f, sx_s = _fast_slow(is_col, sx_h, sx_w)
-        sp_f, sp_s = _fast_slow(is_col, sp_h, sp_w)
-        sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
-        sy_f, sy_s = _fast_slow(is_col, sy_h, sy_w)
-        p_k = p_ptr + b * sp_b + k * P * sp_c
-        d_k = d_ptr + b * sd_b + k * DIM
-        w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                            sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
-        before = _local_segment(rows - 1, N_SEG, rev == 1)
-        h_agg, a_agg = _seq_walk(zero, x_b, p_k, d_k, x_b, x_b, w_row, bias, a2, dskip,
-                                 before * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
-                                 chans, ch_ok, sx_c, sp_c, sw_r, 0, R, T, UNROLL, rev == 1,
-                                 False, False, False, DELTA, SOFTPLUS, FAST_LOG)
-        _, h_in = tl.associative_scan((a_agg, h_agg), 0, _ssm_combine)
-        if step == 3:
-            y_out = out_ptr + b * sy_b
-        else:
-            y_out = acc_b
-        if step > 0:
-            # Route `step` adds to what the previous route stored (other threads' rows).
-            tl.debug_barrier()
-        _seq_walk(h_in, x_b, p_k, d_k, acc_b, y_out, w_row, bias, a2, dskip,
-                  _local_segment(rows, N_SEG, rev == 1) * T, L, F, sx_f, sx_s, sp_f, sp_s,
-                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
-                  rev == 1, True, step > 0, HAS_D and step == 0, DELTA, SOFTPLUS, FAST_LOG)
-
-
 def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank"):
     """Return (steps per segment, unroll): tuning["seq_steps"], halved while too few programs.
 
@@ -531,27 +438,6 @@ def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank
 
 def _pow2(name, value):
     return pow2_option("ss2d_lowrank", name, value)
-
-
-def local_launch(length, dim, batch, tuning=TUNING):
-    """(channels per program, tile rows, steps per segment, unroll) of ``_seq_local_kernel``.
-
-    None where the three-pass path runs instead: segments would exceed
-    ``local_max_steps`` (long maps, which need more programs than channel blocks give).
-    """
-    max_steps = tuning["local_max_steps"]
-    if max_steps == 0:
-        return None
-    block_d = min(_pow2("local_block_d", tuning["local_block_d"]), triton.next_power_of_2(dim))
-    floor = min(_pow2("local_min_block_d", tuning["local_min_block_d"]), block_d)
-    while block_d > floor and triton.cdiv(dim, block_d) * batch < tuning["local_min_programs"]:
-        block_d //= 2
-    rows = max(1, _pow2("local_tile", tuning["local_tile"]) // block_d)
-    unroll = _pow2("seq_unroll", tuning["seq_unroll"])
-    steps = max(unroll, triton.next_power_of_2(triton.cdiv(length, rows)))
-    if steps > _pow2("local_max_steps", max_steps):
-        return None
-    return block_d, triton.next_power_of_2(triton.cdiv(length, steps)), steps, unroll
 
 
 def _prepared_weight(dt_weight, dtype, width, block_diagonal):
@@ -582,14 +468,12 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     if length == 0 or batch == 0:
         return out
     acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
-    local = local_launch(length, dim, batch)
-    if local is not None:
-        bd, block_s, steps, unroll = local
-    else:
-        bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
-        steps, unroll = seq_steps(length, 2 * triton.cdiv(dim, bd) * batch)
+    bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
+    steps, unroll = seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
+    agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
+    agg_h = torch.empty_like(agg_a)
     # Small ranks are projected in the walk (R loads + FMAs a step, weights read as (4, R, dim)
     # so a warp's loads are contiguous); larger ones go through one GEMM (one load a step).
     use_delta = rank > TUNING["seq_inline_rank"]
@@ -609,16 +493,8 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     # the precise one, and the GPU run of test_scan_triton.py checks the fast one.
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus,
-                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, A_LOG=a_is_log)
-    if local is not None:
-        _seq_local_kernel[(n_cblk, batch)](
-            x, x_proj, delta, weight, A, D if D is not None else x, bias, acc, out, *common,
-            *out.stride(), HAS_D=D is not None, BLOCK_S=block_s,
-            num_warps=_pow2("local_num_warps", TUNING["local_num_warps"]), **meta)
-        return out
-    meta["num_warps"] = _pow2("seq_num_warps", TUNING["seq_num_warps"])
-    agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
-    agg_h = torch.empty_like(agg_a)
+                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, A_LOG=a_is_log,
+                num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     _state_pass(agg_a, agg_h, batch, n_seg, dim)

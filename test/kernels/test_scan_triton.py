@@ -292,7 +292,6 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
         monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'seq_min_programs', 1)  # keep the given steps
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'local_max_steps', 0)  # the three-pass path
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
     ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
@@ -304,16 +303,13 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize('impl,rank,local', [('seq', 2, 0), ('seq', 10, 0), ('seq', 2, 16),
-                                              ('seq', 10, 16), ('expanded', 2, 0)])
-def test_ss2d_lowrank_fwd_takes_A_as_its_log(impl, rank, local, monkeypatch):
-    # a_is_log: the seq kernels (three-pass and local) compute A = -exp(A_log) per channel
-    # (inline and GEMM Δ); "expanded" converts it before its kernels.
+@pytest.mark.parametrize('impl,rank', [('seq', 2), ('seq', 10), ('expanded', 2)])
+def test_ss2d_lowrank_fwd_takes_A_as_its_log(impl, rank, monkeypatch):
+    # a_is_log: the seq kernels compute A = -exp(A_log) per channel (inline and GEMM Δ);
+    # "expanded" converts it before its kernels.
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', impl)
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'local_max_steps', local)
-    assert (ss2d_lowrank.local_launch(30, 12, 1) is not None) == bool(local)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(1, 5, 6, 12, rank, 1)
     ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
@@ -336,8 +332,7 @@ def test_ss2d_lowrank_seq_state_pass_implementations(state, monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     for key, value in {'seq_steps': 4, 'seq_unroll': 2, 'seq_block_d': 16,
-                       'seq_min_programs': 1, 'impl': 'seq', 'local_max_steps': 0,
-                       **state}.items():
+                       'seq_min_programs': 1, 'impl': 'seq', **state}.items():
         monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(2, 7, 13, 20, 2, 1)  # 91 steps: 23 segments of 4 per route
@@ -350,7 +345,6 @@ def test_ss2d_lowrank_seq_rejects_an_unknown_state_pass(monkeypatch):
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'local_max_steps', 0)
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'state_impl', 'tree')
     args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -371,78 +365,20 @@ def test_ss2d_lowrank_seq_takes_n_above_1_to_expanded(monkeypatch):
     _close(out, K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize('key,value,local', [('seq_unroll', 3, 0), ('seq_steps', 48, 0),
-                                             ('seq_block_d', 96, 0), ('seq_unroll', 3, 16),
-                                             ('local_block_d', 12, 16), ('local_tile', 100, 16),
-                                             ('local_max_steps', 24, 24)])
-def test_ss2d_lowrank_seq_rejects_launch_options_that_are_not_powers_of_two(key, value, local,
+@pytest.mark.parametrize('key,value', [('seq_unroll', 3), ('seq_steps', 48),
+                                       ('seq_block_d', 96)])
+def test_ss2d_lowrank_seq_rejects_launch_options_that_are_not_powers_of_two(key, value,
                                                                            monkeypatch):
     # An unroll that does not divide the segment would walk into the next segment's outputs.
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'local_max_steps', local)
     monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
     with pytest.raises(ValueError, match=f"ss2d_lowrank TUNING\\['{key}'\\]={value} must be a "
                                          "power of two"):
         ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
-
-
-@pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,local', [
-    # local = (largest segment, channels per program, tile values, unroll, largest inline rank)
-    # 45 steps in 6 segments of 8 (8 tile rows, 2 of them past the route), across row ends
-    # (W = 9) and column ends (H = 5), 3 channel blocks (the last partial), batch 2; the
-    # reversed routes' first segment is the partial one
-    (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 8, 64, 2, 8)),
-    (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 8, 64, 2, 0)),   # Δ from the GEMM
-    # fp16 output (the route sum in an fp32 scratch buffer), 35 steps in 9 segments of 4
-    (1, 7, 5, 40, 2, torch.float16, torch.float16, (16, 16, 64, 4, 8)),
-    (1, 1, 1, 16, 1, torch.float32, torch.float32, (64, 16, 2048, 4, 8)),  # one step
-    (1, 6, 11, 24, 2, torch.bfloat16, torch.float32, (4, 8, 256, 4, 1)),  # one segment a row
-])
-def test_ss2d_lowrank_fwd_local(batch, height, width, dim, rank, dtype, out_dtype, local,
-                                monkeypatch):
-    # Small maps: whole routes in one program, the state entering each segment from an
-    # in-program scan over the aggregates of the segments before it.
-    from mamba_perception_kernels.triton import ss2d_lowrank
-
-    for key, value in zip(('local_max_steps', 'local_block_d', 'local_tile', 'seq_unroll',
-                           'seq_inline_rank'), local, strict=True):
-        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'local_min_programs', 1)
-    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
-    launch = ss2d_lowrank.local_launch(height * width, dim, batch)
-    assert launch is not None and launch[1] * launch[2] >= height * width
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
-    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
-    dev_args = _on(args, device)
-    for name in ('D', 'dt_bias'):
-        dev_args[name] = non_contiguous(dev_args[name])
-    out = ss2d_lowrank.ss2d_lowrank_fwd(*dev_args.values(), True, out_dtype)
-    assert out.shape == ref.shape and out.is_contiguous() and out.dtype == out_dtype
-    _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
-
-
-def test_ss2d_lowrank_local_launch_picks_the_path_by_map_size():
-    # The defaults: VMamba-T's stages 3-4 at 1280x720 in one launch, 4 / 8 channels per
-    # program (>= 96 programs); stages 1-2 (and stage 3 at 2048^2) keep the three passes.
-    from mamba_perception_kernels.triton.ss2d_lowrank import TUNING, local_launch
-
-    tuning = dict(TUNING, local_max_steps=16, local_block_d=16, local_min_block_d=4,
-                  local_min_programs=96, local_tile=2048, seq_unroll=4)
-    assert local_launch(45 * 80, 384, 1, tuning) == (4, 512, 8, 4)
-    assert local_launch(23 * 40, 768, 1, tuning) == (8, 256, 4, 4)
-    # batch 4: 16 channels a program already give 96 programs, but 128 tile rows would need
-    # 32-step segments
-    assert local_launch(45 * 80, 384, 4, tuning) is None
-    assert local_launch(45 * 80, 384, 4, dict(tuning, local_tile=4096)) == (16, 256, 16, 4)
-    assert local_launch(90 * 160, 192, 1, tuning) is None
-    assert local_launch(180 * 320, 96, 1, tuning) is None
-    assert local_launch(128 * 128, 384, 1, tuning) is None
-    assert local_launch(45 * 80, 384, 1, dict(tuning, local_max_steps=0)) is None
 
 
 def test_ss2d_lowrank_seq_weight_cache_follows_in_place_updates():
