@@ -493,6 +493,10 @@ def parse_args(argv):
     parser.add_argument('--fused-tail-max-channels', type=int, default=None,
                         help='widest VMamba d_inner whose SS2D out_norm -> out_proj -> residual '
                              'runs as one kernel (default: vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS)')
+    parser.add_argument('--ss2d-parts-max-steps', type=int, default=None,
+                        help='largest map whose compiled SS2D scan returns its row / column '
+                             'routes as two parts added in out_norm (0: off; default: '
+                             'vmamba.SS2D_PARTS_MAX_STEPS)')
     parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
                         help='VMamba patch embedding as one kernel (conv_norm_stem) or as its '
                              'modules (default: vmamba.FUSED_STEM)')
@@ -558,6 +562,8 @@ def main(argv=None) -> int:
         vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS = args.fused_tail_max_channels
     if args.fused_stem is not None:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
+    if args.ss2d_parts_max_steps is not None:
+        vmamba.SS2D_PARTS_MAX_STEPS = args.ss2d_parts_max_steps
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
     from mamba_perception_kernels.triton import stem
@@ -574,6 +580,7 @@ def main(argv=None) -> int:
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
             'fused_stem': vmamba.FUSED_STEM,
+            'ss2d_parts_max_steps': vmamba.SS2D_PARTS_MAX_STEPS,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},

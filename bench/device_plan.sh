@@ -10,6 +10,9 @@
 #                                        # compiled, fp16
 #   bash bench/device_plan.sh curve      # VMamba-T vs ViT-S at the five sizes from 720p to
 #                                        # 2048^2, compiled, fp16 (issue #8's curve)
+#   bash bench/device_plan.sh parts      # low-rank scan GPU tests; VMamba-T compiled with
+#                                        # the SS2D scan in two parts (one output launch)
+#                                        # vs one, 720p / 1024^2 / 2048^2, two processes
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -31,7 +34,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -110,6 +113,16 @@ curve)
         --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
         --dtypes fp16 --batches 1 --budget-s 540 --no-check \
         --out "$OUT/backbone_speed_curve_${TAG}.json"
+    ;;
+parts)
+    step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
+        -k lowrank
+    for steps in 0 16384; do
+        step 200 "VMamba-T, SS2D parts up to $steps steps" python bench/backbone_speed.py \
+            --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
+            --dtypes fp16 --batches 1 --budget-s 190 --no-check --ss2d-parts-max-steps "$steps" \
+            --out "$OUT/backbone_speed_parts${steps}_${TAG}.json"
+    done
     ;;
 vim)
     for extra in "" --inductor-freezing; do

@@ -32,6 +32,8 @@ backward passes, so autograd, ``torch.compile`` and ``torch.export`` treat each 
 
 from __future__ import annotations
 
+import torch
+
 from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc
@@ -115,7 +117,7 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
 
 
 def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
-                      out_dtype=None, a_is_log=False):
+                      out_dtype=None, a_is_log=False, parts=1):
     """VMamba SS2D on a channels-last map with the Δ projection part of the op.
 
     Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
@@ -135,12 +137,21 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     Δ with one GEMM and runs the ``ss2d_scan`` kernels on channel-first copies. Elsewhere Δ is
     expanded and the chunked PyTorch path runs. ``a_is_log``: the "seq" kernels compute
     A = -exp(A_log) themselves, so a model need not launch that elementwise kernel per call.
+
+    ``parts=2`` (inference, fp32 output): (2, batch, H, W, dim), two maps whose sum is y. The
+    "seq" kernels then write the row routes (with D·u) and the column routes to one part each
+    in a single launch instead of adding the columns onto the rows in a second; a consumer
+    compiled with the sum (VMamba's out_norm under torch.compile) reads both once. Other
+    paths return (y, 0). No backward: only the sum has a defined gradient.
     """
     _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
+    if parts not in (1, 2) or (parts == 2 and out_dtype != torch.float32):
+        raise ScanInputError(f"parts must be 1, or 2 with out_dtype torch.float32; got "
+                             f"parts={parts!r}, out_dtype={out_dtype}")
     return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
-                                out_dtype, bool(a_is_log))
+                                out_dtype, bool(a_is_log), int(parts))
 
 
 def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

@@ -66,16 +66,22 @@ def _bidir_backward(ctx, dout):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log = inputs
+    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts = inputs
     ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
     ctx.present = tuple(t is not None for t in inputs[:6])
     ctx.delta_softplus = delta_softplus
     ctx.a_is_log = a_is_log
+    ctx.parts = parts
 
 
 def _lowrank_backward(ctx, dy):
     # Expand Δ again (the fused forward never stored it), run the SS2D backward op, then chain
     # through the projection: d x_proj[dt part] = dΔ · W, d W = dΔ^T · x_proj[dt part].
+    if ctx.parts != 1:
+        # Which routes land in which part is the implementation's choice: only their sum
+        # has a defined gradient.
+        raise RuntimeError('ss2d_scan_lowrank(parts=2) is for inference and has no backward; '
+                           'train with parts=1')
     x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
     if ctx.a_is_log:  # A was given as log(-A): chain dA through A = -exp(A_log)
         A = -torch.exp(A)
@@ -95,7 +101,7 @@ def _lowrank_backward(ctx, dy):
         dA = dA * A
     grads = (dx.permute(0, 2, 3, 1).to(x.dtype), d_proj.reshape(x_proj.shape).to(x_proj.dtype),
              d_weight.to(dt_weight.dtype), dA, dD, dbias)
-    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None)
+    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None, None)
 
 
 def register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op):

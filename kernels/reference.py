@@ -152,6 +152,11 @@ def expand_lowrank(x, x_proj, dt_weight, d_state):
     return x.permute(0, 3, 1, 2), delta, B, C
 
 
+def as_parts(y, parts):
+    """``ss2d_scan_lowrank``'s output form: y itself (parts=1), or (y, 0) stacked (parts=2)."""
+    return y if parts == 1 else torch.stack((y, torch.zeros_like(y)))
+
+
 def ss2d_scan_lowrank_ref(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
                           out_dtype=None):
     """``ss2d_scan_lowrank`` by its definition: expand Δ, run ``ss2d_scan_ref``, go NHWC."""

@@ -367,37 +367,46 @@ def _seq_out_kernel(
     H, W, DIM, L, N_SEG,
     sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
     s_bias, s_D,
-    sy_b, sy_h, sy_w, sy_c,
+    sy_b, sy_h, sy_w, sy_c, s_part,
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
     A_LOG: tl.constexpr,
 ):
-    """Store the outputs of segment program_id(0), routes AXIS (forward) and AXIS + 2 (reverse).
+    """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
 
     AXIS 0 starts the sum in ``acc`` (route 0 + D·u, then route 2); AXIS 1 adds routes 1 and 3
-    and writes the total to ``out`` (which is ``acc`` itself for fp32 output).
+    and writes the total to ``out`` (which is ``acc`` itself for fp32 output). AXIS 2: both
+    axes in one launch (program_id(2) = 2 * batch + axis), each summing its two routes into
+    its own fp32 part of ``out`` (``s_part`` apart; the D·u term in part 0): no axis waits for
+    the other, and the caller adds the two parts.
     """
     seg = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ch_ok = chans < DIM
-    b = tl.program_id(2).to(tl.int64)
-    is_col = AXIS == 1
+    if AXIS == 2:
+        b = (tl.program_id(2) // 2).to(tl.int64)
+        axis = tl.program_id(2) % 2
+        acc_b = out_ptr + axis.to(tl.int64) * s_part + b * sy_b
+    else:
+        b = tl.program_id(2).to(tl.int64)
+        axis = AXIS
+        acc_b = acc_ptr + b * sy_b
+    is_col = axis == 1
     F = tl.where(is_col, H, W)
     sx_f, sx_s = _fast_slow(is_col, sx_h, sx_w)
     sp_f, sp_s = _fast_slow(is_col, sp_h, sp_w)
     sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
     sy_f, sy_s = _fast_slow(is_col, sy_h, sy_w)
     x_b = x_ptr + b * sx_b
-    acc_b = acc_ptr + b * sy_b
     dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
-        if AXIS == 0:
-            for k in tl.static_range(4):
-                dskip += tl.load(D_ptr + (k * DIM + chans) * s_D, mask=ch_ok,
+        if AXIS != 1:
+            for j in tl.static_range(4):
+                dskip += tl.load(D_ptr + (j * DIM + chans) * s_D, mask=ch_ok & (axis == 0),
                                  other=0.0).to(tl.float32)
     for rev in tl.static_range(2):
-        k = AXIS + 2 * rev
+        k = axis + 2 * rev
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
                                             sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         # A route enters a segment with the state after its predecessor in route order:
@@ -409,16 +418,16 @@ def _seq_out_kernel(
             prev = seg + 1
             # The reverse walk reads back what the forward walk stored (other threads too).
             tl.debug_barrier()
-            if AXIS == 0:
-                y_out = acc_b
-            else:
+            if AXIS == 1:
                 y_out = out_ptr + b * sy_b
+            else:
+                y_out = acc_b
         h_in = tl.load(agg_h_ptr + ((b * 4 + k) * N_SEG + prev) * DIM + chans,
                        mask=ch_ok & (prev >= 0) & (prev < N_SEG), other=0.0)
         _seq_walk(h_in, x_b, p_ptr + b * sp_b + k * P * sp_c, d_ptr + b * sd_b + k * DIM,
                   acc_b, y_out, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
                   sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
-                  rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS == 0 and rev == 0,
+                  rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS != 1 and rev == 0,
                   DELTA, SOFTPLUS, FAST_LOG)
 
 
@@ -459,12 +468,13 @@ def _prepared_weight(dt_weight, dtype, width, block_diagonal):
     return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal), build)
 
 
-def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log):
+def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log, parts):
     """Run implementation "seq" (see the module docstring); N must be 1."""
     batch, height, width, dim = x.shape
     rank = dt_weight.shape[2]
     length = height * width
-    out = torch.empty(batch, height, width, dim, device=x.device, dtype=out_dtype)
+    out = torch.empty(*(2,) * (parts == 2), batch, height, width, dim, device=x.device,
+                      dtype=out_dtype)
     if length == 0 or batch == 0:
         return out
     acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
@@ -498,10 +508,15 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     _state_pass(agg_a, agg_h, batch, n_seg, dim)
+    dense = (x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out)
+    if parts == 2:
+        _seq_out_kernel[(n_seg, n_cblk, 2 * batch)](
+            *dense, *common, *out.stride()[1:], out.stride(0), AXIS=2, HAS_D=D is not None,
+            **meta)
+        return out
     for axis in (0, 1):
         _seq_out_kernel[(n_seg, n_cblk, batch)](
-            x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out,
-            *common, *out.stride(), AXIS=axis, HAS_D=D is not None, **meta)
+            *dense, *common, *out.stride(), 0, AXIS=axis, HAS_D=D is not None, **meta)
     return out
 
 
@@ -517,14 +532,22 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                     a_is_log=False):
-    """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``."""
+                     a_is_log=False, parts=1):
+    """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``.
+
+    parts=2 (fp32): (2, batch, H, W, dim) summing to y; "seq" puts the row routes (and D·u)
+    in part 0 and the column routes in part 1, written by one launch.
+    """
     if TUNING["impl"] == "seq" and A.shape[1] == 1:
         return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                        a_is_log)
+                        a_is_log, parts)
     if TUNING["impl"] not in ("seq", "expanded"):
         raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
                          f"got {TUNING['impl']!r}")
+    from ..reference import as_parts
+
     if a_is_log:
         A = -torch.exp(A)
-    return _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype)
+    return as_parts(_expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus,
+                                  out_dtype), parts)
+

@@ -45,6 +45,14 @@ FUSED_MLP_MAX_CHANNELS = 128
 FUSED_SS2D_TAIL_MAX_CHANNELS = 0
 # The patch embedding as one op (conv_norm_stem) for inference with 16-bit weights.
 FUSED_STEM = True
+# Largest map (H * W steps) whose SS2D scan, when compiled for inference, returns its row and
+# column routes as two fp32 parts (``ss2d_scan_lowrank(parts=2)``) that out_norm's fused kernel
+# adds: one output launch per call instead of two. 0 = off. H200, VMamba-T, compiled, one
+# machine (bench/results/backbone_speed_parts*_h200.json): 4096 (stages 3-4 at 1280x720 and
+# 1024^2, stage 4 at 2048^2) 1.920 -> 1.895 ms at 1280x720, 2.134 -> 2.109 at 1024^2, 6.498
+# both at 2048^2; 16384 (stage 2 of the smaller two, stage 3 at 2048^2 too) 1.901 / 2.100 /
+# 6.583: stage 3 at 2048^2 (two 25 MB fp32 parts) is slower split.
+SS2D_PARTS_MAX_STEPS = 4096
 # Stages whose MLP is not fused: fc1 + GELU as one GEMM with cuBLASLt's GELU epilogue
 # (layers.linear_gelu_tanh) for inference with 16-bit weights. The epilogue computes GELU's
 # tanh form, at most 4.7e-4 from the exact erf GELU the models were trained with.
@@ -114,12 +122,21 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x`` (B, H, W, C) -> (B, H, W, C)."""
-        y = self.scan(x)  # [B, H, W, Di] fp32, sum of the 4 routes
+        # Under torch.compile (inference) the two parts' sum is fused into out_norm's kernel;
+        # eager, it would be one more kernel, so one part.
+        parts = 2 if (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                      and x.shape[1] * x.shape[2] <= SS2D_PARTS_MAX_STEPS) else 1
+        y = self.scan(x, parts)  # [B, H, W, Di] fp32, sum of the 4 routes
+        if parts == 2:
+            y = y[0] + y[1]
         y = self.out_norm(y)  # LayerNorm on the fp32 sum
         return self.out_proj(y.to(x.dtype))
 
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> fp32 (B, H, W, Di)."""
+    def scan(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> fp32 (B, H, W, Di).
+
+        ``parts=2``: (2, B, H, W, Di), two fp32 maps whose sum is that.
+        """
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
         # Depthwise conv + the block's SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW
@@ -140,6 +157,7 @@ class SS2D(nn.Module):
             delta_softplus=True,
             out_dtype=torch.float32,
             a_is_log=True,
+            parts=parts,
         )
 
 

@@ -367,6 +367,31 @@ def test_fake_impls_give_the_real_output_strides():
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
 
 
+def test_ss2d_lowrank_parts_sum_to_the_output():
+    args = make_ss2d_lowrank(2, 5, 6, 8, 2, 1)
+    y = K.ss2d_scan_lowrank(**args, out_dtype=torch.float32)
+    parts = K.ss2d_scan_lowrank(**args, out_dtype=torch.float32, parts=2)
+    assert parts.shape == (2, *y.shape) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), y)
+
+
+@pytest.mark.parametrize('parts,out_dtype', [(3, torch.float32), (0, torch.float32),
+                                             (2, torch.float16)])
+def test_ss2d_lowrank_rejects_bad_parts(parts, out_dtype):
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    with pytest.raises(K.ScanInputError, match='parts must be 1, or 2 with out_dtype'):
+        K.ss2d_scan_lowrank(**args, out_dtype=out_dtype, parts=parts)
+
+
+def test_ss2d_lowrank_parts_have_no_backward():
+    # Which routes go to which part is the implementation's choice; only parts=1 trains.
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    x = args.pop('x').requires_grad_()
+    parts = K.ss2d_scan_lowrank(x, **args, out_dtype=torch.float32, parts=2)
+    with pytest.raises(RuntimeError, match=r'parts=2\) is for inference'):
+        parts.sum().backward()
+
+
 def test_ss2d_lowrank_compiles_as_one_op():
     args = make_ss2d_lowrank(1, 5, 6, 8, 2, 1)
 
@@ -380,6 +405,14 @@ def test_ss2d_lowrank_compiles_as_one_op():
     gm = torch.fx.experimental.proxy_tensor.make_fx(f)(args['x'], args['x_proj'])
     ours = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith('mamba_perception')]
     assert ours == ['mamba_perception.ss2d_scan_lowrank.default'], ours
+
+    def g(x, x_proj):  # the parts form, summed where its consumer reads it (its fake shape)
+        y = K.ss2d_scan_lowrank(x, x_proj, args['dt_weight'], args['A'], args['D'],
+                                args['dt_bias'], out_dtype=torch.float32, parts=2)
+        return torch.nn.functional.layer_norm(y[0] + y[1], (8,))
+
+    torch.testing.assert_close(torch.compile(g, fullgraph=True)(args['x'], args['x_proj']),
+                               f(args['x'], args['x_proj']))
 
 
 def test_torch_compile_sees_one_op():

@@ -303,6 +303,37 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize('batch,height,width,dim,rank,dtype,seq', [
+    # (steps per segment, unroll, channels per program, largest rank projected inline)
+    (2, 5, 9, 20, 3, torch.float32, (8, 4, 16, 8)),   # 2 channel blocks, partial segments
+    (1, 6, 11, 24, 2, torch.float16, (4, 4, 32, 1)),  # Δ from the GEMM
+])
+def test_ss2d_lowrank_fwd_seq_parts(batch, height, width, dim, rank, dtype, seq, monkeypatch):
+    # parts=2: both axes' output walks in one launch, each into its own fp32 part: the row
+    # routes and D·u in part 0, the column routes in part 1; their sum is the output.
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    for key, value in zip(('seq_steps', 'seq_unroll', 'seq_block_d', 'seq_inline_rank'), seq,
+                          strict=True):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'seq_min_programs', 1)
+    monkeypatch.setitem(ss2d_lowrank.TUNING, 'impl', 'seq')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    parts = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32,
+                                          False, 2)
+    assert parts.shape == (2, *ref.shape) and parts.is_contiguous()
+    _close(parts.sum(0), ref, dtype)
+    # Part 0 alone: the reference with the column routes' C zeroed (their C·h vanishes, every
+    # route's D·u stays).
+    x_proj = args['x_proj'].clone()
+    for k in (1, 3):  # route k's [dt (R), B, C] start at channel k * (R + 2)
+        x_proj[..., k * (rank + 2) + rank + 1] = 0
+    rows = K.ss2d_scan_lowrank_ref(**dict(args, x_proj=x_proj), out_dtype=torch.float32)
+    _close(parts[0], rows, dtype)
+
+
 @pytest.mark.parametrize('impl,rank', [('seq', 2), ('seq', 10), ('expanded', 2)])
 def test_ss2d_lowrank_fwd_takes_A_as_its_log(impl, rank, monkeypatch):
     # a_is_log: the seq kernels compute A = -exp(A_log) per channel (inline and GEMM Δ);

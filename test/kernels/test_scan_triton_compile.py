@@ -60,7 +60,7 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
              FAST_LOG=fast_log, BLOCK_D=128, A_LOG=fast_log)  # A as given and as its log
     agg = _compile(lr._seq_agg_kernel, c)
     assert ('lg2.approx' in agg.asm['ptx']) == fast_log
-    for axis in (0, 1):
+    for axis in (0, 1, 2):  # 2: both axes in one launch, into two parts
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
     for dt_sum in (False, True):
         assert _compile(lr.state_kernel, dict(ROUTES=4 - 2 * dt_sum, DT_SUM=dt_sum,

@@ -110,6 +110,41 @@ def test_ss2d_with_state_size_4_matches_official_math():
         torch.testing.assert_close(op(x), ss2d_official(op, x), rtol=1e-4, atol=1e-5)
 
 
+def _scan_parts_in_compiled_graph(op, x):
+    # Compile with a backend that records the parts argument of every scan op in the graph.
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.args[9] if len(n.args) > 9 else n.kwargs.get('parts', 1)
+                    for n in gm.graph.nodes
+                    if 'ss2d_scan_lowrank' in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(op, backend=backend, fullgraph=True)(x)
+    return out, seen
+
+
+@pytest.mark.parametrize('max_steps, grad, parts', [(64, False, 2), (34, False, 1),
+                                                     (64, True, 1)])
+def test_ss2d_compiled_for_inference_splits_the_scan_in_parts(max_steps, grad, parts,
+                                                              monkeypatch):
+    # Compiled, gradients off, maps up to SS2D_PARTS_MAX_STEPS: the scan op returns the row
+    # and column routes as two parts and out_norm's input is their sum (one output launch
+    # on CUDA); the same numbers as eager, which keeps one part.
+    from mamba_perception.models import vmamba
+
+    monkeypatch.setattr(vmamba, 'SS2D_PARTS_MAX_STEPS', max_steps)
+    torch.manual_seed(0)
+    op = SS2D(24, d_state=1, ssm_ratio=1.0).eval()
+    x = torch.randn(2, 5, 7, 24)  # 35 steps
+    with torch.set_grad_enabled(grad):
+        want = op(x)
+        got, seen = _scan_parts_in_compiled_graph(op, x)
+    assert seen == [parts]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_autocast_no_nan(model, dtype):
     x = torch.randn(1, 3, 32, 64)
