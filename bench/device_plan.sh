@@ -13,6 +13,9 @@
 #   bash bench/device_plan.sh parts      # low-rank scan GPU tests; VMamba-T compiled with
 #                                        # the SS2D scan in two parts (one output launch)
 #                                        # vs one, 720p / 1024^2 / 2048^2, two processes
+#   bash bench/device_plan.sh vectors    # seq walks of 96 / 192 channels as three 32-lane
+#                                        # vectors (seq_vectors 3) vs 128-lane blocks: the op
+#                                        # per stage, then VMamba-T compiled, two processes
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -34,7 +37,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -122,6 +125,19 @@ parts)
             --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
             --dtypes fp16 --batches 1 --budget-s 190 --no-check --ss2d-parts-max-steps "$steps" \
             --out "$OUT/backbone_speed_parts${steps}_${TAG}.json"
+    done
+    ;;
+vectors)
+    step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
+        -k lowrank
+    step 200 "scan op: seq_vectors 1 vs 3" python bench/scan.py --tune-by-width \
+        --out "$OUT/scan_vectors_${TAG}.json" --candidates '[{"seq_vectors": 1},
+        {"seq_vectors": 3}]'
+    for k in 1 3; do
+        step 150 "VMamba-T, seq_vectors $k" python bench/backbone_speed.py --models vmamba_tiny \
+            --sizes 720x1280 1024x1024 2048x2048 --modes compile --dtypes fp16 --batches 1 \
+            --budget-s 140 --no-check --lowrank-tuning "{\"seq_vectors\": $k}" \
+            --out "$OUT/backbone_speed_vectors${k}_${TAG}.json"
     done
     ;;
 vim)
