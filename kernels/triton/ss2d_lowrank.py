@@ -51,6 +51,10 @@ TUNING = {
     # Widths that 32 * seq_vectors divides but seq_block_d does not run seq_vectors vectors of
     # 32 channels per program (seq_channel_vectors); 1 = off. Written at stop 25, not timed.
     "seq_vectors": 1,
+    # Inline Δ at rank 6 (VMamba-T's stage 1): the route's 8 x_proj values of a step as one
+    # 16-byte load split in registers. Offline SASS (sm_90a): the stage-1 walks 1464 -> 1376
+    # (aggregates) and 1608 -> 1504 (output) instructions. Written at stop 25, not timed.
+    "seq_xproj_vector": True,
     "seq_num_warps": 1,
     "seq_inline_rank": 8,
     # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
@@ -233,7 +237,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
               sx_c, sp_c, sw_r, sy_c, NV: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
               UNROLL: tl.constexpr, REV: tl.constexpr, OUT: tl.constexpr,
               ADD_Y: tl.constexpr, ADD_D: tl.constexpr, DELTA: tl.constexpr,
-              SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr):
+              SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr):
     """Walk steps start..start+T-1 of a route (backwards if REV) from state h.
 
     The program's channels are NV vectors: ``h``, ``chans``, ``ch_ok``, ``w_row``, ``bias``,
@@ -243,8 +247,9 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
     Step i of the route is the position with fast coordinate i % F and slow i // F; x_proj's
     pointer is already at the route's [dt (R), B, C] columns. Δ comes from ``d_ptr`` (DELTA:
     the route's channels of a (batch, H, W, 4 * dim) map) or from the R factors and
-    ``w_row`` (R x [vector] weights, ``sw_r`` apart). Returns (h, prod of a) as tuples; with
-    OUT it also stores C·h (+ D·u, + the running sum) per step.
+    ``w_row`` (R x [vector] weights, ``sw_r`` apart); XPROJ_VEC (R = 6, inline Δ): the step's
+    8 x_proj values in one load. Returns (h, prod of a) as tuples; with OUT it also stores
+    C·h (+ D·u, + the running sum) per step.
     """
     if REV:
         i = start + T - 1
@@ -270,13 +275,20 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
             valid = i < L
             po = f * sp_f + s * sp_s
             dt_r = ()
-            if not DELTA:
-                for r in tl.static_range(R):
-                    dt_r = dt_r + (tl.load(p_ptr + po + r * sp_c, mask=valid,
-                                           other=0.0).to(tl.float32),)
-            bv = tl.load(p_ptr + po + R * sp_c, mask=valid, other=0.0).to(tl.float32)
-            if OUT:
-                cv = tl.load(p_ptr + po + (R + 1) * sp_c, mask=valid, other=0.0).to(tl.float32)
+            if XPROJ_VEC:
+                # The route's 8 x_proj values [dt (6), B, C] as one 16-byte load, split into
+                # scalars in registers (8 loads and their address arithmetic a step before).
+                dt_r, bv, cv = _split_dt6_b_c(tl.load(p_ptr + po + tl.arange(0, 8) * sp_c,
+                                                      mask=valid, other=0.0).to(tl.float32))
+            else:
+                if not DELTA:
+                    for r in tl.static_range(R):
+                        dt_r = dt_r + (tl.load(p_ptr + po + r * sp_c, mask=valid,
+                                               other=0.0).to(tl.float32),)
+                bv = tl.load(p_ptr + po + R * sp_c, mask=valid, other=0.0).to(tl.float32)
+                if OUT:
+                    cv = tl.load(p_ptr + po + (R + 1) * sp_c, mask=valid,
+                                 other=0.0).to(tl.float32)
             h_next = ()
             a_next = ()
             for v in tl.static_range(NV):
@@ -321,6 +333,23 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                 f = tl.where(wrap, 0, f)
                 s = tl.where(wrap, s + 1, s)
     return h, a_prod
+
+
+@triton.jit
+def _split_dt6_b_c(v):
+    """Split 8 values [dt (6), B, C] into ((dt_0 .. dt_5), B, C), each a scalar.
+
+    Halving by ``tl.split`` (it takes the last axis of size 2) keeps every value in the
+    thread that loaded it: no shuffles or shared memory (offline SASS).
+    """
+    even, odd = tl.split(tl.reshape(v, (4, 2)))  # [0 2 4 6], [1 3 5 7]
+    e0, e1 = tl.split(tl.reshape(even, (2, 2)))  # [0 4], [2 6]
+    o0, o1 = tl.split(tl.reshape(odd, (2, 2)))  # [1 5], [3 7]
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return (x0, x1, x2, x3, x4, x5), x6, x7
 
 
 @triton.jit
@@ -387,6 +416,7 @@ def _seq_agg_kernel(
     R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
     DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FAST_LOG: tl.constexpr, NV: tl.constexpr, VEC: tl.constexpr, A_LOG: tl.constexpr,
+    XPROJ_VEC: tl.constexpr,
 ):
     """Aggregate (prod a, local state) of segment program_id(0) for one axis' two routes.
 
@@ -413,7 +443,7 @@ def _seq_agg_kernel(
                               d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
                               chans, ch_ok, sx_c, sp_c, sw_r, 0, NV, R, T, UNROLL, rev == 1,
-                              False, False, False, DELTA, SOFTPLUS, FAST_LOG)
+                              False, False, False, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
         for v in tl.static_range(NV):
             off = ((b * 4 + k) * N_SEG + seg) * DIM + chans[v]
             tl.store(agg_a_ptr + off, a_prod[v], mask=ch_ok[v])
@@ -430,7 +460,7 @@ def _seq_out_kernel(
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, NV: tl.constexpr, VEC: tl.constexpr,
-    A_LOG: tl.constexpr,
+    A_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr,
 ):
     """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
 
@@ -491,7 +521,7 @@ def _seq_out_kernel(
                   acc_b, y_out, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
                   sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, NV, R, T,
                   UNROLL, rev == 1, True, AXIS == 1 or rev == 1,
-                  HAS_D and AXIS != 1 and rev == 0, DELTA, SOFTPLUS, FAST_LOG)
+                  HAS_D and AXIS != 1 and rev == 0, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
 
 
 def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank"):
@@ -582,6 +612,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus,
                 FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], NV=nv, VEC=vec, A_LOG=a_is_log,
+                XPROJ_VEC=TUNING["seq_xproj_vector"] and rank == 6 and not use_delta,
                 num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)

@@ -281,6 +281,9 @@ def test_bidir_bwd_token_major(triton_device):
     (1, 6, 11, 24, 2, torch.bfloat16, torch.float32, (4, 4, 8, 1)),   # 4-step segments, GEMM Δ
     # state pass split over 6 channel programs (the last partial), 4 steps of 4 segments
     (1, 5, 9, 22, 3, torch.float32, torch.float32, (4, 4, 32, 8, 4, 4)),
+    # rank 6 (VMamba-T's stage 1): a step's 8 x_proj values in one load, split in registers
+    (2, 5, 9, 20, 6, torch.float32, torch.float32, (8, 4, 16, 8)),
+    (1, 6, 7, 24, 6, torch.float16, torch.float32, (4, 2, 16, 8)),
 ])
 def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype, seq,
                               monkeypatch):
@@ -303,7 +306,7 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize('dim,rank,parts', [(96, 3, 1), (192, 2, 2), (96, 12, 1)])
+@pytest.mark.parametrize('dim,rank,parts', [(96, 6, 1), (192, 2, 2), (96, 12, 1)])
 def test_ss2d_lowrank_fwd_seq_three_vectors(dim, rank, parts, monkeypatch):
     # seq_vectors 3: widths 96 and 192 run three 32-channel vectors per program (one and two
     # programs) instead of 128-lane blocks with idle lanes; inline and GEMM Δ, both parts.

@@ -57,9 +57,13 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     c = dict(R=rank, P=rank + 2, T=32, UNROLL=4, DELTA=delta, HAS_BIAS=True, SOFTPLUS=True,
-             FAST_LOG=fast_log, NV=1, VEC=128, A_LOG=fast_log)  # A as given and as its log
+             FAST_LOG=fast_log, NV=1, VEC=128, A_LOG=fast_log,  # A as given and as its log
+             XPROJ_VEC=rank == 6)  # stage 1's 8 x_proj values a step in one load
     agg = _compile(lr._seq_agg_kernel, c)
     assert ('lg2.approx' in agg.asm['ptx']) == fast_log
+    # rank 6: a step's 8 x_proj values split into scalars in registers, no shuffles (with the
+    # launch's stride-1 and alignment specialisation they are one 16-byte load)
+    assert 'shfl' not in agg.asm['ptx']
     for axis in (0, 1, 2):  # 2: both axes in one launch, into two parts
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
     # three 32-channel vectors per program (TUNING['seq_vectors'], widths 96 and 192)
