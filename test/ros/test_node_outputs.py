@@ -161,10 +161,8 @@ def test_outputs_of_two_cameras(start_node, ros_node, tiny_bundle, video_frames_
                     'frames lost before node in window (est.)', 'batch size mean (frames)'):
             assert key in values, key
         # with the batch window both cameras' frames run together (measured: 2.00; before the
-        # change, with none, the idle worker took the first frame alone: 1.12 / 1.17). 1.73
-        # once, with other heavy processes on the 2-core machine delaying the second frame
-        # past the window: the bound keeps clear of both.
-        assert float(values['batch size mean (frames)']) >= 1.5
+        # change, with none, the idle worker took the first frame alone: 1.12 / 1.17)
+        assert float(values['batch size mean (frames)']) >= 1.8
         assert float(values['output rate (Hz)']) > 0
         assert float(values['inference p50 (ms)']) > 0
         assert float(values['queued p50 (ms)']) >= 0 and float(values['handoff p50 (ms)']) >= 0
