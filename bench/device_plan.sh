@@ -13,6 +13,7 @@
 #   bash bench/device_plan.sh parts      # low-rank scan GPU tests; VMamba-T compiled with
 #                                        # the SS2D scan in two parts (one output launch)
 #                                        # vs one, 720p / 1024^2 / 2048^2, two processes
+#                                        # (off vs the default, SS2D_PARTS_MAX_STEPS 4096)
 #   bash bench/device_plan.sh vectors    # stop 25's untimed walk changes: stage 1's x_proj
 #                                        # values in one load (seq_xproj_vector, on) and
 #                                        # 96 / 192 channels as three 32-lane vectors
@@ -122,7 +123,8 @@ curve)
 parts)
     step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
         -k lowrank
-    for steps in 0 16384; do
+    # 0 = off; 4096 = the default since stop 25 (16384 was slower at 2048^2)
+    for steps in 0 4096; do
         step 200 "VMamba-T, SS2D parts up to $steps steps" python bench/backbone_speed.py \
             --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
             --dtypes fp16 --batches 1 --budget-s 190 --no-check --ss2d-parts-max-steps "$steps" \
@@ -228,7 +230,8 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, vim, dense, coarse, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, vim, dense, coarse," \
+        "pipeline, batches or node" >&2
     exit 2
     ;;
 esac
