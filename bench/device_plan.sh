@@ -14,11 +14,9 @@
 #                                        # the SS2D scan in two parts (one output launch)
 #                                        # vs one, 720p / 1024^2 / 2048^2, two processes
 #                                        # (off vs the default, SS2D_PARTS_MAX_STEPS 4096)
-#   bash bench/device_plan.sh vectors    # stop 25's untimed walk changes: stage 1's x_proj
-#                                        # values in one load (seq_xproj_vector, on) and
-#                                        # 96 / 192 channels as three 32-lane vectors
-#                                        # (seq_vectors 3, off): the op per stage, then
-#                                        # VMamba-T compiled, one process per setting
+#   bash bench/device_plan.sh vectors    # stage 1's x_proj values in one load
+#                                        # (seq_xproj_vector) off / on: the op per stage,
+#                                        # then VMamba-T compiled, one process per setting
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -134,14 +132,13 @@ parts)
 vectors)
     step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
         -k lowrank
-    step 200 "scan op: x_proj loads, channel vectors" python bench/scan.py --tune-by-width \
+    step 200 "scan op: x_proj loads off / on" python bench/scan.py --tune-by-width \
         --out "$OUT/scan_vectors_${TAG}.json" --candidates '[{"seq_xproj_vector": false},
-        {"seq_xproj_vector": true}, {"seq_vectors": 3}]'
-    for name in xprojoff default vectors3; do
+        {"seq_xproj_vector": true}]'
+    for name in xprojoff default; do
         case $name in
             xprojoff) tuning='{"seq_xproj_vector": false}' ;;
             default) tuning='{}' ;;
-            vectors3) tuning='{"seq_vectors": 3}' ;;
         esac
         step 120 "VMamba-T, $name" python bench/backbone_speed.py --models vmamba_tiny \
             --sizes 720x1280 1024x1024 2048x2048 --modes compile --dtypes fp16 --batches 1 \

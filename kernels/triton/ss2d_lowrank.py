@@ -48,12 +48,13 @@ TUNING = {
     "seq_unroll": 4,
     "seq_min_programs": 4096,
     "seq_block_d": 128,
-    # Widths that 32 * seq_vectors divides but seq_block_d does not run seq_vectors vectors of
-    # 32 channels per program (seq_channel_vectors); 1 = off. Written at stop 25, not timed.
-    "seq_vectors": 1,
     # Inline Δ at rank 6 (VMamba-T's stage 1): the route's 8 x_proj values of a step as one
-    # 16-byte load split in registers. Offline SASS (sm_90a): the stage-1 walks 1464 -> 1376
-    # (aggregates) and 1608 -> 1504 (output) instructions. Written at stop 25, not timed.
+    # 16-byte load split in registers (8 loads before). Offline SASS (sm_90a): the stage-1
+    # walks 1464 -> 1376 (aggregates) and 1608 -> 1504 (output) instructions; timed at stop
+    # 26 on an H200 (scan_vectors_h200.json, backbone_speed_{xprojoff,default}_h200.json):
+    # stage 1 112.1 -> 108.5 us at 1280x720, VMamba-T 1.901 -> 1.876 ms, 2.107 -> 2.069 at
+    # 1024^2. (Three 32-channel vectors per program for widths 96 / 192, at stop 25, removed
+    # at stop 26: stage 2 72 -> 105 us, the x / y accesses lose their vector width.)
     "seq_xproj_vector": True,
     "seq_num_warps": 1,
     "seq_inline_rank": 8,
@@ -234,22 +235,18 @@ def softplus(dt, FAST_LOG: tl.constexpr):
 @triton.jit
 def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dskip,
               start, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, sy_f, sy_s, chans, ch_ok,
-              sx_c, sp_c, sw_r, sy_c, NV: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-              UNROLL: tl.constexpr, REV: tl.constexpr, OUT: tl.constexpr,
-              ADD_Y: tl.constexpr, ADD_D: tl.constexpr, DELTA: tl.constexpr,
-              SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr):
+              sx_c, sp_c, sw_r, sy_c, R: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
+              REV: tl.constexpr, OUT: tl.constexpr, ADD_Y: tl.constexpr, ADD_D: tl.constexpr,
+              DELTA: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
+              XPROJ_VEC: tl.constexpr):
     """Walk steps start..start+T-1 of a route (backwards if REV) from state h.
 
-    The program's channels are NV vectors: ``h``, ``chans``, ``ch_ok``, ``w_row``, ``bias``,
-    ``a2`` and ``dskip`` are tuples of NV (one per vector), so a block can be three 32-lane
-    vectors (96 channels) where one power-of-two block would leave lanes idle; the step's
-    position, x_proj scalars and index updates are shared by the vectors.
     Step i of the route is the position with fast coordinate i % F and slow i // F; x_proj's
     pointer is already at the route's [dt (R), B, C] columns. Δ comes from ``d_ptr`` (DELTA:
     the route's channels of a (batch, H, W, 4 * dim) map) or from the R factors and
-    ``w_row`` (R x [vector] weights, ``sw_r`` apart); XPROJ_VEC (R = 6, inline Δ): the step's
-    8 x_proj values in one load. Returns (h, prod of a) as tuples; with OUT it also stores
-    C·h (+ D·u, + the running sum) per step.
+    ``w_row`` (R x [BLOCK_D] weights, ``sw_r`` apart); XPROJ_VEC (R = 6, inline Δ): the
+    step's 8 x_proj values in one load. Returns (h, prod of a); with OUT it also stores C·h
+    (+ D·u, + the running sum) per step.
     """
     if REV:
         i = start + T - 1
@@ -257,30 +254,26 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
         i = start
     f = i % F
     s = i // F
-    a_prod = ()
-    for v in tl.static_range(NV):
-        a_prod = a_prod + (tl.full(h[v].shape, 1.0, tl.float32),)
+    a_prod = tl.full(h.shape, 1.0, tl.float32)
     # The dt weights are loop-invariant, but loads inside the loop are not hoisted out of it
     # (the output stores there might alias them): load the R weight vectors once, up front.
     w_r = ()
     if not DELTA:
-        for v in tl.static_range(NV):
-            w_v = ()
-            for r in tl.static_range(R):
-                w_v = w_v + (tl.load(w_row[v] + r * sw_r, mask=ch_ok[v],
-                                     other=0.0).to(tl.float32),)
-            w_r = w_r + (w_v,)
+        for r in tl.static_range(R):
+            w_r = w_r + (tl.load(w_row + r * sw_r, mask=ch_ok, other=0.0).to(tl.float32),)
     for _t0 in range(0, T, UNROLL):
         for _j in tl.static_range(UNROLL):  # unrolled so the loads of later steps go early
             valid = i < L
+            m = ch_ok & valid
             po = f * sp_f + s * sp_s
-            dt_r = ()
+            u = tl.load(x_ptr + f * sx_f + s * sx_s + chans * sx_c, mask=m,
+                        other=0.0).to(tl.float32)
             if XPROJ_VEC:
-                # The route's 8 x_proj values [dt (6), B, C] as one 16-byte load, split into
-                # scalars in registers (8 loads and their address arithmetic a step before).
+                # [dt (6), B, C] as one 16-byte load, split into scalars in registers
                 dt_r, bv, cv = _split_dt6_b_c(tl.load(p_ptr + po + tl.arange(0, 8) * sp_c,
                                                       mask=valid, other=0.0).to(tl.float32))
             else:
+                dt_r = ()
                 if not DELTA:
                     for r in tl.static_range(R):
                         dt_r = dt_r + (tl.load(p_ptr + po + r * sp_c, mask=valid,
@@ -289,37 +282,27 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                 if OUT:
                     cv = tl.load(p_ptr + po + (R + 1) * sp_c, mask=valid,
                                  other=0.0).to(tl.float32)
-            h_next = ()
-            a_next = ()
-            for v in tl.static_range(NV):
-                m = ch_ok[v] & valid
-                u = tl.load(x_ptr + f * sx_f + s * sx_s + chans[v] * sx_c, mask=m,
-                            other=0.0).to(tl.float32)
-                if DELTA:
-                    dt = bias[v] + tl.load(d_ptr + f * sd_f + s * sd_s + chans[v], mask=m,
-                                           other=0.0).to(tl.float32)
-                else:
-                    dt = bias[v]
-                    for r in tl.static_range(R):
-                        dt += dt_r[r] * w_r[v][r]
-                if SOFTPLUS:
-                    dt = softplus(dt, FAST_LOG)
-                a = tl.where(m, tl.exp2(dt * a2[v]), 1.0)  # padding = identity pair (1, 0)
-                h_v = a * h[v] + (dt * bv) * u
-                if OUT:
-                    y = cv * h_v
-                    if ADD_D:
-                        y += dskip[v] * u
-                    yo = f * sy_f + s * sy_s + chans[v] * sy_c
-                    if ADD_Y:
-                        y += tl.load(y_in_ptr + yo, mask=m, other=0.0)
-                    tl.store(y_out_ptr + yo, y.to(y_out_ptr.dtype.element_ty), mask=m)
-                else:
-                    a_next = a_next + (a_prod[v] * a,)
-                h_next = h_next + (h_v,)
-            h = h_next
-            if not OUT:
-                a_prod = a_next
+            if DELTA:
+                dt = bias + tl.load(d_ptr + f * sd_f + s * sd_s + chans, mask=m,
+                                    other=0.0).to(tl.float32)
+            else:
+                dt = bias
+                for r in tl.static_range(R):
+                    dt += dt_r[r] * w_r[r]
+            if SOFTPLUS:
+                dt = softplus(dt, FAST_LOG)
+            a = tl.where(m, tl.exp2(dt * a2), 1.0)  # padding = identity pair (1, 0)
+            h = a * h + (dt * bv) * u
+            if OUT:
+                y = cv * h
+                if ADD_D:
+                    y += dskip * u
+                yo = f * sy_f + s * sy_s + chans * sy_c
+                if ADD_Y:
+                    y += tl.load(y_in_ptr + yo, mask=m, other=0.0)
+                tl.store(y_out_ptr + yo, y.to(y_out_ptr.dtype.element_ty), mask=m)
+            else:
+                a_prod = a_prod * a
             if REV:
                 i -= 1
                 f -= 1
@@ -350,34 +333,6 @@ def _split_dt6_b_c(v):
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
     return (x0, x1, x2, x3, x4, x5), x6, x7
-
-
-@triton.jit
-def _channel_vectors(first, DIM, NV: tl.constexpr, VEC: tl.constexpr):
-    """Return the program's channels as NV vectors of VEC from ``first``, and their masks."""
-    chans = ()
-    ch_ok = ()
-    for v in tl.static_range(NV):
-        c = first + v * VEC + tl.arange(0, VEC)
-        chans = chans + (c,)
-        ch_ok = ch_ok + (c < DIM,)
-    return chans, ch_ok
-
-
-@triton.jit
-def _seq_route_vectors(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM, sw_k, sA_c, s_bias,
-                       NV: tl.constexpr, HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
-    """``_seq_route_params`` of each channel vector, as three tuples."""
-    w_row = ()
-    a2 = ()
-    bias = ()
-    for v in tl.static_range(NV):
-        w_v, a2_v, bias_v = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans[v], ch_ok[v],
-                                              DIM, sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
-        w_row = w_row + (w_v,)
-        a2 = a2 + (a2_v,)
-        bias = bias + (bias_v,)
-    return w_row, a2, bias
 
 
 @triton.jit
@@ -415,15 +370,13 @@ def _seq_agg_kernel(
     s_bias, s_D,
     R: tl.constexpr, P: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
     DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FAST_LOG: tl.constexpr, NV: tl.constexpr, VEC: tl.constexpr, A_LOG: tl.constexpr,
+    FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr, A_LOG: tl.constexpr,
     XPROJ_VEC: tl.constexpr,
 ):
-    """Aggregate (prod a, local state) of segment program_id(0) for one axis' two routes.
-
-    The program's channels: NV vectors of VEC from program_id(1) * NV * VEC.
-    """
+    """Aggregate (prod a, local state) of segment program_id(0) for one axis' two routes."""
     seg = tl.program_id(0)
-    chans, ch_ok = _channel_vectors(tl.program_id(1) * NV * VEC, DIM, NV, VEC)
+    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = chans < DIM
     b = (tl.program_id(2) // 2).to(tl.int64)
     axis = tl.program_id(2) % 2
     is_col = axis == 1
@@ -432,22 +385,19 @@ def _seq_agg_kernel(
     sp_f, sp_s = _fast_slow(is_col, sp_h, sp_w)
     sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
     x_b = x_ptr + b * sx_b
-    zero = ()
-    for _v in tl.static_range(NV):
-        zero = zero + (tl.zeros([VEC], dtype=tl.float32),)
+    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
     for rev in tl.static_range(2):
         k = axis + 2 * rev
-        w_row, a2, bias = _seq_route_vectors(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                             sw_k, sA_c, s_bias, NV, HAS_BIAS, A_LOG)
+        w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
+                                            sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
                               d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
-                              chans, ch_ok, sx_c, sp_c, sw_r, 0, NV, R, T, UNROLL, rev == 1,
+                              chans, ch_ok, sx_c, sp_c, sw_r, 0, R, T, UNROLL, rev == 1,
                               False, False, False, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
-        for v in tl.static_range(NV):
-            off = ((b * 4 + k) * N_SEG + seg) * DIM + chans[v]
-            tl.store(agg_a_ptr + off, a_prod[v], mask=ch_ok[v])
-            tl.store(agg_h_ptr + off, h[v], mask=ch_ok[v])
+        off = ((b * 4 + k) * N_SEG + seg) * DIM + chans
+        tl.store(agg_a_ptr + off, a_prod, mask=ch_ok)
+        tl.store(agg_h_ptr + off, h, mask=ch_ok)
 
 
 @triton.jit
@@ -459,7 +409,7 @@ def _seq_out_kernel(
     sy_b, sy_h, sy_w, sy_c, s_part,
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, NV: tl.constexpr, VEC: tl.constexpr,
+    SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
     A_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr,
 ):
     """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
@@ -468,10 +418,11 @@ def _seq_out_kernel(
     and writes the total to ``out`` (which is ``acc`` itself for fp32 output). AXIS 2: both
     axes in one launch (program_id(2) = 2 * batch + axis), each summing its two routes into
     its own fp32 part of ``out`` (``s_part`` apart; the D·u term in part 0): no axis waits for
-    the other, and the caller adds the two parts. Channels as in ``_seq_agg_kernel``.
+    the other, and the caller adds the two parts.
     """
     seg = tl.program_id(0)
-    chans, ch_ok = _channel_vectors(tl.program_id(1) * NV * VEC, DIM, NV, VEC)
+    chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch_ok = chans < DIM
     if AXIS == 2:
         b = (tl.program_id(2) // 2).to(tl.int64)
         axis = tl.program_id(2) % 2
@@ -487,19 +438,16 @@ def _seq_out_kernel(
     sd_f, sd_s = _fast_slow(is_col, sd_h, sd_w)
     sy_f, sy_s = _fast_slow(is_col, sy_h, sy_w)
     x_b = x_ptr + b * sx_b
-    dskip = ()
-    for v in tl.static_range(NV):
-        d_v = tl.zeros([VEC], dtype=tl.float32)
-        if HAS_D:
-            if AXIS != 1:
-                for j in tl.static_range(4):
-                    d_v += tl.load(D_ptr + (j * DIM + chans[v]) * s_D,
-                                   mask=ch_ok[v] & (axis == 0), other=0.0).to(tl.float32)
-        dskip = dskip + (d_v,)
+    dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        if AXIS != 1:
+            for j in tl.static_range(4):
+                dskip += tl.load(D_ptr + (j * DIM + chans) * s_D, mask=ch_ok & (axis == 0),
+                                 other=0.0).to(tl.float32)
     for rev in tl.static_range(2):
         k = axis + 2 * rev
-        w_row, a2, bias = _seq_route_vectors(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
-                                             sw_k, sA_c, s_bias, NV, HAS_BIAS, A_LOG)
+        w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
+                                            sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         # A route enters a segment with the state after its predecessor in route order:
         # segment seg - 1 going forward, seg + 1 going backward.
         if rev == 0:
@@ -513,15 +461,13 @@ def _seq_out_kernel(
                 y_out = out_ptr + b * sy_b
             else:
                 y_out = acc_b
-        h_in = ()
-        for v in tl.static_range(NV):
-            h_in = h_in + (tl.load(agg_h_ptr + ((b * 4 + k) * N_SEG + prev) * DIM + chans[v],
-                                   mask=ch_ok[v] & (prev >= 0) & (prev < N_SEG), other=0.0),)
+        h_in = tl.load(agg_h_ptr + ((b * 4 + k) * N_SEG + prev) * DIM + chans,
+                       mask=ch_ok & (prev >= 0) & (prev < N_SEG), other=0.0)
         _seq_walk(h_in, x_b, p_ptr + b * sp_b + k * P * sp_c, d_ptr + b * sd_b + k * DIM,
                   acc_b, y_out, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
-                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, NV, R, T,
-                  UNROLL, rev == 1, True, AXIS == 1 or rev == 1,
-                  HAS_D and AXIS != 1 and rev == 0, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
+                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
+                  rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS != 1 and rev == 0,
+                  DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
 
 
 def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank"):
@@ -540,21 +486,6 @@ def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank
 
 def _pow2(name, value):
     return pow2_option("ss2d_lowrank", name, value)
-
-
-def seq_channel_vectors(dim, tuning=TUNING):
-    """(vectors, lanes per vector) of a seq program's channel block for a width ``dim``.
-
-    One vector of ``seq_block_d`` (at most the next power of two above dim), or, with
-    ``seq_vectors`` k > 1, k vectors of 32 where 32 k divides dim and seq_block_d does not
-    (VMamba-T's 96 and 192 channels: three vectors instead of 128 lanes, a quarter of them
-    idle).
-    """
-    block = min(_pow2("seq_block_d", tuning["seq_block_d"]), triton.next_power_of_2(dim))
-    k = tuning["seq_vectors"]
-    if k > 1 and dim % (32 * k) == 0 and dim % block:
-        return k, 32
-    return 1, block
 
 
 def _prepared_weight(dt_weight, dtype, width, block_diagonal):
@@ -586,8 +517,8 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     if length == 0 or batch == 0:
         return out
     acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
-    nv, vec = seq_channel_vectors(dim)
-    n_cblk = triton.cdiv(dim, nv * vec)
+    bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
+    n_cblk = triton.cdiv(dim, bd)
     steps, unroll = seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
@@ -611,7 +542,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     # the precise one, and the GPU run of test_scan_triton.py checks the fast one.
     meta = dict(R=rank, P=rank + 2, T=steps, UNROLL=unroll, DELTA=use_delta,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=delta_softplus,
-                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], NV=nv, VEC=vec, A_LOG=a_is_log,
+                FAST_LOG=x.is_cuda and TUNING["seq_fast_log"], BLOCK_D=bd, A_LOG=a_is_log,
                 XPROJ_VEC=TUNING["seq_xproj_vector"] and rank == 6 and not use_delta,
                 num_warps=_pow2("seq_num_warps", TUNING["seq_num_warps"]))
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](

@@ -306,25 +306,6 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize('dim,rank,parts', [(96, 6, 1), (192, 2, 2), (96, 12, 1)])
-def test_ss2d_lowrank_fwd_seq_three_vectors(dim, rank, parts, monkeypatch):
-    # seq_vectors 3: widths 96 and 192 run three 32-channel vectors per program (one and two
-    # programs) instead of 128-lane blocks with idle lanes; inline and GEMM Δ, both parts.
-    from mamba_perception_kernels.triton import ss2d_lowrank
-
-    for key, value in dict(seq_vectors=3, seq_steps=8, seq_unroll=4, seq_min_programs=1,
-                           seq_inline_rank=8, impl='seq').items():
-        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
-    assert ss2d_lowrank.seq_channel_vectors(dim) == (3, 32)
-    assert ss2d_lowrank.seq_channel_vectors(384) == (1, 128)  # 128 divides it: one vector
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    args = make_ss2d_lowrank(2, 3, 7, dim, rank, 1)  # 21 steps: the last segment partial
-    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
-    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32,
-                                        False, parts)
-    _close(out if parts == 1 else out.sum(0), ref, torch.float32)
-
-
 @pytest.mark.parametrize('batch,height,width,dim,rank,dtype,seq', [
     # (steps per segment, unroll, channels per program, largest rank projected inline)
     (2, 5, 9, 20, 3, torch.float32, (8, 4, 16, 8)),   # 2 channel blocks, partial segments

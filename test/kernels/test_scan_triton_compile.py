@@ -57,7 +57,7 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     from mamba_perception_kernels.triton import ss2d_lowrank as lr
 
     c = dict(R=rank, P=rank + 2, T=32, UNROLL=4, DELTA=delta, HAS_BIAS=True, SOFTPLUS=True,
-             FAST_LOG=fast_log, NV=1, VEC=128, A_LOG=fast_log,  # A as given and as its log
+             FAST_LOG=fast_log, BLOCK_D=128, A_LOG=fast_log,  # A as given and as its log
              XPROJ_VEC=rank == 6)  # stage 1's 8 x_proj values a step in one load
     agg = _compile(lr._seq_agg_kernel, c)
     assert ('lg2.approx' in agg.asm['ptx']) == fast_log
@@ -66,10 +66,6 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     assert 'shfl' not in agg.asm['ptx']
     for axis in (0, 1, 2):  # 2: both axes in one launch, into two parts
         assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
-    # three 32-channel vectors per program (TUNING['seq_vectors'], widths 96 and 192)
-    three = dict(c, NV=3, VEC=32)
-    assert _compile(lr._seq_agg_kernel, three, num_warps=1).asm['cubin']
-    assert _compile(lr._seq_out_kernel, dict(three, AXIS=0, HAS_D=True), num_warps=1).asm['cubin']
     for dt_sum in (False, True):
         assert _compile(lr.state_kernel, dict(ROUTES=4 - 2 * dt_sum, DT_SUM=dt_sum,
                                               BLOCK_S=512, BLOCK_M=4)).asm['cubin']
