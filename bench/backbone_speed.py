@@ -503,6 +503,9 @@ def parse_args(argv):
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
                         help='VMamba fc1 + GELU as one GEMM with cuBLASLt\'s (tanh) GELU '
                              'epilogue above the fused MLP (default: vmamba.GELU_TANH_EPILOGUE)')
+    parser.add_argument('--residual-16bit', choices=('on', 'off'), default=None,
+                        help='VMamba stages 2-4 keep their residual stream in the autocast '
+                             'dtype (default: vmamba.RESIDUAL_16BIT)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')
@@ -566,6 +569,8 @@ def main(argv=None) -> int:
         vmamba.SS2D_PARTS_MAX_STEPS = args.ss2d_parts_max_steps
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
+    if args.residual_16bit is not None:
+        vmamba.RESIDUAL_16BIT = args.residual_16bit == 'on'
     from mamba_perception_kernels.triton import stem
 
     if args.stem_tuning:
@@ -582,6 +587,7 @@ def main(argv=None) -> int:
             'fused_stem': vmamba.FUSED_STEM,
             'ss2d_parts_max_steps': vmamba.SS2D_PARTS_MAX_STEPS,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
+            'residual_16bit': vmamba.RESIDUAL_16BIT,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),

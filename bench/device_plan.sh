@@ -17,6 +17,9 @@
 #   bash bench/device_plan.sh vectors    # stage 1's x_proj values in one load
 #                                        # (seq_xproj_vector) off / on: the op per stage,
 #                                        # then VMamba-T compiled, one process per setting
+#   bash bench/device_plan.sh residual   # VMamba-T's compiled kernel profile at 1280x720,
+#                                        # then stages 2-4's residual stream fp32 vs 16-bit
+#                                        # (with the fp32 check), ViT-S beside the default
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -38,7 +41,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -146,6 +149,19 @@ vectors)
             --out "$OUT/backbone_speed_${name}_${TAG}.json"
     done
     ;;
+residual)
+    step 150 "profile: VMamba-T compiled, 1280x720" python bench/profile_backbone.py \
+        --model vmamba_tiny --size 720x1280 --compile --no-eager --top 80 \
+        --out "$OUT/profile_vmamba_tiny_720p_${TAG}.json"
+    step 260 "VMamba-T and ViT-S, fp32 residual" python bench/backbone_speed.py \
+        --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 2048x2048 \
+        --modes compile --dtypes fp16 --batches 1 --budget-s 250 --check-size 720x1280 \
+        --out "$OUT/backbone_speed_residual32_${TAG}.json"
+    step 160 "VMamba-T, 16-bit residual at stages 2-4" python bench/backbone_speed.py \
+        --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
+        --dtypes fp16 --batches 1 --budget-s 150 --residual-16bit on --check-size 720x1280 \
+        --out "$OUT/backbone_speed_residual16_${TAG}.json"
+    ;;
 vim)
     for extra in "" --inductor-freezing; do
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
@@ -227,7 +243,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, vim, dense, coarse," \
+    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual, vim, dense, coarse," \
         "pipeline, batches or node" >&2
     exit 2
     ;;
