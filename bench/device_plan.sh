@@ -161,6 +161,10 @@ residual)
         --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
         --dtypes fp16 --batches 1 --budget-s 150 --residual-16bit on --check-size 720x1280 \
         --out "$OUT/backbone_speed_residual16_${TAG}.json"
+    # stage 1's MLP as cuBLASLt GEMMs with the GELU epilogue instead of the fused kernel
+    step 90 "VMamba-T, no fused MLP" python bench/backbone_speed.py --models vmamba_tiny \
+        --sizes 720x1280 1024x1024 --modes compile --dtypes fp16 --batches 1 --budget-s 80 \
+        --no-check --fused-mlp-max-channels 0 --out "$OUT/backbone_speed_mlp0_${TAG}.json"
     ;;
 vim)
     for extra in "" --inductor-freezing; do
