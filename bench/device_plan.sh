@@ -17,9 +17,9 @@
 #   bash bench/device_plan.sh vectors    # stage 1's x_proj values in one load
 #                                        # (seq_xproj_vector) off / on: the op per stage,
 #                                        # then VMamba-T compiled, one process per setting
-#   bash bench/device_plan.sh residual   # VMamba-T's compiled kernel profile at 1280x720,
-#                                        # then stages 2-4's residual stream fp32 vs 16-bit
-#                                        # (with the fp32 check), ViT-S beside the default
+#   bash bench/device_plan.sh residual   # VMamba-T's residual stream fp32 (with ViT-S) vs
+#                                        # 16-bit (RESIDUAL_16BIT, with the fp32 check),
+#                                        # after the stem / fused MLP kernels' GPU tests
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -150,21 +150,18 @@ vectors)
     done
     ;;
 residual)
-    step 150 "profile: VMamba-T compiled, 1280x720" python bench/profile_backbone.py \
-        --model vmamba_tiny --size 720x1280 --compile --no-eager --top 80 \
-        --out "$OUT/profile_vmamba_tiny_720p_${TAG}.json"
-    step 260 "VMamba-T and ViT-S, fp32 residual" python bench/backbone_speed.py \
+    # the stem's and the fused MLP's out_dtype first (their GPU tests), then RESIDUAL_16BIT
+    # off (with ViT-S) and on, one process each, the on row with the fp32 check at 720p
+    step 150 "GPU tests: prenorm and stem kernels" python -m pytest -q \
+        test/kernels/test_prenorm.py test/kernels/test_stem.py
+    step 200 "VMamba-T and ViT-S, fp32 residual" python bench/backbone_speed.py \
         --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 2048x2048 \
-        --modes compile --dtypes fp16 --batches 1 --budget-s 250 --check-size 720x1280 \
-        --out "$OUT/backbone_speed_residual32_${TAG}.json"
-    step 160 "VMamba-T, 16-bit residual at stages 2-4" python bench/backbone_speed.py \
+        --modes compile --dtypes fp16 --batches 1 --budget-s 190 --no-check \
+        --residual-16bit off --out "$OUT/backbone_speed_stream32_${TAG}.json"
+    step 160 "VMamba-T, 16-bit residual stream" python bench/backbone_speed.py \
         --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
         --dtypes fp16 --batches 1 --budget-s 150 --residual-16bit on --check-size 720x1280 \
-        --out "$OUT/backbone_speed_residual16_${TAG}.json"
-    # stage 1's MLP as cuBLASLt GEMMs with the GELU epilogue instead of the fused kernel
-    step 90 "VMamba-T, no fused MLP" python bench/backbone_speed.py --models vmamba_tiny \
-        --sizes 720x1280 1024x1024 --modes compile --dtypes fp16 --batches 1 --budget-s 80 \
-        --no-check --fused-mlp-max-channels 0 --out "$OUT/backbone_speed_mlp0_${TAG}.json"
+        --out "$OUT/backbone_speed_stream16_${TAG}.json"
     ;;
 vim)
     for extra in "" --inductor-freezing; do

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 MAX_DSTATE = 256  # same bound as mamba_ssm's CUDA kernel; the Triton kernels loop over states
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Output dtypes of the fused inference ops that take ``out_dtype`` (None: fp32).
+OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("triton", "torch-chunked")
 

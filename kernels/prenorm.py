@@ -14,7 +14,8 @@ back to their modules otherwise).
 
 Precision contract (both paths): LayerNorm in fp32 on the fp32 (or 16-bit) input, its output
 rounded once to the weights' dtype, fp32-accumulating GEMMs in that dtype, exact erf GELU,
-fp32 result (the residual stream of VMamba stays fp32 under autocast, as the official code's).
+fp32 result (the residual stream of VMamba under autocast, as the official code's), which
+``norm_mlp_residual`` rounds once to ``out_dtype`` where given (a 16-bit residual stream).
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor, dense_vectors, without_autocast
+from .dispatch import (
+    ACT_DTYPES,
+    OUT_DTYPES,
+    backend_name,
+    check_tensor,
+    dense_vectors,
+    without_autocast,
+)
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "norm_linear_residual", "norm_linear_residual_op",
@@ -39,7 +47,8 @@ MAX_CHANNELS = 256  # the Triton kernels hold a row of C channels in registers
 @without_autocast
 def norm_mlp_residual_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                             w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                            b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
+                            b2: Optional[Tensor], branch: Optional[Tensor] = None,
+                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """PyTorch path of :func:`norm_mlp_residual` (no validation).
 
     fp32 arithmetic on operands rounded where the kernel rounds them (the normalised rows and
@@ -51,7 +60,7 @@ def norm_mlp_residual_torch(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, e
     h = F.linear(a.to(dtype).float(), w1.float(), None if b1 is None else b1.float())
     h = F.gelu(h).to(dtype).float()
     y = F.linear(h, w2.float(), None if b2 is None else b2.float())
-    return x + y
+    return (x + y).to(out_dtype or torch.float32)
 
 
 def _triton():
@@ -64,28 +73,34 @@ def _triton():
 @torch.library.custom_op(f"{LIB}::norm_mlp_residual", mutates_args=())
 def norm_mlp_residual_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                          w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                         b2: Optional[Tensor], branch: Optional[Tensor] = None) -> Tensor:
-    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``: new contiguous fp32 like x."""
+                         b2: Optional[Tensor], branch: Optional[Tensor] = None,
+                         out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``: new contiguous, like x."""
     if backend_name(x.device) == "triton" and x.shape[-1] <= MAX_CHANNELS:
         norm_weight, norm_bias, b1, b2 = dense_vectors(norm_weight, norm_bias, b1, b2)
         return _triton().norm_mlp_residual_fwd(
             x, norm_weight, norm_bias, eps, w1.contiguous(), b1, w2.contiguous(), b2,
-            branch=branch)
-    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch)
+            branch=branch, out_dtype=out_dtype)
+    return norm_mlp_residual_torch(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch,
+                                   out_dtype)
 
 
 @norm_mlp_residual_op.register_fake
-def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch=None):
-    return x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as both paths return
+def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, branch=None, out_dtype=None):
+    # contiguous, as both paths return
+    return x.new_empty(x.shape, dtype=out_dtype or torch.float32)
 
 
 def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                       w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                      b2: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tensor:
+                      b2: Optional[Tensor] = None, branch: Optional[Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``s + fc2(gelu(fc1(layer_norm(s))))``, ``s = x [+ branch]``, in one pass on CUDA.
 
     ``branch`` is the output of the block's first half, whose residual add (fp32, as
     ``x + branch`` under autocast) is then done inside the op: s never goes to memory.
+    ``out_dtype`` (fp32 / fp16 / bf16; None: fp32): the result, computed in fp32, is rounded
+    to it once (a 16-bit residual stream).
 
     Shapes (nn.LayerNorm / nn.Linear parameters as they are)::
 
@@ -94,11 +109,13 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
         norm_weight:  (C,)       norm_bias: (C,)
         w1:           (HID, C)   b1: (HID,) or None     fp16 / bf16 / fp32: the GEMM dtype
         w2:           (C, HID)   b2: (C,) or None       same dtype as w1
-        returns       (..., C)   new contiguous fp32 tensor
+        returns       (..., C)   new contiguous tensor in out_dtype (fp32 when None)
 
-    Raises ScanInputError (a ValueError) naming the offending tensor.
+    Raises ScanInputError (a ValueError) naming the offending tensor or dtype.
     """
     channels = _check_rows("x", x)
+    if out_dtype not in OUT_DTYPES:
+        raise ScanInputError(f"out_dtype must be one of {OUT_DTYPES}; got {out_dtype!r:.40}")
     if branch is not None:
         _check_rows("branch", branch)
         check_tensor("branch", branch, tuple(x.shape), ACT_DTYPES, x.device)
@@ -110,7 +127,8 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
         check_tensor("b1", b1, (hidden,), ACT_DTYPES, x.device)
     if b2 is not None:
         check_tensor("b2", b2, (channels,), ACT_DTYPES, x.device)
-    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2, branch)
+    return norm_mlp_residual_op(x, norm_weight, norm_bias, float(eps), w1, b1, w2, b2, branch,
+                                out_dtype)
 
 
 def _check_rows(name: str, x) -> int:

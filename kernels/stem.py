@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .dispatch import ACT_DTYPES, backend_name, check_tensor, dense_vectors, without_autocast
+from .dispatch import (
+    ACT_DTYPES,
+    OUT_DTYPES,
+    backend_name,
+    check_tensor,
+    dense_vectors,
+    without_autocast,
+)
 from .errors import ScanInputError
 
 __all__ = ["MAX_CHANNELS", "conv_norm_stem", "conv_norm_stem_op", "conv_norm_stem_torch"]
@@ -47,7 +54,8 @@ def stem_out_hw(height: int, width: int) -> tuple:
 @without_autocast
 def conv_norm_stem_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                          n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
-                         n2_weight: Tensor, n2_bias: Tensor, eps2: float) -> Tensor:
+                         n2_weight: Tensor, n2_bias: Tensor, eps2: float,
+                         out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """PyTorch path of :func:`conv_norm_stem` (no validation), the kernel's roundings."""
     dtype = w1.dtype
 
@@ -59,35 +67,40 @@ def conv_norm_stem_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight:
     h = F.gelu(h).to(dtype).float().permute(0, 3, 1, 2)
     y = F.conv2d(h, w2.float(), f32(b2), stride=2, padding=1).to(dtype).float()
     y = F.layer_norm(y.permute(0, 2, 3, 1), (w2.shape[0],), f32(n2_weight), f32(n2_bias), eps2)
-    return y.contiguous()
+    return y.to(out_dtype or torch.float32).contiguous()
 
 
 @torch.library.custom_op(f"{LIB}::conv_norm_stem", mutates_args=())
 def conv_norm_stem_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                       n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
-                      n2_weight: Tensor, n2_bias: Tensor, eps2: float) -> Tensor:
-    """Return ``LN2(conv2(gelu(LN1(conv1(x)))))``: (batch, H2, W2, C2) fp32, contiguous."""
+                      n2_weight: Tensor, n2_bias: Tensor, eps2: float,
+                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Return ``LN2(conv2(gelu(LN1(conv1(x)))))``: (batch, H2, W2, C2) contiguous."""
     if backend_name(x.device) == "triton" and max(w1.shape[0], w2.shape[0]) <= MAX_CHANNELS:
         from .triton.stem import conv_norm_stem_fwd
 
         b1, n1_weight, n1_bias, b2, n2_weight, n2_bias = dense_vectors(
             b1, n1_weight, n1_bias, b2, n2_weight, n2_bias)
         return conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight,
-                                  n2_bias, eps2)
+                                  n2_bias, eps2, out_dtype=out_dtype)
     return conv_norm_stem_torch(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight,
-                                n2_bias, eps2)
+                                n2_bias, eps2, out_dtype)
 
 
 @conv_norm_stem_op.register_fake
-def _(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2):
+def _(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2, out_dtype=None):
     h2, w2_ = stem_out_hw(x.shape[2], x.shape[3])
-    return x.new_empty((x.shape[0], h2, w2_, w2.shape[0]), dtype=torch.float32)
+    return x.new_empty((x.shape[0], h2, w2_, w2.shape[0]), dtype=out_dtype or torch.float32)
 
 
 def conv_norm_stem(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tensor,
                    n1_bias: Tensor, eps1: float, w2: Tensor, b2: Optional[Tensor],
-                   n2_weight: Tensor, n2_bias: Tensor, eps2: float) -> Tensor:
+                   n2_weight: Tensor, n2_bias: Tensor, eps2: float,
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``LN2(conv2(gelu(LN1(conv1(x)))))``, channels-last out (two Triton kernels on CUDA).
+
+    ``out_dtype`` (fp32 / fp16 / bf16; None: fp32): the final LayerNorm's fp32 result is
+    rounded to it once (a 16-bit residual stream).
 
     Shapes (nn.Conv2d / nn.LayerNorm parameters as they are)::
 
@@ -96,11 +109,13 @@ def conv_norm_stem(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tenso
         n1_weight, n1_bias:   (C1,)
         w2:                   (C2, C1, 3, 3)       b2: (C2,) or None    same dtype as w1
         n2_weight, n2_bias:   (C2,)
-        returns               (batch, H2, W2, C2)  new contiguous fp32 tensor, where
+        returns               (batch, H2, W2, C2)  new contiguous tensor in out_dtype, where
                               H2 = ceil(ceil(H / 2) / 2) (and W2 alike)
 
-    Raises ScanInputError (a ValueError) naming the offending tensor.
+    Raises ScanInputError (a ValueError) naming the offending tensor or dtype.
     """
+    if out_dtype not in OUT_DTYPES:
+        raise ScanInputError(f"out_dtype must be one of {OUT_DTYPES}; got {out_dtype!r:.40}")
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ScanInputError(f"x must be a torch.Tensor of shape (batch, Cin, H, W); "
                              f"got {x!r:.80}")
@@ -115,4 +130,4 @@ def conv_norm_stem(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tenso
         if t is not None or not name.startswith("b"):
             check_tensor(name, t, (n,), ACT_DTYPES, x.device)
     return conv_norm_stem_op(x, w1, b1, n1_weight, n1_bias, float(eps1), w2, b2, n2_weight,
-                             n2_bias, float(eps2))
+                             n2_bias, float(eps2), out_dtype)

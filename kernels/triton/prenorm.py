@@ -120,11 +120,12 @@ def _norm_mlp_kernel(
                          mask=hid_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h.to(w2_ptr.dtype.element_ty), w2, acc, input_precision=DOT_PRECISION)
 
-    # 3. + b2 + residual, fp32 out.
+    # 3. + b2 + residual in fp32, rounded once to the output's dtype.
     if HAS_B2:
         acc += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc += _residual_in(x_ptr, x_offs, br_ptr, br_offs, tile_ok, HAS_BRANCH)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=tile_ok)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -207,8 +208,11 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
                           eps: float, w1: torch.Tensor, b1: torch.Tensor | None,
                           w2: torch.Tensor, b2: torch.Tensor | None,
                           config: dict | None = None,
-                          branch: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``, new contiguous fp32 like ``x``.
+                          branch: torch.Tensor | None = None,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return ``s + fc2(gelu(fc1(LN(s))))``, ``s = x [+ branch]``, new contiguous like ``x``.
+
+    The result is computed in fp32 and stored in ``out_dtype`` (None: fp32).
 
     ``x`` and ``branch`` (..., C) with unit channel strides and rows that flatten to one stride
     (validated by the caller, C <= MAX_CHANNELS), weights contiguous in nn.Linear layout,
@@ -218,7 +222,7 @@ def norm_mlp_residual_fwd(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
     hidden = w1.shape[0]
     rows = x.reshape(-1, channels)
     br = rows if branch is None else branch.reshape(-1, channels)
-    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or torch.float32)
     n_rows = rows.shape[0]
     if n_rows == 0:
         return out

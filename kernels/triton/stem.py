@@ -134,7 +134,7 @@ def _stem_conv2_kernel(
     acc = acc.to(w2_ptr.dtype.element_ty).to(tl.float32)  # autocast's rounding, as conv1's
     y = layer_norm_rows(acc, c2_ok, n2w_ptr, n2b_ptr, c2, C2, eps2)
     out = out_ptr + (b * H2 * W2 + pix[:, None]) * C2 + c2[None, :]
-    tl.store(out, y, mask=pix_ok[:, None] & c2_ok[None, :])
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=pix_ok[:, None] & c2_ok[None, :])
 
 
 def _block(n: int) -> int:
@@ -162,8 +162,10 @@ def _prepared_weights(w1: torch.Tensor, w2: torch.Tensor):
 
 
 def conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n2_bias, eps2,
-                       config=None) -> torch.Tensor:
-    """Return the stage-1 map (batch, H2, W2, C2) fp32 contiguous; see ``stem.conv_norm_stem``.
+                       config=None, out_dtype=None) -> torch.Tensor:
+    """Return the stage-1 map (batch, H2, W2, C2) contiguous; see ``stem.conv_norm_stem``.
+
+    The second LayerNorm's fp32 result is stored in ``out_dtype`` (None: fp32).
 
     Arguments validated by the caller; norm weights / biases and conv biases dense vectors.
     ``config`` overrides TUNING (bench sweeps).
@@ -175,7 +177,7 @@ def conv_norm_stem_fwd(x, w1, b1, n1_weight, n1_bias, eps1, w2, b2, n2_weight, n
     c1, c2 = w1.shape[0], w2.shape[0]
     h1, w1_ = conv_out_hw(height, width)
     h2, w2_ = conv_out_hw(h1, w1_)
-    out = torch.empty(batch, h2, w2_, c2, device=x.device, dtype=torch.float32)
+    out = torch.empty(batch, h2, w2_, c2, device=x.device, dtype=out_dtype or torch.float32)
     if out.numel() == 0:
         return out
     w1p, w2p, k1, bc1, bc2 = _prepared_weights(w1, w2)

@@ -57,9 +57,9 @@ SS2D_PARTS_MAX_STEPS = 4096
 # (layers.linear_gelu_tanh) for inference with 16-bit weights. The epilogue computes GELU's
 # tanh form, at most 4.7e-4 from the exact erf GELU the models were trained with.
 GELU_TANH_EPILOGUE = True
-# Residual stream of stages 2-4 in the autocast dtype for inference (the downsample's fp32
-# LayerNorm output cast once), instead of fp32: the stream's reads and writes in the add +
-# LayerNorm kernels halve. Stage 1 stays fp32 (the stem and the fused MLP write fp32).
+# The residual stream in the autocast dtype for inference (the stem and the fused MLP write
+# it, the downsamples' fp32 LayerNorm outputs are cast once) instead of fp32, which the
+# official code keeps: the stream's reads and writes in the add + LayerNorm kernels halve.
 # Experimental (stop 26): off until timed.
 RESIDUAL_16BIT = False
 
@@ -211,10 +211,11 @@ class VSSBlock(nn.Module):
             x = x + self.drop_path(op(self.norm(x)))
         if fused_mlp:
             # (x + branch) -> norm2 -> fc1 -> GELU -> fc2 -> + in one kernel: neither the 4C
-            # hidden activation nor x + branch reaches memory (fp32 out, like the stream).
+            # hidden activation nor x + branch reaches memory (out in the stream's dtype).
             return _kernels().norm_mlp_residual(x, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, fc1.weight, fc1.bias,
-                                                fc2.weight, fc2.bias, branch=branch)
+                                                fc2.weight, fc2.bias, branch=branch,
+                                                out_dtype=x.dtype)
         if exact_gelu and GELU_TANH_EPILOGUE and self._inference(fc1.weight):
             hidden = linear_gelu_tanh(self.norm2(x).to(fc1.weight.dtype), fc1.weight, fc1.bias)
             return x + self.drop_path(fc2(hidden))
@@ -262,15 +263,17 @@ class PatchEmbedV2(nn.Sequential):
             nn.LayerNorm(dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, Cin, H, W) -> (B, ceil(H/4), ceil(W/4), dim) NHWC."""
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Image (B, Cin, H, W) -> (B, ceil(H/4), ceil(W/4), dim) NHWC [in ``out_dtype``]."""
         conv1, norm1, act, conv2, norm2 = self[0], self[2], self[4], self[5], self[7]
         if (FUSED_STEM and not self.training and _inference_16bit(conv1.weight)
                 and isinstance(act, nn.GELU) and act.approximate == 'none'):
             return _kernels().conv_norm_stem(x, conv1.weight, conv1.bias, norm1.weight,
                                              norm1.bias, norm1.eps, conv2.weight, conv2.bias,
-                                             norm2.weight, norm2.bias, norm2.eps)
-        return super().forward(x)
+                                             norm2.weight, norm2.bias, norm2.eps,
+                                             out_dtype=out_dtype)
+        x = super().forward(x)
+        return x if out_dtype is None else x.to(out_dtype)
 
 
 class VSSM(nn.Module):
@@ -366,9 +369,10 @@ class VSSM(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) -> last stage output (B, H/32, W/32, C), NHWC, before the norm."""
-        x = self.patch_embed(x)
+        stream = self._stream_dtype(x)
+        x = self.patch_embed(x, stream)
         for layer in self.layers:
-            x = self._downsample(layer, layer.blocks(x))
+            x = self._downsample(layer, layer.blocks(x), stream)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -409,7 +413,8 @@ class VSSM(nn.Module):
         take = list(range(len(self.layers))) if indices is None else [
             i % len(self.layers) for i in indices]
         outs = []
-        x = self.patch_embed(x)
+        stream = self._stream_dtype(x)
+        x = self.patch_embed(x, stream)
         for i, layer in enumerate(self.layers):
             # One name for the running map, so no earlier stage's tensors outlive their use
             # while the next stage runs (eager / CUDA-graph peak memory).
@@ -418,17 +423,22 @@ class VSSM(nn.Module):
                 outs.append(self._intermediate(i, x, out_dtype))
             if i == max(take):
                 break
-            x = self._downsample(layer, x)
+            x = self._downsample(layer, x, stream)
         return outs
 
-    def _downsample(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = layer.downsample(x)
-        device_type = x.device.type
+    def _stream_dtype(self, image: torch.Tensor) -> Optional[torch.dtype]:
+        """Return the residual stream's dtype where it is not left to autocast, else None."""
+        device_type = image.device.type
         if (RESIDUAL_16BIT and not self.training and not torch.is_grad_enabled()
-                and torch.is_autocast_enabled(device_type)
-                and not isinstance(layer.downsample, nn.Identity)):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        return x
+                and torch.is_autocast_enabled(device_type)):
+            return torch.get_autocast_dtype(device_type)
+        return None
+
+    @staticmethod
+    def _downsample(layer: nn.Module, x: torch.Tensor,
+                    stream: Optional[torch.dtype]) -> torch.Tensor:
+        x = layer.downsample(x)  # its LayerNorm returns fp32 under CUDA autocast
+        return x if stream is None else x.to(stream)
 
     def _intermediate(self, i: int, x: torch.Tensor, dtype: Optional[torch.dtype]
                       ) -> torch.Tensor:

@@ -98,6 +98,25 @@ def test_torch_path_adds_the_branch_first(dtype, tol):
                           test_utils=('test_schema', 'test_faketensor'))
 
 
+def test_torch_path_rounds_once_to_out_dtype():
+    # A 16-bit residual stream: the fp32 result (residual included) rounded once, 16-bit x and
+    # branch in; out_dtype None is fp32; other dtypes are named errors.
+    x, norm, fc1, fc2 = make(24, 96, torch.float16)
+    x16 = x.half()
+    branch = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).half()
+    full = norm_mlp_residual(*args_of(x16, norm, fc1, fc2), branch=branch)
+    assert full.dtype == torch.float32
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        got = norm_mlp_residual(*args_of(x16, norm, fc1, fc2), branch=branch, out_dtype=dtype)
+        assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+        assert torch.equal(got, full.to(dtype))
+    with pytest.raises(ScanInputError, match='out_dtype must be one of'):
+        norm_mlp_residual(*args_of(x16, norm, fc1, fc2), out_dtype=torch.int8)
+    torch.library.opcheck(norm_mlp_residual_op, (*args_of(x16, norm, fc1, fc2), branch,
+                                                 torch.float16),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
 @pytest.mark.parametrize('change, message', [
     (lambda a: {**a, 4: a[4].t()}, 'w1 must have shape'),
     (lambda a: {**a, 6: a[6][:, :-1]}, 'w2 must have shape'),
@@ -137,7 +156,7 @@ def test_compiles_as_one_node():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=19, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=20, keyword='triton_kernel_')
 
 
 def _launcher():
@@ -171,6 +190,27 @@ def test_triton_kernel_matches_torch_path(channels, hidden, rows, dtype, bias, c
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert rel_err(got - x, (ref - x).double()) < tol
     assert rel_err(got, modules_fp64(x, norm, fc1, fc2)) < tol
+
+
+@needs_triton_device
+@pytest.mark.parametrize('out_dtype', [torch.float16, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="the Triton interpreter (numpy) rounds fp32 -> bfloat16 toward zero"))])
+def test_triton_kernel_stores_out_dtype(out_dtype):
+    # A 16-bit residual stream in and out (VMamba-T stage 1's widths): the kernel's fp32
+    # result rounded once on the store, as the PyTorch path rounds it.
+    x, norm, fc1, fc2 = make(96, 384, torch.float16, rows=(1, 5, 9), device=TRITON_DEVICE)
+    x16 = x.half()
+    branch = torch.randn(x.shape, device=TRITON_DEVICE).half()
+    args = args_of(x16, norm, fc1, fc2)
+    got = _launcher().norm_mlp_residual_fwd(*args, branch=branch, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == x.shape
+    full = _launcher().norm_mlp_residual_fwd(*args, branch=branch)
+    assert torch.equal(got, full.to(out_dtype))
+    s = x16.float() + branch.float()
+    ref = norm_mlp_residual_torch(*args, branch=branch, out_dtype=out_dtype)
+    assert rel_err(got.float() - s, (ref.float() - s).double()) < 1e-2
 
 
 @needs_triton_device

@@ -109,6 +109,20 @@ def test_fake_impl_and_schema():
                           test_utils=('test_schema', 'test_faketensor'))
 
 
+def test_out_dtype_rounds_the_fp32_result_once():
+    # A 16-bit residual stream starts at the stem: its fp32 result rounded to out_dtype.
+    args = args_of(*make(8, 16, size=(1, 3, 9, 14)))
+    full = conv_norm_stem(*args)
+    assert full.dtype == torch.float32
+    for dtype in (torch.float16, torch.bfloat16):
+        got = conv_norm_stem(*args, out_dtype=dtype)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, full.to(dtype))
+        torch.library.opcheck(conv_norm_stem_op, (*args, dtype),
+                              test_utils=('test_schema', 'test_faketensor'))
+    with pytest.raises(ScanInputError, match='out_dtype must be one of'):
+        conv_norm_stem(*args, out_dtype=torch.float64)
+
+
 def test_compiles_as_one_node():
     args = args_of(*make(8, 16, size=(1, 3, 11, 10)))
     compiled = torch.compile(lambda *a: conv_norm_stem(*a) * 2, backend='aot_eager',
@@ -123,7 +137,7 @@ def test_compiles_as_one_node():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=13, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=14, keyword='triton_kernel_')
 
 
 def _launcher():
@@ -155,6 +169,23 @@ def test_triton_kernel_matches_torch_path(c1, c2, size, dtype, bias, config, con
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     assert rel_err(got, ref.double()) < tol
     assert rel_err(got, modules_fp64(*parts)) < {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+
+
+@needs_triton_device
+@pytest.mark.parametrize('out_dtype', [torch.float16, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="the Triton interpreter (numpy) rounds fp32 -> bfloat16 toward zero"))])
+def test_triton_kernel_stores_out_dtype(out_dtype):
+    # A 16-bit residual stream starts here: the final LayerNorm's fp32 result rounded once.
+    parts = make(48, 96, torch.float16, size=(1, 3, 21, 30), device=TRITON_DEVICE)
+    args = args_of(*parts)
+    got = _launcher().conv_norm_stem_fwd(*args, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.is_contiguous()
+    assert torch.equal(got, _launcher().conv_norm_stem_fwd(*args).to(out_dtype))
+    ref = conv_norm_stem_torch(*args, out_dtype=out_dtype)
+    assert ref.dtype == out_dtype
+    assert rel_err(got, ref.double()) < 1e-2
 
 
 @needs_triton_device

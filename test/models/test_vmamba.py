@@ -275,7 +275,7 @@ def test_fused_stem_matches_the_modules(monkeypatch):
 
     real = mamba_perception_kernels.conv_norm_stem
     monkeypatch.setattr(mamba_perception_kernels, 'conv_norm_stem',
-                        lambda *a: calls.append(a[0].shape) or real(*a))
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     x = torch.randn(1, 3, 61, 90)  # odd height: the convs' padding reaches the last row
     model = _inference_matches_module_path(x)
     assert calls == [x.shape]
@@ -287,3 +287,36 @@ def test_fused_stem_matches_the_modules(monkeypatch):
     assert len(calls) == 2
     assert fused.shape == modules.shape == (1, 16, 23, 16) and fused.dtype == torch.float32
     assert ((fused - modules.float()).norm() / modules.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize('flag', [False, True])
+def test_residual_16bit_keeps_the_stream_in_the_autocast_dtype(monkeypatch, flag):
+    # RESIDUAL_16BIT (inference, autocast): the stem writes the stream in the autocast dtype,
+    # the fused MLP keeps it there (out_dtype = the stream's dtype), the downsamples' outputs
+    # are cast to it. Off, stage 1's stream is fp32 (the stem's and the fused MLP's output).
+    # (CPU autocast already runs LayerNorm in bf16, so stages 2-4 are bf16 either way here.)
+    import mamba_perception_kernels
+
+    from mamba_perception.models import vmamba
+
+    monkeypatch.setattr(vmamba, 'RESIDUAL_16BIT', flag)
+    mlp_out = []
+    real = mamba_perception_kernels.norm_mlp_residual
+    monkeypatch.setattr(mamba_perception_kernels, 'norm_mlp_residual',
+                        lambda *a, **k: mlp_out.append(k['out_dtype']) or real(*a, **k))
+    stream = torch.bfloat16 if flag else torch.float32
+    x = torch.randn(1, 3, 64, 96)
+    model = _inference_matches_module_path(x)  # fused (no grad) vs modules, each way
+    block_in = []
+    for layer in model.layers:
+        layer.blocks[0].register_forward_pre_hook(lambda m, a: block_in.append(a[0].dtype))
+    mlp_out.clear()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model.patch_embed(x, model._stream_dtype(x)).dtype == stream
+        model.forward_intermediates(x)
+        features = model.forward_features(x)
+    assert block_in[:4] == [stream] + [torch.bfloat16] * 3
+    assert mlp_out[:model.depths[0]] == [stream] * model.depths[0]
+    assert features.dtype == torch.bfloat16
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # gradients on: autocast decides
+        assert model._stream_dtype(x) is None
