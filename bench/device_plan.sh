@@ -20,6 +20,8 @@
 #   bash bench/device_plan.sh residual   # VMamba-T's residual stream fp32 (with ViT-S) vs
 #                                        # 16-bit (RESIDUAL_16BIT, with the fp32 check),
 #                                        # after the stem / fused MLP kernels' GPU tests
+#   bash bench/device_plan.sh residual_vits  # the default and ViT-S in one process, 1280x720
+#                                        # to 1248^2
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -41,7 +43,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -163,6 +165,14 @@ residual)
         --dtypes fp16 --batches 1 --budget-s 150 --residual-16bit on --check-size 720x1280 \
         --out "$OUT/backbone_speed_stream16_${TAG}.json"
     ;;
+residual_vits)
+    # the default (16-bit stream since stop 26) against ViT-S in one process, around the
+    # crossover
+    step 300 "VMamba-T vs ViT-S, 1280x720 ... 1248^2" python bench/backbone_speed.py \
+        --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 1248x1248 \
+        --modes compile --dtypes fp16 --batches 1 --budget-s 290 --no-check \
+        --out "$OUT/backbone_speed_stream16_vits_${TAG}.json"
+    ;;
 vim)
     for extra in "" --inductor-freezing; do
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
@@ -244,7 +254,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual, vim, dense, coarse," \
+    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual, residual_vits, vim, dense, coarse," \
         "pipeline, batches or node" >&2
     exit 2
     ;;

@@ -60,8 +60,11 @@ GELU_TANH_EPILOGUE = True
 # The residual stream in the autocast dtype for inference (the stem and the fused MLP write
 # it, the downsamples' fp32 LayerNorm outputs are cast once) instead of fp32, which the
 # official code keeps: the stream's reads and writes in the add + LayerNorm kernels halve.
-# Experimental (stop 26): off until timed.
-RESIDUAL_16BIT = False
+# H200, VMamba-T compiled, one process each (bench/results/backbone_speed_stream{32,16}_h200
+# .json): 1.871 -> 1.815 ms at 1280x720, 2.064 -> 1.988 at 1024^2, 6.431 -> 6.190 at 2048^2,
+# peak 470 -> 439 MiB; fp16 / bf16 vs fp32 rel L2 1.6e-3 / 1.3e-2 (1.2e-3 / 9.3e-3 with the
+# fp32 stream). fp16 overflows at 65504 where fp32 would not: set False to keep fp32.
+RESIDUAL_16BIT = True
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
