@@ -22,8 +22,6 @@
 #                                        # after the stem / fused MLP kernels' GPU tests
 #   bash bench/device_plan.sh residual_vits  # the default and ViT-S in one process, 1280x720
 #                                        # to 1248^2
-#   bash bench/device_plan.sh address    # the walks' int32 offsets: GPU tests, the op per
-#                                        # stage, VMamba-T vs ViT-S in one process
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -45,7 +43,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|address|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -175,18 +173,6 @@ residual_vits)
         --modes compile --dtypes fp16 --batches 1 --budget-s 290 --no-check \
         --out "$OUT/backbone_speed_stream16_vits_${TAG}.json"
     ;;
-address)
-    # stop 26's offsets summed in int32 before they meet a pointer (seq walks: offline SASS
-    # -3 to -9 %): GPU tests, the op per stage, then VMamba-T vs ViT-S in one process
-    step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
-        -k lowrank
-    step 100 "scan op per stage" python bench/scan.py --tune-by-width \
-        --out "$OUT/scan_address_${TAG}.json" --candidates '[{}]'
-    step 200 "VMamba-T vs ViT-S, 1280x720 ... 1248^2" python bench/backbone_speed.py \
-        --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 1248x1248 \
-        --modes compile --dtypes fp16 --batches 1 --budget-s 190 --no-check \
-        --out "$OUT/backbone_speed_address_vits_${TAG}.json"
-    ;;
 vim)
     for extra in "" --inductor-freezing; do
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
@@ -268,8 +254,8 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual," \
-        "residual_vits, address, vim, dense, coarse, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual, residual_vits, vim, dense, coarse," \
+        "pipeline, batches or node" >&2
     exit 2
     ;;
 esac

@@ -266,9 +266,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
             valid = i < L
             m = ch_ok & valid
             po = f * sp_f + s * sp_s
-            # Each position's offset summed in int32 before it meets a pointer: added to the
-            # pointer term by term, every term became a 64-bit product and add of its own.
-            u = tl.load(x_ptr + (f * sx_f + s * sx_s) + chans * sx_c, mask=m,
+            u = tl.load(x_ptr + f * sx_f + s * sx_s + chans * sx_c, mask=m,
                         other=0.0).to(tl.float32)
             if XPROJ_VEC:
                 # [dt (6), B, C] as one 16-byte load, split into scalars in registers
@@ -285,7 +283,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                     cv = tl.load(p_ptr + po + (R + 1) * sp_c, mask=valid,
                                  other=0.0).to(tl.float32)
             if DELTA:
-                dt = bias + tl.load(d_ptr + (f * sd_f + s * sd_s) + chans, mask=m,
+                dt = bias + tl.load(d_ptr + f * sd_f + s * sd_s + chans, mask=m,
                                     other=0.0).to(tl.float32)
             else:
                 dt = bias
@@ -299,7 +297,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                 y = cv * h
                 if ADD_D:
                     y += dskip * u
-                yo = (f * sy_f + s * sy_s) + chans * sy_c
+                yo = f * sy_f + s * sy_s + chans * sy_c
                 if ADD_Y:
                     y += tl.load(y_in_ptr + yo, mask=m, other=0.0)
                 tl.store(y_out_ptr + yo, y.to(y_out_ptr.dtype.element_ty), mask=m)
