@@ -504,8 +504,8 @@ def parse_args(argv):
                         help='VMamba fc1 + GELU as one GEMM with cuBLASLt\'s (tanh) GELU '
                              'epilogue above the fused MLP (default: vmamba.GELU_TANH_EPILOGUE)')
     parser.add_argument('--residual-16bit', choices=('on', 'off'), default=None,
-                        help='VMamba stages 2-4 keep their residual stream in the autocast '
-                             'dtype (default: vmamba.RESIDUAL_16BIT)')
+                        help='VMamba keeps its residual stream in the autocast dtype (on) '
+                             'or fp32 (off) (default: vmamba.RESIDUAL_16BIT)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')

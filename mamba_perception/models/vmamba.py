@@ -196,8 +196,9 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block to ``x`` (B, H, W, C)."""
-        # Under autocast LayerNorm returns fp32, so the residual stream stays fp32 exactly as in
-        # the official code; the branch outputs (fp16/bf16 GEMMs) are added into it.
+        # The branch outputs (fp16/bf16 GEMMs) are added into the residual stream, whose dtype
+        # the caller set: fp32 as in the official code (autocast's LayerNorm returns fp32), or
+        # the autocast dtype (RESIDUAL_16BIT, inference).
         op = self.op
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         exact_gelu = isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == 'none'
