@@ -12,6 +12,7 @@ from scan_inputs import non_contiguous
 import torch
 from torch import nn
 from triton_tests import (
+    STORE_DTYPES_16,
     TRITON_DEVICE,
     needs_triton_device,
     only_without_gpu,
@@ -172,10 +173,7 @@ def test_triton_kernel_matches_torch_path(c1, c2, size, dtype, bias, config, con
 
 
 @needs_triton_device
-@pytest.mark.parametrize('out_dtype', [torch.float16, pytest.param(
-    torch.bfloat16, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="the Triton interpreter (numpy) rounds fp32 -> bfloat16 toward zero"))])
+@pytest.mark.parametrize('out_dtype', STORE_DTYPES_16)
 def test_triton_kernel_stores_out_dtype(out_dtype):
     # A 16-bit residual stream starts here: the final LayerNorm's fp32 result rounded once.
     parts = make(48, 96, torch.float16, size=(1, 3, 21, 30), device=TRITON_DEVICE)

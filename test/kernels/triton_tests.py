@@ -25,6 +25,12 @@ needs_triton_device = pytest.mark.skipif(
     reason='needs CUDA, or TRITON_INTERPRET=1 (test_triton_kernels_under_interpreter runs '
            'these in a subprocess)')
 
+# 16-bit output dtypes of a kernel's store, compared bit for bit with a rounded fp32 result:
+# bfloat16 only on CUDA, as the interpreter (numpy) rounds fp32 -> bfloat16 toward zero.
+STORE_DTYPES_16 = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason='the Triton interpreter (numpy) rounds fp32 -> bfloat16 toward zero'))]
+
 # For the one test per file that reruns the kernel tests under the interpreter.
 only_without_gpu = pytest.mark.skipif(
     torch.cuda.is_available() or INTERPRETER or not HAS_TRITON,
