@@ -22,6 +22,8 @@
 #                                        # after the stem / fused MLP kernels' GPU tests
 #   bash bench/device_plan.sh residual_vits  # the default and ViT-S in one process, 1280x720
 #                                        # to 1248^2
+#   bash bench/device_plan.sh maxnreg    # the output walks' register cap (seq_out_maxnreg)
+#                                        # off / 64: GPU tests, the op, VMamba-T
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -43,7 +45,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|maxnreg|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -173,6 +175,24 @@ residual_vits)
         --modes compile --dtypes fp16 --batches 1 --budget-s 290 --no-check \
         --out "$OUT/backbone_speed_stream16_vits_${TAG}.json"
     ;;
+maxnreg)
+    # stop 26's untimed register cap of the output walks (TUNING seq_out_maxnreg; stage 1's
+    # walks take 72 registers, 28 one-warp programs an SM): GPU tests, the op per stage off /
+    # 64, then VMamba-T off / 64 (one process each; ViT-S beside the default)
+    step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
+        -k lowrank
+    step 120 "scan op: output walks' register cap off / 64" python bench/scan.py \
+        --tune-by-width --out "$OUT/scan_maxnreg_${TAG}.json" \
+        --candidates '[{}, {"seq_out_maxnreg": 64}]'
+    step 150 "VMamba-T and ViT-S, default" python bench/backbone_speed.py \
+        --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 --modes compile \
+        --dtypes fp16 --batches 1 --budget-s 140 --no-check \
+        --out "$OUT/backbone_speed_maxnreg_off_${TAG}.json"
+    step 120 "VMamba-T, output walks capped at 64 registers" python bench/backbone_speed.py \
+        --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
+        --dtypes fp16 --batches 1 --budget-s 110 --no-check \
+        --lowrank-tuning '{"seq_out_maxnreg": 64}' --out "$OUT/backbone_speed_maxnreg64_${TAG}.json"
+    ;;
 vim)
     for extra in "" --inductor-freezing; do
         step 200 "Vim-T/S $extra" python bench/backbone_speed.py --models vim_tiny vim_small \
@@ -254,8 +274,8 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual, residual_vits, vim, dense, coarse," \
-        "pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual," \
+        "residual_vits, maxnreg, vim, dense, coarse, pipeline, batches or node" >&2
     exit 2
     ;;
 esac
