@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..reference import as_parts
 from .common import pow2_option, prepared
 from .scan_fwd import _ssm_combine
 
@@ -591,10 +592,7 @@ def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dt
     if TUNING["impl"] not in ("seq", "expanded"):
         raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
                          f"got {TUNING['impl']!r}")
-    from ..reference import as_parts
-
     if a_is_log:
         A = -torch.exp(A)
     return as_parts(_expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus,
                                   out_dtype), parts)
-
