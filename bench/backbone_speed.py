@@ -506,6 +506,9 @@ def parse_args(argv):
     parser.add_argument('--residual-16bit', choices=('on', 'off'), default=None,
                         help='VMamba keeps its residual stream in the autocast dtype (on) '
                              'or fp32 (off) (default: vmamba.RESIDUAL_16BIT)')
+    parser.add_argument('--scan-out-16bit', choices=('on', 'off'), default=None,
+                        help='VMamba\'s SS2D scan returns the weights\' 16-bit dtype (on) or '
+                             'fp32 (off) (default: vmamba.SCAN_OUT_16BIT)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')
@@ -571,6 +574,8 @@ def main(argv=None) -> int:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
     if args.residual_16bit is not None:
         vmamba.RESIDUAL_16BIT = args.residual_16bit == 'on'
+    if args.scan_out_16bit is not None:
+        vmamba.SCAN_OUT_16BIT = args.scan_out_16bit == 'on'
     from mamba_perception_kernels.triton import stem
 
     if args.stem_tuning:
@@ -588,6 +593,7 @@ def main(argv=None) -> int:
             'ss2d_parts_max_steps': vmamba.SS2D_PARTS_MAX_STEPS,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
             'residual_16bit': vmamba.RESIDUAL_16BIT,
+            'scan_out_16bit': vmamba.SCAN_OUT_16BIT,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),

@@ -10,6 +10,16 @@
 #                                        # compiled, fp16
 #   bash bench/device_plan.sh curve      # VMamba-T vs ViT-S at the five sizes from 720p to
 #                                        # 2048^2, compiled, fp16 (issue #8's curve)
+#   bash bench/device_plan.sh final      # curve + batch 4 (fp16, bf16) + bf16 batch 1 at
+#                                        # 720p and 1024^2, three processes, one call
+#   bash bench/device_plan.sh matrix     # the same two at 720p and 1024^2, fp16 and bf16,
+#                                        # batches 4 and 1, compiled, one process
+#   bash bench/device_plan.sh batch4     # where batch 4 at 720p goes (profiles of both,
+#                                        # compiled), the output walks' register cap at
+#                                        # batches 1 / 4
+#   bash bench/device_plan.sh scan16     # the SS2D scan's output in 16 bits (SCAN_OUT_16BIT)
+#                                        # off / on / on with two parts at every size,
+#                                        # batches 1 and 4
 #   bash bench/device_plan.sh parts      # low-rank scan GPU tests; VMamba-T compiled with
 #                                        # the SS2D scan in two parts (one output launch)
 #                                        # vs one, 720p / 1024^2 / 2048^2, two processes
@@ -45,7 +55,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|parts|vectors|residual|residual_vits|maxnreg|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|matrix|batch4|scan16|parts|vectors|residual|residual_vits|maxnreg|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -124,6 +134,68 @@ curve)
         --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
         --dtypes fp16 --batches 1 --budget-s 540 --no-check \
         --out "$OUT/backbone_speed_curve_${TAG}.json"
+    ;;
+final)
+    # One call for the whole comparison: the fp16 curve (five sizes, batch 1), then batch 4
+    # (fp16 and bf16) and bf16 batch 1 at 1280x720 and 1024^2; both models per process
+    vits="vmamba_tiny vit_small_patch16_224"
+    step 265 "curve, fp16, batch 1" python bench/backbone_speed.py --models $vits \
+        --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
+        --dtypes fp16 --batches 1 --budget-s 255 --no-check \
+        --out "$OUT/backbone_speed_curve_${TAG}.json"
+    step 175 "fp16 and bf16, batch 4" python bench/backbone_speed.py --models $vits \
+        --sizes 720x1280 1024x1024 --modes compile --dtypes fp16 bf16 --batches 4 \
+        --budget-s 165 --no-check --out "$OUT/backbone_speed_b4_${TAG}.json"
+    step 100 "bf16, batch 1" python bench/backbone_speed.py --models $vits \
+        --sizes 720x1280 1024x1024 --modes compile --dtypes bf16 --batches 1 \
+        --budget-s 90 --no-check --out "$OUT/backbone_speed_bf16_${TAG}.json"
+    ;;
+matrix)
+    # Issue #8's targets also name bf16 and batch 4 (last measured at stop 20, when VMamba-T
+    # was 1.36x ViT-S at batch 4): both models, one process, batch 4 first
+    step 560 "VMamba-T vs ViT-S, fp16 / bf16, batches 4 / 1, compiled" python \
+        bench/backbone_speed.py --models vmamba_tiny vit_small_patch16_224 \
+        --sizes 720x1280 1024x1024 --modes compile --dtypes fp16 bf16 --batches 4 1 \
+        --budget-s 540 --no-check --out "$OUT/backbone_speed_matrix_${TAG}.json"
+    ;;
+batch4)
+    # VMamba-T is 7 % behind ViT-S at batch 4, 1280x720 (stop 27, matrix): kernel time by kind
+    # for both, then the output walks' register cap (TUNING seq_out_maxnreg, untimed) off / 64
+    # at batches 1 and 4, one process each
+    for model in vmamba_tiny vit_small_patch16_224; do
+        step 120 "profile $model, batch 4, 1280x720, compiled" python bench/profile_backbone.py \
+            --model $model --size 720x1280 --batch 4 --compile --no-eager \
+            --out "$OUT/profile_${model}_720p_b4_${TAG}.json"
+    done
+    step 100 "GPU test: register cap" python -m pytest -q test/kernels/test_scan_triton.py \
+        -k maxnreg
+    for cap in off 64; do
+        tuning='{}'
+        [ "$cap" = off ] || tuning="{\"seq_out_maxnreg\": $cap}"
+        step 110 "VMamba-T, output walks' register cap $cap" python bench/backbone_speed.py \
+            --models vmamba_tiny --sizes 720x1280 --modes compile --dtypes fp16 \
+            --batches 4 1 --budget-s 100 --no-check --lowrank-tuning "$tuning" \
+            --out "$OUT/backbone_speed_maxnreg_${cap}_${TAG}.json"
+    done
+    ;;
+scan16)
+    # The scan's output (out_norm's input) in the weights' dtype instead of fp32: the output
+    # walks' GPU tests (16-bit parts and outputs), then VMamba-T off / on (with the fp32
+    # check) / on with two parts at every size, one process each, batch 1 before batch 4
+    step 90 "GPU tests: low-rank seq walks" python -m pytest -q test/kernels/test_scan_triton.py \
+        -k "lowrank_fwd_seq"
+    step 190 "VMamba-T, fp32 scan output" python bench/backbone_speed.py --models vmamba_tiny \
+        --sizes 720x1280 1024x1024 2048x2048 --modes compile --dtypes fp16 --batches 1 4 \
+        --budget-s 180 --no-check --scan-out-16bit off \
+        --out "$OUT/backbone_speed_scan32_${TAG}.json"
+    step 200 "VMamba-T, 16-bit scan output" python bench/backbone_speed.py --models vmamba_tiny \
+        --sizes 720x1280 1024x1024 2048x2048 --modes compile --dtypes fp16 --batches 1 4 \
+        --budget-s 190 --check-size 720x1280 --scan-out-16bit on \
+        --out "$OUT/backbone_speed_scan16_${TAG}.json"
+    step 130 "VMamba-T, 16-bit scan output in two parts at every size" python \
+        bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 1024x1024 --modes compile \
+        --dtypes fp16 --batches 1 4 --budget-s 120 --no-check --scan-out-16bit on \
+        --ss2d-parts-max-steps 1000000000 --out "$OUT/backbone_speed_scan16parts_${TAG}.json"
     ;;
 parts)
     step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \

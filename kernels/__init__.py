@@ -32,8 +32,6 @@ backward passes, so autograd, ``torch.compile`` and ``torch.export`` treat each 
 
 from __future__ import annotations
 
-import torch
-
 from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
 from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc
@@ -138,7 +136,7 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     expanded and the chunked PyTorch path runs. ``a_is_log``: the "seq" kernels compute
     A = -exp(A_log) themselves, so a model need not launch that elementwise kernel per call.
 
-    ``parts=2`` (inference, fp32 output): (2, batch, H, W, dim), two maps whose sum is y. The
+    ``parts=2`` (inference): (2, batch, H, W, dim), two maps whose sum is y. The
     "seq" kernels then write the row routes (with D·u) and the column routes to one part each
     in a single launch instead of adding the columns onto the rows in a second; a consumer
     compiled with the sum (VMamba's out_norm under torch.compile) reads both once. Other
@@ -147,9 +145,8 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
-    if parts not in (1, 2) or (parts == 2 and out_dtype != torch.float32):
-        raise ScanInputError(f"parts must be 1, or 2 with out_dtype torch.float32; got "
-                             f"parts={parts!r}, out_dtype={out_dtype}")
+    if parts not in (1, 2):
+        raise ScanInputError(f"parts must be 1 or 2; got parts={parts!r}")
     return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
                                 out_dtype, bool(a_is_log), int(parts))
 

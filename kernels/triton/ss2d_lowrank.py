@@ -421,10 +421,11 @@ def _seq_out_kernel(
     """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
 
     AXIS 0 starts the sum in ``acc`` (route 0 + D·u, then route 2); AXIS 1 adds routes 1 and 3
-    and writes the total to ``out`` (which is ``acc`` itself for fp32 output). AXIS 2: both
-    axes in one launch (program_id(2) = 2 * batch + axis), each summing its two routes into
-    its own fp32 part of ``out`` (``s_part`` apart; the D·u term in part 0): no axis waits for
-    the other, and the caller adds the two parts.
+    and writes the total to ``out`` (``acc`` itself, as ``_seq_fwd`` passes them). AXIS 2:
+    both axes in one launch (program_id(2) = 2 * batch + axis), each summing its two routes
+    into its own part of ``out`` (``s_part`` apart; the D·u term in part 0): no axis waits for
+    the other, and the caller adds the two parts. Each step's sum is formed in fp32 and
+    stored in ``out``'s dtype.
     """
     seg = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -522,7 +523,10 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
                       dtype=out_dtype)
     if length == 0 or batch == 0:
         return out
-    acc = out if out_dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
+    # The partial route sums pass through ``out`` itself, in its dtype (a 16-bit output is
+    # rounded once per stored partial, not once at the end: half the bytes of an fp32
+    # scratch buffer and no extra map alive).
+    acc = out
     bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
     steps, unroll = seq_steps(length, 2 * n_cblk * batch)
@@ -583,8 +587,8 @@ def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dt
                      a_is_log=False, parts=1):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``.
 
-    parts=2 (fp32): (2, batch, H, W, dim) summing to y; "seq" puts the row routes (and D·u)
-    in part 0 and the column routes in part 1, written by one launch.
+    parts=2: (2, batch, H, W, dim) summing to y; "seq" puts the row routes (and D·u) in part
+    0 and the column routes in part 1, written by one launch.
     """
     if TUNING["impl"] == "seq" and A.shape[1] == 1:
         return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,

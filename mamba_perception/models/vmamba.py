@@ -65,6 +65,17 @@ GELU_TANH_EPILOGUE = True
 # peak 470 -> 439 MiB; fp16 / bf16 vs fp32 rel L2 1.6e-3 / 1.3e-2 (1.2e-3 / 9.3e-3 with the
 # fp32 stream). fp16 overflows at 65504 where fp32 would not: set False to keep fp32.
 RESIDUAL_16BIT = True
+# The SS2D scan's output (the sum of its four routes, out_norm's input) in the weights' 16-bit
+# dtype for inference instead of fp32: its writes, the second output walk's read-back and
+# out_norm's read halve (VMamba-T at batch 4 spends 1.3 of 5.8 ms in the output walks, H200,
+# bench/results/profile_vmamba_tiny_720p_b4_h200.json), and so does the largest map alive in
+# stage 2 at 2048^2. Each step's route sum is formed in fp32; each partial sum that passes
+# through memory is rounded (up to four roundings, ~2^-11 each in fp16). H200, VMamba-T fp16
+# compiled, one process each (bench/results/backbone_speed_scan{32,16}_h200.json): batch 1
+# 1.820 -> 1.796 ms at 1280x720, 2.002 -> 1.939 at 1024^2, 6.225 -> 5.926 at 2048^2 (peak
+# 438 -> 391 MiB); batch 4 5.807 -> 5.520 / 6.259 -> 5.961; fp16 / bf16 vs fp32 rel L2 1.6e-3 /
+# 1.3e-2 (unchanged). Two parts at every size besides were no faster (scan16parts).
+SCAN_OUT_16BIT = True
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
@@ -134,16 +145,20 @@ class SS2D(nn.Module):
         # eager, it would be one more kernel, so one part.
         parts = 2 if (torch.compiler.is_compiling() and not torch.is_grad_enabled()
                       and x.shape[1] * x.shape[2] <= SS2D_PARTS_MAX_STEPS) else 1
-        y = self.scan(x, parts)  # [B, H, W, Di] fp32, sum of the 4 routes
+        out_dtype = (self.in_proj.weight.dtype
+                     if SCAN_OUT_16BIT and _inference_16bit(self.in_proj.weight) else None)
+        y = self.scan(x, parts, out_dtype)  # [B, H, W, Di], sum of the 4 routes
         if parts == 2:
-            y = y[0] + y[1]
-        y = self.out_norm(y)  # LayerNorm on the fp32 sum
+            y = y[0].float() + y[1]  # the parts' sum in fp32 (fused into out_norm's kernel)
+        y = self.out_norm(y)  # LayerNorm in fp32
         return self.out_proj(y.to(x.dtype))
 
-    def scan(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
-        """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> fp32 (B, H, W, Di).
+    def scan(self, x: torch.Tensor, parts: int = 1,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> (B, H, W, Di).
 
-        ``parts=2``: (2, B, H, W, Di), two fp32 maps whose sum is that.
+        The output is fp32, or ``out_dtype`` where given. ``parts=2``: (2, B, H, W, Di), two
+        maps whose sum is that.
         """
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
@@ -163,7 +178,7 @@ class SS2D(nn.Module):
             D=self.Ds.float(),
             dt_bias=self.dt_projs_bias.reshape(-1).float(),
             delta_softplus=True,
-            out_dtype=torch.float32,
+            out_dtype=torch.float32 if out_dtype is None else out_dtype,
             a_is_log=True,
             parts=parts,
         )

@@ -276,8 +276,10 @@ def test_bidir_bwd_token_major(triton_device):
     (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),
     # the same with Δ from the GEMM instead of the inline projection
     (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 2, 16, 0)),
-    # fp16 output: the route sum stays fp32 in a scratch buffer, one cast at the end
+    # fp16 output: each partial route sum is stored in fp16 (no fp32 scratch buffer)
     (1, 7, 5, 40, 2, torch.float16, torch.float16, (16, 2, 32, 8)),
+    # bf16 output at rank 6 (the vector x_proj load), Δ inline, as VMamba-T's stage 1
+    (1, 6, 7, 24, 6, torch.bfloat16, torch.bfloat16, (4, 2, 16, 8)),
     (1, 6, 11, 24, 2, torch.bfloat16, torch.float32, (4, 4, 8, 1)),   # 4-step segments, GEMM Δ
     # state pass split over 6 channel programs (the last partial), 4 steps of 4 segments
     (1, 5, 9, 22, 3, torch.float32, torch.float32, (4, 4, 32, 8, 4, 4)),
@@ -323,14 +325,16 @@ def test_ss2d_lowrank_fwd_seq_register_cap(parts, monkeypatch):
     _close(out if parts == 1 else out.sum(0), ref, torch.float16)
 
 
-@pytest.mark.parametrize('batch,height,width,dim,rank,dtype,seq', [
+@pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
     # (steps per segment, unroll, channels per program, largest rank projected inline)
-    (2, 5, 9, 20, 3, torch.float32, (8, 4, 16, 8)),   # 2 channel blocks, partial segments
-    (1, 6, 11, 24, 2, torch.float16, (4, 4, 32, 1)),  # Δ from the GEMM
+    (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),  # 2 channel blocks
+    (1, 6, 11, 24, 2, torch.float16, torch.float32, (4, 4, 32, 1)),  # Δ from the GEMM
+    (1, 6, 11, 24, 6, torch.float16, torch.float16, (4, 4, 32, 8)),  # 16-bit parts, rank 6
 ])
-def test_ss2d_lowrank_fwd_seq_parts(batch, height, width, dim, rank, dtype, seq, monkeypatch):
-    # parts=2: both axes' output walks in one launch, each into its own fp32 part: the row
-    # routes and D·u in part 0, the column routes in part 1; their sum is the output.
+def test_ss2d_lowrank_fwd_seq_parts(batch, height, width, dim, rank, dtype, out_dtype, seq,
+                                    monkeypatch):
+    # parts=2: both axes' output walks in one launch, each into its own part (in out_dtype):
+    # the row routes and D·u in part 0, the column routes in part 1; their sum is the output.
     from mamba_perception_kernels.triton import ss2d_lowrank
 
     for key, value in zip(('seq_steps', 'seq_unroll', 'seq_block_d', 'seq_inline_rank'), seq,
@@ -341,9 +345,11 @@ def test_ss2d_lowrank_fwd_seq_parts(batch, height, width, dim, rank, dtype, seq,
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args = make_ss2d_lowrank(batch, height, width, dim, rank, 1, dtype=dtype)
     ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
-    parts = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32,
+    parts = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, out_dtype,
                                           False, 2)
     assert parts.shape == (2, *ref.shape) and parts.is_contiguous()
+    assert parts.dtype == out_dtype
+    parts = parts.float()
     _close(parts.sum(0), ref, dtype)
     # Part 0 alone: the reference with the column routes' C zeroed (their C·h vanishes, every
     # route's D·u stays).

@@ -290,6 +290,49 @@ def test_fused_stem_matches_the_modules(monkeypatch):
 
 
 @pytest.mark.parametrize('flag', [False, True])
+def test_scan_out_16bit_returns_the_weights_dtype(monkeypatch, flag):
+    # SCAN_OUT_16BIT (inference with 16-bit weights): every SS2D scan returns the weights'
+    # dtype instead of fp32, and the features stay within bf16 tolerance of the module path;
+    # with gradients on it is fp32 either way.
+    import mamba_perception_kernels
+
+    from mamba_perception.models import vmamba
+
+    monkeypatch.setattr(vmamba, 'SCAN_OUT_16BIT', flag)
+    out_dtypes = []
+    real = mamba_perception_kernels.ss2d_scan_lowrank
+
+    def spy(*a, **k):
+        y = real(*a, **k)
+        out_dtypes.append(y.dtype)
+        return y
+
+    monkeypatch.setattr(mamba_perception_kernels, 'ss2d_scan_lowrank', spy)
+    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
+    blocks = sum(model.depths)
+    inference = torch.bfloat16 if flag else torch.float32
+    assert out_dtypes == [inference] * blocks + [torch.float32] * blocks
+
+
+def test_scan_out_16bit_parts_compiled_match_eager(monkeypatch):
+    # Compiled for inference with 16-bit weights, the scan's two parts come back in bf16 and
+    # out_norm sums them in fp32: the same output as eager (one bf16 part) within rounding.
+    from mamba_perception.models import vmamba
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    monkeypatch.setattr(vmamba, 'SCAN_OUT_16BIT', True)
+    monkeypatch.setattr(vmamba, 'SS2D_PARTS_MAX_STEPS', 64)
+    torch.manual_seed(0)
+    op = cast_autocast_weights(SS2D(24, d_state=1, ssm_ratio=1.0).eval(), torch.bfloat16)
+    x = torch.randn(2, 5, 7, 24)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        want = op(x)
+        got, seen = _scan_parts_in_compiled_graph(op, x)
+    assert seen == [2]
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize('flag', [False, True])
 def test_residual_16bit_keeps_the_stream_in_the_autocast_dtype(monkeypatch, flag):
     # RESIDUAL_16BIT (inference, autocast): the stem writes the stream in the autocast dtype,
     # the fused MLP keeps it there (out_dtype = the stream's dtype), the downsamples' outputs
