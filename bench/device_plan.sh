@@ -12,11 +12,11 @@
 #                                        # 2048^2, compiled, fp16 (issue #8's curve)
 #   bash bench/device_plan.sh final      # curve + batch 4 (fp16, bf16) + bf16 batch 1 at
 #                                        # 720p and 1024^2, three processes, one call
+#   bash bench/device_plan.sh profiles   # kernel time by kind, compiled, 1280x720: fp16 and
+#                                        # bf16 at batch 1, fp16 at batch 4
 #   bash bench/device_plan.sh matrix     # the same two at 720p and 1024^2, fp16 and bf16,
 #                                        # batches 4 and 1, compiled, one process
-#   bash bench/device_plan.sh batch4     # where batch 4 at 720p goes (profiles of both,
-#                                        # compiled), the output walks' register cap at
-#                                        # batches 1 / 4
+#   bash bench/device_plan.sh batch4     # where batch 4 at 720p goes (profile, compiled)
 #   bash bench/device_plan.sh scan16     # the SS2D scan's output in 16 bits (SCAN_OUT_16BIT)
 #                                        # off / on / on with two parts at every size,
 #                                        # batches 1 and 4
@@ -32,8 +32,6 @@
 #                                        # after the stem / fused MLP kernels' GPU tests
 #   bash bench/device_plan.sh residual_vits  # the default and ViT-S in one process, 1280x720
 #                                        # to 1248^2
-#   bash bench/device_plan.sh maxnreg    # the output walks' register cap (seq_out_maxnreg)
-#                                        # off / 64: GPU tests, the op, VMamba-T
 #   bash bench/device_plan.sh vim        # Vim-T/S, the same, with and without freezing
 #   bash bench/device_plan.sh dense      # det+seg dense part at 720p (768x1344), batches 1
 #                                        # and 4: kernel time by module (eager) and by
@@ -55,7 +53,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|matrix|batch4|scan16|parts|vectors|residual|residual_vits|maxnreg|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -150,6 +148,16 @@ final)
         --sizes 720x1280 1024x1024 --modes compile --dtypes bf16 --batches 1 \
         --budget-s 90 --no-check --out "$OUT/backbone_speed_bf16_${TAG}.json"
     ;;
+profiles)
+    # Where bf16 loses ~50 us to fp16 at batch 1 and where batch 4 goes (stop 27 default)
+    for run in "fp16 1" "bf16 1" "fp16 4"; do
+        set -- $run
+        step 90 "profile VMamba-T $1 batch $2, 1280x720, compiled" python \
+            bench/profile_backbone.py --model vmamba_tiny --size 720x1280 --dtype "$1" \
+            --batch "$2" --compile --no-eager \
+            --out "$OUT/profile_vmamba_tiny_720p_${1}_b${2}_${TAG}.json"
+    done
+    ;;
 matrix)
     # Issue #8's targets also name bf16 and batch 4 (last measured at stop 20, when VMamba-T
     # was 1.36x ViT-S at batch 4): both models, one process, batch 4 first
@@ -159,24 +167,12 @@ matrix)
         --budget-s 540 --no-check --out "$OUT/backbone_speed_matrix_${TAG}.json"
     ;;
 batch4)
-    # VMamba-T is 7 % behind ViT-S at batch 4, 1280x720 (stop 27, matrix): kernel time by kind
-    # for both, then the output walks' register cap (TUNING seq_out_maxnreg, untimed) off / 64
-    # at batches 1 and 4, one process each
-    for model in vmamba_tiny vit_small_patch16_224; do
-        step 120 "profile $model, batch 4, 1280x720, compiled" python bench/profile_backbone.py \
-            --model $model --size 720x1280 --batch 4 --compile --no-eager \
-            --out "$OUT/profile_${model}_720p_b4_${TAG}.json"
-    done
-    step 100 "GPU test: register cap" python -m pytest -q test/kernels/test_scan_triton.py \
-        -k maxnreg
-    for cap in off 64; do
-        tuning='{}'
-        [ "$cap" = off ] || tuning="{\"seq_out_maxnreg\": $cap}"
-        step 110 "VMamba-T, output walks' register cap $cap" python bench/backbone_speed.py \
-            --models vmamba_tiny --sizes 720x1280 --modes compile --dtypes fp16 \
-            --batches 4 1 --budget-s 100 --no-check --lowrank-tuning "$tuning" \
-            --out "$OUT/backbone_speed_maxnreg_${cap}_${TAG}.json"
-    done
+    # VMamba-T was 7 % behind ViT-S at batch 4, 1280x720 (stop 27, matrix): kernel time by
+    # kind, compiled. (The output walks' register cap, timed here at stop 27 off / 64 and
+    # removed, was this part's second half.)
+    step 120 "profile vmamba_tiny, batch 4, 1280x720, compiled" python bench/profile_backbone.py \
+        --model vmamba_tiny --size 720x1280 --batch 4 --compile --no-eager \
+        --out "$OUT/profile_vmamba_tiny_720p_b4_${TAG}.json"
     ;;
 scan16)
     # The scan's output (out_norm's input) in the weights' dtype instead of fp32: the output
@@ -246,24 +242,6 @@ residual_vits)
         --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 1248x1248 \
         --modes compile --dtypes fp16 --batches 1 --budget-s 290 --no-check \
         --out "$OUT/backbone_speed_stream16_vits_${TAG}.json"
-    ;;
-maxnreg)
-    # stop 26's untimed register cap of the output walks (TUNING seq_out_maxnreg; stage 1's
-    # walks take 72 registers, 28 one-warp programs an SM): GPU tests, the op per stage off /
-    # 64, then VMamba-T off / 64 (one process each; ViT-S beside the default)
-    step 150 "GPU tests: low-rank scan" python -m pytest -q -x test/kernels/test_scan_triton.py \
-        -k lowrank
-    step 120 "scan op: output walks' register cap off / 64" python bench/scan.py \
-        --tune-by-width --out "$OUT/scan_maxnreg_${TAG}.json" \
-        --candidates '[{}, {"seq_out_maxnreg": 64}]'
-    step 150 "VMamba-T and ViT-S, default" python bench/backbone_speed.py \
-        --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 1024x1024 --modes compile \
-        --dtypes fp16 --batches 1 --budget-s 140 --no-check \
-        --out "$OUT/backbone_speed_maxnreg_off_${TAG}.json"
-    step 120 "VMamba-T, output walks capped at 64 registers" python bench/backbone_speed.py \
-        --models vmamba_tiny --sizes 720x1280 1024x1024 2048x2048 --modes compile \
-        --dtypes fp16 --batches 1 --budget-s 110 --no-check \
-        --lowrank-tuning '{"seq_out_maxnreg": 64}' --out "$OUT/backbone_speed_maxnreg64_${TAG}.json"
     ;;
 vim)
     for extra in "" --inductor-freezing; do
@@ -346,8 +324,9 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, parts, vectors, residual," \
-        "residual_vits, maxnreg, vim, dense, coarse, pipeline, batches or node" >&2
+    echo "unknown part $PART: kernels, backbone, curve, final, profiles, matrix, batch4," \
+        "scan16, parts, vectors, residual, residual_vits, vim, dense, coarse, pipeline," \
+        "batches or node" >&2
     exit 2
     ;;
 esac

@@ -58,11 +58,10 @@ TUNING = {
     # at stop 26: stage 2 72 -> 105 us, the x / y accesses lose their vector width.)
     "seq_xproj_vector": True,
     "seq_num_warps": 1,
-    # Register cap of the output walks (ptxas .maxnreg; None = the compiler's choice). At rank
-    # 6 (VMamba-T stage 1) they take 72 registers, so 28 one-warp programs fit an SM instead of
-    # the 32-block limit; capped at 64 they compile without spills (offline, Triton 3.6:
-    # +32 / +0 SASS instructions). Written at stop 26, not timed: off.
-    "seq_out_maxnreg": None,
+    # (A register cap of 64 on the output walks, which take 72 at rank 6 so 28 one-warp
+    # programs fit an SM instead of 32, was timed at stop 27 and removed: VMamba-T 5.808 ->
+    # 5.845 ms at batch 4, 1.819 -> 1.824 at batch 1, 1280x720, H200,
+    # bench/results/backbone_speed_maxnreg_{off,64}_h200.json.)
     "seq_inline_rank": 8,
     # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
     # SASS instructions in the seq kernels (sm_90a, compiled offline); not timed yet.
@@ -559,8 +558,6 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     _state_pass(agg_a, agg_h, batch, n_seg, dim)
     dense = (x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out)
-    if x.is_cuda and TUNING["seq_out_maxnreg"] is not None:
-        meta["maxnreg"] = int(TUNING["seq_out_maxnreg"])  # a compile option (CUDA only)
     if parts == 2:
         _seq_out_kernel[(n_seg, n_cblk, 2 * batch)](
             *dense, *common, *out.stride()[1:], out.stride(0), AXIS=2, HAS_D=D is not None,

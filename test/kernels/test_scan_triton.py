@@ -308,23 +308,6 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize('parts', [1, 2])
-def test_ss2d_lowrank_fwd_seq_register_cap(parts, monkeypatch):
-    # TUNING['seq_out_maxnreg']: the output walks compiled under a register cap (on CUDA;
-    # the interpreter ignores it) give the same result, at rank 6 (VMamba-T's stage 1).
-    from mamba_perception_kernels.triton import ss2d_lowrank
-
-    for key, value in dict(seq_out_maxnreg=64, seq_steps=8, seq_unroll=4, seq_min_programs=1,
-                           impl='seq').items():
-        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    args = make_ss2d_lowrank(1, 6, 7, 96, 6, 1, dtype=torch.float16)
-    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
-    out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32,
-                                        False, parts)
-    _close(out if parts == 1 else out.sum(0), ref, torch.float16)
-
-
 @pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
     # (steps per segment, unroll, channels per program, largest rank projected inline)
     (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),  # 2 channel blocks
