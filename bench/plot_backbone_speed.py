@@ -179,7 +179,7 @@ def plot(rows, out: str, dtype: str = 'fp16', batch: int = 1, mode: str = 'best'
     ax.set_title(f'{heading}\n★: faster than {LABELS.get(baseline, baseline)} from this size on',
                  fontsize=10)
     ax.grid(True, which='both', alpha=0.25)
-    ax.legend(fontsize=8, loc='upper left')
+    ax.legend(fontsize=8, loc='lower right')  # upper left: the 1280x720 mark's label
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
