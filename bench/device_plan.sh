@@ -14,6 +14,9 @@
 #                                        # 720p and 1024^2, three processes, one call
 #   bash bench/device_plan.sh profiles   # kernel time by kind, compiled, 1280x720: fp16 and
 #                                        # bf16 at batch 1, fp16 at batch 4
+#   bash bench/device_plan.sh gaps       # stop 27's open gaps: the bf16 LayerNorm kernel's
+#                                        # source in both dtypes, stage 1's MLP fused / via
+#                                        # cuBLASLt at batches 1 and 4, the 2048^2 peak replayed
 #   bash bench/device_plan.sh matrix     # the same two at 720p and 1024^2, fp16 and bf16,
 #                                        # batches 4 and 1, compiled, one process
 #   bash bench/device_plan.sh batch4     # where batch 4 at 720p goes (profile, compiled)
@@ -53,7 +56,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -157,6 +160,29 @@ profiles)
             --batch "$2" --compile --no-eager \
             --out "$OUT/profile_vmamba_tiny_720p_${1}_b${2}_${TAG}.json"
     done
+    ;;
+gaps)
+    # PERF_NOTES "What to try next (as of stop 27)" a-c. (a) the inductor LayerNorm kernel
+    # that takes 36 us a launch in bf16 and 8 in fp16: its generated source in both dtypes
+    for dt in fp16 bf16; do
+        step 100 "inductor code, $dt" bash -c "TORCH_LOGS=output_code python \
+            bench/profile_backbone.py --model vmamba_tiny --size 720x1280 --dtype $dt \
+            --compile --no-eager --out $OUT/profile_gaps_$dt.json 2> $OUT/output_code_$dt.log; \
+            python bench/kernel_source.py $OUT/output_code_$dt.log \
+            triton_per_fused__to_copy_native_layer_norm_0 \
+            triton_per_fused__to_copy_native_layer_norm_1 --out-dir $OUT/kernels_$dt; \
+            gzip -f $OUT/output_code_$dt.log"
+    done
+    # (b) stage 1's MLP fused (default) / through cuBLASLt, batches 4 and 1, one process each
+    for mlp in 128 0; do
+        step 110 "VMamba-T, fused MLP up to $mlp channels" python bench/backbone_speed.py \
+            --models vmamba_tiny --sizes 720x1280 --modes compile --dtypes fp16 --batches 4 1 \
+            --budget-s 100 --no-check --fused-mlp-max-channels $mlp \
+            --out "$OUT/backbone_speed_mlp${mlp}_${TAG}.json"
+    done
+    # (c) where the 2048^2 peak is now
+    step 120 "memory peak replay, 2048^2" python bench/memory_peak.py --model vmamba_tiny \
+        --size 2048x2048 --dtype fp16 --out "$OUT/memory_peak_vmamba_tiny_2048_${TAG}.json"
     ;;
 matrix)
     # Issue #8's targets also name bf16 and batch 4 (last measured at stop 20, when VMamba-T
@@ -324,7 +350,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, final, profiles, matrix, batch4," \
+    echo "unknown part $PART: kernels, backbone, curve, final, profiles, gaps, matrix, batch4," \
         "scan16, parts, vectors, residual, residual_vits, vim, dense, coarse, pipeline," \
         "batches or node" >&2
     exit 2
