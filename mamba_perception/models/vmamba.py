@@ -68,8 +68,8 @@ RESIDUAL_16BIT = True
 # The SS2D scan's output (the sum of its four routes, out_norm's input) in the weights' 16-bit
 # dtype for inference instead of fp32: its writes, the second output walk's read-back and
 # out_norm's read halve (VMamba-T at batch 4 spends 1.3 of 5.8 ms in the output walks, H200,
-# bench/results/profile_vmamba_tiny_720p_b4_h200.json), and so does the largest map alive in
-# stage 2 at 2048^2. Each step's route sum is formed in fp32; each partial sum that passes
+# bench/results/profile_vmamba_tiny_720p_b4_h200.json), and so do the scan output maps alive
+# at the 2048^2 peak. Each step's route sum is formed in fp32; each partial sum that passes
 # through memory is rounded (up to four roundings, ~2^-11 each in fp16). H200, VMamba-T fp16
 # compiled, one process each (bench/results/backbone_speed_scan{32,16}_h200.json): batch 1
 # 1.820 -> 1.796 ms at 1280x720, 2.002 -> 1.939 at 1024^2, 6.225 -> 5.926 at 2048^2 (peak
@@ -150,7 +150,7 @@ class SS2D(nn.Module):
         y = self.scan(x, parts, out_dtype)  # [B, H, W, Di], sum of the 4 routes
         if parts == 2:
             y = y[0].float() + y[1]  # the parts' sum in fp32 (fused into out_norm's kernel)
-        y = self.out_norm(y)  # LayerNorm in fp32
+        y = self.out_norm(y)  # LayerNorm (fp32 under autocast)
         return self.out_proj(y.to(x.dtype))
 
     def scan(self, x: torch.Tensor, parts: int = 1,
