@@ -193,8 +193,8 @@ def bidir_out(u, dtype):
     return u.new_empty(batch, dim, length, dtype=dtype)
 
 
-def check_out_dtype(out_dtype):
-    """Validate ``ss2d_scan``'s ``out_dtype``."""
-    if out_dtype not in ACT_DTYPES:
+def check_out_dtype(out_dtype, allowed=ACT_DTYPES):
+    """Validate an op's ``out_dtype`` (the scans': ACT_DTYPES; the fused ops': OUT_DTYPES)."""
+    if out_dtype not in allowed:
         raise ScanInputError(
-            f"out_dtype must be one of {[str(d) for d in ACT_DTYPES]}; got {out_dtype!r}")
+            f"out_dtype must be one of {[str(d) for d in allowed]}; got {out_dtype!r:.40}")

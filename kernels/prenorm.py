@@ -30,6 +30,7 @@ from .dispatch import (
     ACT_DTYPES,
     OUT_DTYPES,
     backend_name,
+    check_out_dtype,
     check_tensor,
     dense_vectors,
     without_autocast,
@@ -114,8 +115,7 @@ def norm_mlp_residual(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: fl
     Raises ScanInputError (a ValueError) naming the offending tensor or dtype.
     """
     channels = _check_rows("x", x)
-    if out_dtype not in OUT_DTYPES:
-        raise ScanInputError(f"out_dtype must be one of {OUT_DTYPES}; got {out_dtype!r:.40}")
+    check_out_dtype(out_dtype, OUT_DTYPES)
     if branch is not None:
         _check_rows("branch", branch)
         check_tensor("branch", branch, tuple(x.shape), ACT_DTYPES, x.device)

@@ -29,6 +29,7 @@ from .dispatch import (
     ACT_DTYPES,
     OUT_DTYPES,
     backend_name,
+    check_out_dtype,
     check_tensor,
     dense_vectors,
     without_autocast,
@@ -114,8 +115,7 @@ def conv_norm_stem(x: Tensor, w1: Tensor, b1: Optional[Tensor], n1_weight: Tenso
 
     Raises ScanInputError (a ValueError) naming the offending tensor or dtype.
     """
-    if out_dtype not in OUT_DTYPES:
-        raise ScanInputError(f"out_dtype must be one of {OUT_DTYPES}; got {out_dtype!r:.40}")
+    check_out_dtype(out_dtype, OUT_DTYPES)
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ScanInputError(f"x must be a torch.Tensor of shape (batch, Cin, H, W); "
                              f"got {x!r:.80}")
