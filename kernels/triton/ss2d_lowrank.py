@@ -238,7 +238,7 @@ def softplus(dt, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
-def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dskip,
+def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_ptr, w_row, bias, a2, dskip,
               start, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, sy_f, sy_s, chans, ch_ok,
               sx_c, sp_c, sw_r, sy_c, R: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
               REV: tl.constexpr, OUT: tl.constexpr, ADD_Y: tl.constexpr, ADD_D: tl.constexpr,
@@ -251,7 +251,7 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
     the route's channels of a (batch, H, W, 4 * dim) map) or from the R factors and
     ``w_row`` (R x [BLOCK_D] weights, ``sw_r`` apart); XPROJ_VEC (R = 6, inline Δ): the
     step's 8 x_proj values in one load. Returns (h, prod of a); with OUT it also stores C·h
-    (+ D·u, + the running sum) per step.
+    (+ D·u, + ADD_Y: the sum already at ``y_ptr``) to ``y_ptr`` per step.
     """
     if REV:
         i = start + T - 1
@@ -304,8 +304,8 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_in_ptr, y_out_ptr, w_row, bias, a2, dski
                     y += dskip * u
                 yo = f * sy_f + s * sy_s + chans * sy_c
                 if ADD_Y:
-                    y += tl.load(y_in_ptr + yo, mask=m, other=0.0)
-                tl.store(y_out_ptr + yo, y.to(y_out_ptr.dtype.element_ty), mask=m)
+                    y += tl.load(y_ptr + yo, mask=m, other=0.0)
+                tl.store(y_ptr + yo, y.to(y_ptr.dtype.element_ty), mask=m)
             else:
                 a_prod = a_prod * a
             if REV:
@@ -396,7 +396,7 @@ def _seq_agg_kernel(
         w_row, a2, bias = _seq_route_params(w_ptr, A_ptr, bias_ptr, k, chans, ch_ok, DIM,
                                             sw_k, sA_c, s_bias, HAS_BIAS, A_LOG)
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
-                              d_ptr + b * sd_b + k * DIM, x_b, x_b, w_row, bias, a2, zero,
+                              d_ptr + b * sd_b + k * DIM, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
                               chans, ch_ok, sx_c, sp_c, sw_r, 0, R, T, UNROLL, rev == 1,
                               False, False, False, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
@@ -407,7 +407,7 @@ def _seq_agg_kernel(
 
 @triton.jit
 def _seq_out_kernel(
-    x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, acc_ptr, out_ptr,
+    x_ptr, p_ptr, d_ptr, w_ptr, A_ptr, D_ptr, bias_ptr, agg_h_ptr, out_ptr,
     H, W, DIM, L, N_SEG,
     sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
     s_bias, s_D,
@@ -419,12 +419,11 @@ def _seq_out_kernel(
 ):
     """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
 
-    AXIS 0 starts the sum in ``acc`` (route 0 + D·u, then route 2); AXIS 1 adds routes 1 and 3
-    and writes the total to ``out`` (``acc`` itself, as ``_seq_fwd`` passes them). AXIS 2:
-    both axes in one launch (program_id(2) = 2 * batch + axis), each summing its two routes
-    into its own part of ``out`` (``s_part`` apart; the D·u term in part 0): no axis waits for
-    the other, and the caller adds the two parts. Each step's sum is formed in fp32 and
-    stored in ``out``'s dtype.
+    AXIS 0 starts the sum in ``out`` (route 0 + D·u, then route 2); AXIS 1 adds routes 1 and 3
+    to it, in a second launch. AXIS 2: both axes in one launch (program_id(2) = 2 * batch +
+    axis), each summing its two routes into its own part of ``out`` (``s_part`` apart; the D·u
+    term in part 0): no axis waits for the other, and the caller adds the two parts. Each
+    step's sum is formed in fp32 and stored in ``out``'s dtype.
     """
     seg = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -432,11 +431,11 @@ def _seq_out_kernel(
     if AXIS == 2:
         b = (tl.program_id(2) // 2).to(tl.int64)
         axis = tl.program_id(2) % 2
-        acc_b = out_ptr + axis.to(tl.int64) * s_part + b * sy_b
+        y_b = out_ptr + axis.to(tl.int64) * s_part + b * sy_b
     else:
         b = tl.program_id(2).to(tl.int64)
         axis = AXIS
-        acc_b = acc_ptr + b * sy_b
+        y_b = out_ptr + b * sy_b
     is_col = axis == 1
     F = tl.where(is_col, H, W)
     sx_f, sx_s = _fast_slow(is_col, sx_h, sx_w)
@@ -458,19 +457,14 @@ def _seq_out_kernel(
         # segment seg - 1 going forward, seg + 1 going backward.
         if rev == 0:
             prev = seg - 1
-            y_out = acc_b
         else:
             prev = seg + 1
             # The reverse walk reads back what the forward walk stored (other threads too).
             tl.debug_barrier()
-            if AXIS == 1:
-                y_out = out_ptr + b * sy_b
-            else:
-                y_out = acc_b
         h_in = tl.load(agg_h_ptr + ((b * 4 + k) * N_SEG + prev) * DIM + chans,
                        mask=ch_ok & (prev >= 0) & (prev < N_SEG), other=0.0)
         _seq_walk(h_in, x_b, p_ptr + b * sp_b + k * P * sp_c, d_ptr + b * sd_b + k * DIM,
-                  acc_b, y_out, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
+                  y_b, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
                   sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
                   rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS != 1 and rev == 0,
                   DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
@@ -525,7 +519,6 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     # The partial route sums pass through ``out`` itself, in its dtype (a 16-bit output is
     # rounded once per stored partial, not once at the end: half the bytes of an fp32
     # scratch buffer and no extra map alive).
-    acc = out
     bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
     steps, unroll = seq_steps(length, 2 * n_cblk * batch)
@@ -557,7 +550,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     _seq_agg_kernel[(n_seg, n_cblk, 2 * batch)](
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     _state_pass(agg_a, agg_h, batch, n_seg, dim)
-    dense = (x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, acc, out)
+    dense = (x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, out)
     if parts == 2:
         _seq_out_kernel[(n_seg, n_cblk, 2 * batch)](
             *dense, *common, *out.stride()[1:], out.stride(0), AXIS=2, HAS_D=D is not None,
