@@ -63,7 +63,14 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apply_inductor_config, capture_graph, provenance, sample_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    apply_inductor_config,
+    capture_graph,
+    compile_kwargs,
+    provenance,
+    sample_cuda,
+    write_json,
+)
 
 from mamba_perception.models import MODELS, create_model  # noqa: E402
 from mamba_perception.models.layers import cast_autocast_weights  # noqa: E402
@@ -75,7 +82,7 @@ SIZES = ['224x224', '512x512', '720x1280', '1024x1024', '1248x1248', '1088x1920'
 DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ['eager', 'graph', 'compile', 'compile-max']
 STATIC_MODES = ('eager', 'graph')
-COMPILE_KW = {'compile': {}, 'compile-max': {'mode': 'max-autotune-no-cudagraphs'}}
+COMPILE_MODES = {'compile': None, 'compile-max': 'max-autotune-no-cudagraphs'}  # mode=
 # Fallback row-time estimates (s) until a row of the same kind has been timed in this run
 # ('kind/family' first, then 'kind'). Seen on an H100: a compiled VMamba-T row ~40 s, ViT-S
 # ~10 s; one VMamba-T compile-max row did not finish in 290 s.
@@ -303,7 +310,8 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
     free_memory()
     others = torch.cuda.memory_allocated() - wbytes
     x = inputs(batch, hw, args.seed)
-    compiled = torch.compile(fwd, dynamic=False, **COMPILE_KW[mode])
+    kwargs = compile_kwargs(COMPILE_MODES[mode], args.inductor_config)
+    compiled = torch.compile(fwd, dynamic=False, **kwargs)
     step = autocast_step(compiled, x, DTYPES[dt])
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -313,7 +321,7 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
     compile_s = time.perf_counter() - t0
     step()
     row = {'compile_s': round(compile_s, 2),
-           'compile_options': {'dynamic': False, **COMPILE_KW[mode]},
+           'compile_options': {'dynamic': False, 'mode': COMPILE_MODES[mode], **kwargs},
            'graph_breaks': sum(counters['graph_break'].values()),
            'unique_graphs': counters['stats'].get('unique_graphs', None)}
     row.update(peak_of(step, wbytes, others))

@@ -238,6 +238,24 @@ def write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
+def compile_kwargs(mode=None, settings=()) -> dict:
+    """``torch.compile`` keyword arguments for a bench script's compiled rows.
+
+    Inductor options of ``mode`` (e.g. ``'max-autotune-no-cudagraphs'``; None: the default)
+    plus ``pipeline.COMPILE_OPTIONS``, which Pipeline compiles with, except keys set by
+    ``settings`` (``--inductor-config`` KEY=VALUE strings): options given to ``torch.compile``
+    win over the global config, so an ablation of one of them would silently not happen.
+    """
+    import torch._inductor
+
+    from mamba_perception.pipeline import COMPILE_OPTIONS
+
+    overridden = {setting.partition("=")[0] for setting in settings or ()}
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    options.update({k: v for k, v in COMPILE_OPTIONS.items() if k not in overridden})
+    return {"options": options}
+
+
 def apply_inductor_config(settings) -> dict:
     """Set ``torch._inductor.config`` entries from ``KEY=VALUE`` strings; return what was set.
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from backbone_speed import DTYPES, Models, autocast_step, inputs, parse_size  # noqa: E402
-from common import provenance, write_json  # noqa: E402
+from common import compile_kwargs, provenance, write_json  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     models = Models(seed=0, notes={}, cast_weights=True)
     _, fwd, weights_bytes = models.get(args.model, args.dtype)
     x = inputs(1, hw, 0)
-    fn = fwd if args.eager else torch.compile(fwd, dynamic=False)
+    fn = fwd if args.eager else torch.compile(fwd, dynamic=False, **compile_kwargs())
     step = autocast_step(fn, x, DTYPES[args.dtype])
     step()
     step()

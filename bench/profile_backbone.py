@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     add_coarse_fusion_option,
     apply_coarse_fusion_option,
     apply_inductor_config,
+    compile_kwargs,
     provenance,
     time_cuda,
     write_json,
@@ -312,7 +313,8 @@ def main() -> int:
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
-        variants.append(('compiled', torch.compile(fwd, mode=args.compile_mode)))
+        variants.append(('compiled', torch.compile(
+            fwd, **compile_kwargs(args.compile_mode, args.inductor_config))))
     for label, f in variants:
         step = runner(f)
         t0 = time.perf_counter()

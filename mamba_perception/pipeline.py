@@ -60,6 +60,17 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 COMPILED_SHAPES_LIMIT = 64  # input shapes compiled per process before dynamo runs eagerly
+# Inductor options for compiling the models (Pipeline here, the bench scripts through
+# bench/common.compile_kwargs). inplace_buffers off: by default inductor writes a kernel's output
+# over an input that dies there (VMamba's out_norm LayerNorm over the scan output), and it picks
+# such a kernel's launch configuration on the first call by timing each candidate with that
+# input restored inside every timed call (a copy: 0.17-0.25 ms a call at 1280x720, 3.7-4.3 ms at
+# 2048^2, against 8-36 us of kernel). The pick is then noise, and inductor's on-disk cache keeps
+# it for later processes: stage 1's out_norm ran at 36 instead of 8.4 us a launch in some
+# processes (VMamba-T +55 us at 1280x720, H200). Off, such kernels write a new buffer and are
+# timed as they run; VMamba-T's time and peak memory are unchanged at 1280x720 and 2048^2, fp16
+# and bf16, batches 1 and 4 (H200, bench/results/backbone_speed_inplace_{true,false}_h200.json).
+COMPILE_OPTIONS = {'inplace_buffers': False}
 
 
 def use_compile_cache(path: Union[str, os.PathLike]) -> str:
@@ -401,7 +412,8 @@ class Pipeline:
         self.compile_dynamic_batch = bool(compile_dynamic_batch)
         # dynamic=None: static shapes except the dimensions marked dynamic (_compiled_dense)
         self._compiled_fn = (torch.compile(self.model.forward_dense,
-                                           dynamic=None if self.compile_dynamic_batch else False)
+                                           dynamic=None if self.compile_dynamic_batch else False,
+                                           options=COMPILE_OPTIONS)
                              if self.compile else None)
         self._graphs: dict = {}
         self._mask_index: dict = {}

@@ -27,6 +27,19 @@ def test_apply_inductor_config_sets_and_rejects():
     assert inductor_config.coordinate_descent_tuning == before[0]
 
 
+def test_compile_kwargs_are_the_pipelines_options_unless_ablated():
+    from mamba_perception.pipeline import COMPILE_OPTIONS
+
+    common = load('common')
+    assert common.compile_kwargs() == {'options': COMPILE_OPTIONS}
+    assert COMPILE_OPTIONS['inplace_buffers'] is False
+    max_autotune = common.compile_kwargs('max-autotune-no-cudagraphs')['options']
+    assert max_autotune['max_autotune'] is True and max_autotune['inplace_buffers'] is False
+    # a --inductor-config setting of the same key must reach inductor, not be overridden
+    ablated = common.compile_kwargs(None, ['inplace_buffers=true', 'max_autotune=false'])
+    assert 'inplace_buffers' not in ablated['options']
+
+
 def test_best_launch_config_sums_over_groups_and_skips_errors():
     common = load('common')
     groups = [[{'variant': 'floor', 'us': 1.0},

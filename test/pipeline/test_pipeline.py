@@ -274,6 +274,40 @@ def test_compile_allows_more_input_shapes_than_dynamo_default(bundle_path):
         assert torch._dynamo.config.recompile_limit == COMPILED_SHAPES_LIMIT >= 32
 
 
+def test_pipeline_compiles_with_its_options(bundle_path, monkeypatch):
+    from mamba_perception.pipeline import COMPILE_OPTIONS
+
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: calls.append(kwargs) or fn)
+    Pipeline(bundle_path, compile=True)
+    assert [c['options'] for c in calls] == [COMPILE_OPTIONS]
+
+
+def test_compile_options_stop_inductor_writing_over_inputs():
+    """What COMPILE_OPTIONS is for: without it inductor writes the LayerNorm's output over a
+    buffer that dies there (an in/out argument, which its autotuner times with a copy of that
+    buffer restored inside every timed call); with it, every output is a new buffer."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mamba_perception.pipeline import COMPILE_OPTIONS
+
+    weight, bias, eye = torch.randn(96), torch.randn(96), torch.eye(96)
+
+    def norm_after_matmul(x):  # the matmul's output dies in the norm, as the scan's in SS2D
+        return F.layer_norm(torch.mm(torch.sin(x), eye), (96,), weight, bias)
+
+    x = torch.randn(64, 96)
+    sources = {}
+    for name, options in (('default', {}), ('ours', COMPILE_OPTIONS)):
+        torch._dynamo.reset()
+        out, code = run_and_get_code(torch.compile(norm_after_matmul, options=options), x)
+        torch.testing.assert_close(out, norm_after_matmul(x), rtol=1e-4, atol=1e-4)
+        sources[name] = '\n'.join(code)
+    torch._dynamo.reset()
+    assert 'in_out_ptr' in sources['default']
+    assert 'in_out_ptr' not in sources['ours']
+
+
 def test_warmup_accepts_sizes(pipeline):
     pipeline.warmup([(64, 64), (2, 64, 96)], iterations=1)
 
