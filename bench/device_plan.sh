@@ -14,6 +14,12 @@
 #                                        # 720p and 1024^2, three processes, one call
 #   bash bench/device_plan.sh profiles   # kernel time by kind, compiled, 1280x720: fp16 and
 #                                        # bf16 at batch 1, fp16 at batch 4
+#   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
+#                                        # long: 1280x720 and 2048^2, batches 4 and 1
+#   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
+#                                        # inductor's inplace_buffers on / off (fresh
+#                                        # caches, autotune picks logged), 720p / 2048^2,
+#                                        # fp16 / bf16, batches 1 / 4
 #   bash bench/device_plan.sh gaps       # stop 27's open gaps: the bf16 LayerNorm kernel's
 #                                        # source in both dtypes, stage 1's MLP fused / via
 #                                        # cuBLASLt at batches 1 and 4, the 2048^2 peak replayed
@@ -56,7 +62,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -160,6 +166,43 @@ profiles)
             --batch "$2" --compile --no-eager \
             --out "$OUT/profile_vmamba_tiny_720p_${1}_b${2}_${TAG}.json"
     done
+    ;;
+steps)
+    # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer
+    # than seq_min_programs programs, so batch 1 at 1280x720 already runs 16 or fewer): 16
+    # where it is 32 today (batch 4 at 1280x720, stage 1 at 2048^2; batch 1 at 1280x720 is
+    # the control); today's 32 is in the final part's rows
+    step 100 "VMamba-T, seq_steps 16" python bench/backbone_speed.py --models vmamba_tiny \
+        --sizes 720x1280 2048x2048 --modes compile --dtypes fp16 --batches 4 1 \
+        --budget-s 90 --no-check --lowrank-tuning '{"seq_steps": 16}' \
+        --out "$OUT/backbone_speed_steps16_${TAG}.json"
+    ;;
+inplace)
+    # Stop 28: the stage-1 out_norm LayerNorm, which inductor runs in place on the scan output,
+    # took 8.4 us a launch in some processes and 36 in others. Inductor picks a kernel's launch
+    # configuration by timing each candidate on the first call, and an in-place kernel is timed
+    # with its input restored inside every timed call (~0.2 ms against 8-36 us of kernel at
+    # 1280x720), so the pick is noise and the on-disk cache keeps it. With inplace_buffers off
+    # (pipeline.COMPILE_OPTIONS since) such kernels write a new buffer and are timed as they
+    # run. GPU tests first; then VMamba-T per setting, one process each in a fresh inductor
+    # cache, inductor's picks logged. Everything is packed into one archive as well (a device
+    # call returns at most a few files).
+    step 120 "GPU tests: pipeline (16-bit stream and scan output), layers" python -m pytest \
+        -q -m gpu test/pipeline/test_pipeline.py test/models/test_layers.py
+    for inplace in true false; do
+        name=inplace_$inplace
+        step 230 "VMamba-T, inductor inplace_buffers=$inplace" bash -c "\
+            TORCHINDUCTOR_CACHE_DIR=\$(mktemp -d) \
+            TORCH_LOGS=+torch._inductor.runtime.triton_heuristics python \
+            bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 2048x2048 \
+            --modes compile --dtypes fp16 bf16 --batches 1 4 --budget-s 220 --no-check \
+            --inductor-config inplace_buffers=$inplace \
+            --out $OUT/backbone_speed_${name}_${TAG}.json 2> $OUT/inductor_${name}.log; \
+            grep -A4 'Benchmark all input configs' $OUT/inductor_${name}.log \
+            > $OUT/autotune_${name}.txt; rm $OUT/inductor_${name}.log"
+    done
+    tar czf "$OUT/inplace_${TAG}.tgz" -C "$OUT" --exclude "*.tgz" . && \
+        find "$OUT" -type f ! -name "*.tgz" ! -name "plan_*.log" -delete
     ;;
 gaps)
     # PERF_NOTES "What to try next (as of stop 27)" a-c. (a) the inductor LayerNorm kernel
@@ -350,7 +393,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, final, profiles, gaps, matrix, batch4," \
+    echo "unknown part $PART: kernels, backbone, curve, final, profiles, steps, inplace, gaps, matrix, batch4," \
         "scan16, parts, vectors, residual, residual_vits, vim, dense, coarse, pipeline," \
         "batches or node" >&2
     exit 2
