@@ -25,11 +25,17 @@ import sys
 _KERNEL = re.compile(r"async_compile\.triton\(\s*'(?P<name>\w+)'\s*,\s*'''(?P<src>.*?)'''",
                      re.S)
 
+# The logging prefix torch writes before each line of the output_code artifact (torch 2.11 on
+# the lent GPUs puts it on every line of the generated module, not only on the first):
+# V1128 17:24:13.721000 516 torch/_inductor/graph.py:2552] [0/0] [__output_code] SOURCE LINE
+_LOG_PREFIX = re.compile(r"^[DIVWE]\d{4} [\d:.]+ \d+ \S+\] \[[^\]]*\] \[__output_code\] ?",
+                         re.M)
+
 
 def kernel_sources(log_text: str, names=None) -> dict:
     """Return {kernel name: [source, ...]} for the (given) kernels defined in ``log_text``."""
     found = {}
-    for match in _KERNEL.finditer(log_text):
+    for match in _KERNEL.finditer(_LOG_PREFIX.sub('', log_text)):
         name = match.group('name')
         if names is None or name in names:
             found.setdefault(name, []).append(match.group('src').strip('\n'))

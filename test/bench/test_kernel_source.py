@@ -37,6 +37,15 @@ def test_kernel_sources_finds_each_definition():
     assert list(only) == ['triton_per_fused_native_layer_norm_0']
 
 
+def test_kernel_sources_strips_the_logging_prefix_of_every_line():
+    # torch 2.11 writes the artifact with the logging prefix on each line of the module
+    prefix = 'V1128 17:24:13.721000 516 torch/_inductor/graph.py:2552] [0/0] [__output_code] '
+    log = ''.join(prefix + line + '\n' for line in LOG.splitlines())
+    found = kernel_source.kernel_sources(log)
+    assert found == kernel_source.kernel_sources(LOG)
+    assert '__output_code' not in found['triton_per_fused_native_layer_norm_0'][0]
+
+
 def test_cli_writes_one_file_per_kernel_and_fails_on_a_missing_name(tmp_path, capsys):
     log = tmp_path / 'output_code.log'
     log.write_text(LOG)
