@@ -14,7 +14,9 @@ GPU memory.
   launches), ``graph`` (the eager forward captured in a CUDA graph and replayed), ``compile``
   (``torch.compile(fwd, dynamic=False)``, inductor's default mode, then captured in a CUDA graph
   and replayed; ``compile_s`` = its first call, compilation included), ``compile-max`` (the same
-  with ``mode='max-autotune-no-cudagraphs'``; autotuning takes minutes). Compiled rows also
+  with ``mode='max-autotune-no-cudagraphs'``; autotuning takes minutes). Ours compile with
+  ``pipeline.COMPILE_OPTIONS`` as Pipeline does (since 2026-11-28), the timm baselines with
+  inductor's defaults (``compile_kwargs_for``). Compiled rows also
   give ``vs_eager_rel_l2``: the compiled forward's outputs against the eager ones.
 * Weights (``--weights``): ``cast`` (default) stores every model's Linear / Conv parameters in
   the row's dtype once (``cast_autocast_weights``, what Pipeline does for fp16 / bf16), for ours
@@ -302,6 +304,18 @@ def run_static(models: Models, name: str, hw, batch: int, dt: str, modes, args) 
     return rows
 
 
+def compile_kwargs_for(name: str, mode: str, settings=()) -> dict:
+    """``torch.compile`` keyword arguments of a compiled row (``mode``: a key of COMPILE_MODES).
+
+    Ours compile as Pipeline does (``pipeline.COMPILE_OPTIONS``, less what ``settings``, the
+    --inductor-config strings, ablate); the timm baselines as a user compiles them: inductor's
+    defaults for the mode, as the anchors were measured.
+    """
+    if family(name) == 'ours':
+        return compile_kwargs(COMPILE_MODES[mode], settings)
+    return {'mode': COMPILE_MODES[mode]}
+
+
 def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
                  args) -> dict:
     """One torch.compile row: compile, first call, peak memory, check vs eager, graph replay."""
@@ -310,7 +324,7 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
     free_memory()
     others = torch.cuda.memory_allocated() - wbytes
     x = inputs(batch, hw, args.seed)
-    kwargs = compile_kwargs(COMPILE_MODES[mode], args.inductor_config)
+    kwargs = compile_kwargs_for(name, mode, args.inductor_config)
     compiled = torch.compile(fwd, dynamic=False, **kwargs)
     step = autocast_step(compiled, x, DTYPES[dt])
     counters = torch._dynamo.utils.counters
@@ -612,7 +626,9 @@ def main(argv=None) -> int:
                  'p50/p90 over per-call CUDA-event samples; eager = eager calls, graph = '
                  'CUDA-graph replay of the eager forward, compile / compile-max = CUDA-graph '
                  'replay of torch.compile(dynamic=False) (inductor default / '
-                 'max-autotune-no-cudagraphs), compile_s = first compiled call; peak_mem_mib = '
+                 'max-autotune-no-cudagraphs; ours with pipeline.COMPILE_OPTIONS as Pipeline, '
+                 'timm with inductor defaults: compile_options per row), compile_s = first '
+                 'compiled call; peak_mem_mib = '
                  'max_memory_allocated over one forward of the mode\'s function (before graph '
                  'capture) counting this model\'s weights, input, caches and activations; '
                  'peak_mem_above_weights_mib excludes the weights'),
