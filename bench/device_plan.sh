@@ -14,6 +14,9 @@
 #                                        # 720p and 1024^2, three processes, one call
 #   bash bench/device_plan.sh profiles   # kernel time by kind, compiled, 1280x720: fp16 and
 #                                        # bf16 at batch 1, fp16 at batch 4
+#   bash bench/device_plan.sh inline     # VMamba-T with Δ projected in the walk above a
+#                                        # 64 MiB Δ map vs the GEMM map, 2048^2, 1920x1088
+#   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -62,7 +65,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|inline|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -166,6 +169,31 @@ profiles)
             --batch "$2" --compile --no-eager \
             --out "$OUT/profile_vmamba_tiny_720p_${1}_b${2}_${TAG}.json"
     done
+    ;;
+inline)
+    # Memory at 2048^2 (PERF_NOTES "What to try next (as of stop 28)" c): Δ projected in the
+    # walk where one image's Δ map would exceed 64 MiB (only stage 2 at 2048^2 among the five
+    # sizes) vs the GEMM-built map, one process each, then the peak replayed with the limit
+    for limit in 0 67108864; do
+        step 110 "VMamba-T, Δ map limit $limit bytes" python bench/backbone_speed.py \
+            --models vmamba_tiny --sizes 2048x2048 1088x1920 --modes compile --dtypes fp16 \
+            --batches 1 --budget-s 100 --no-check \
+            --lowrank-tuning "{\"seq_delta_map_max_bytes\": $limit}" \
+            --out "$OUT/backbone_speed_deltamap${limit}_${TAG}.json"
+    done
+    ;;
+family)
+    # Issue #8's other models on the curve (last measured at stop 22 on an H100): VMamba-S/B
+    # and Vim-T/S at the five sizes from 1280x720 up, compiled, fp16, batch 1, one process per
+    # family (each ~4-5 min with a cold cache: run this part alone)
+    step 290 "VMamba-S/B, five sizes" python bench/backbone_speed.py \
+        --models vmamba_small vmamba_base --sizes 720x1280 1024x1024 1248x1248 1088x1920 \
+        2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 280 --no-check \
+        --out "$OUT/backbone_speed_family_vmamba_${TAG}.json"
+    step 290 "Vim-T/S, five sizes" python bench/backbone_speed.py \
+        --models vim_tiny vim_small --sizes 720x1280 1024x1024 1248x1248 1088x1920 \
+        2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 280 --no-check \
+        --out "$OUT/backbone_speed_family_vim_${TAG}.json"
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer
@@ -393,7 +421,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, final, profiles, steps, inplace, gaps, matrix, batch4," \
+    echo "unknown part $PART: kernels, backbone, curve, final, profiles, inline, family, steps, inplace, gaps, matrix, batch4," \
         "scan16, parts, vectors, residual, residual_vits, vim, dense, coarse, pipeline," \
         "batches or node" >&2
     exit 2

@@ -63,6 +63,13 @@ TUNING = {
     # 5.845 ms at batch 4, 1.819 -> 1.824 at batch 1, 1280x720, H200,
     # bench/results/backbone_speed_maxnreg_{off,64}_h200.json.)
     "seq_inline_rank": 8,
+    # Largest Δ map (one image's (H, W, 4 * dim) in x_proj's dtype) that the Δ GEMM may build;
+    # above it Δ is projected in the walk whatever the rank. 0 = no limit. At 2048^2 stage 2's
+    # map (96 MiB) is the largest buffer alive at VMamba-T's peak (stop 28 replay,
+    # bench/results/memory_peak_vmamba_tiny_2048_h200.json); rank 12 inline was timed at stop 20
+    # (H100): peak 469 -> 401 MiB for +134 us at 2048^2 (backbone_speed_inline12_h100.json).
+    # Off until timed with today's walks: bash bench/device_plan.sh inline.
+    "seq_delta_map_max_bytes": 0,
     # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
     # SASS instructions in the seq kernels (sm_90a, compiled offline); not timed yet.
     "seq_fast_log": True,
@@ -507,6 +514,19 @@ def _prepared_weight(dt_weight, dtype, width, block_diagonal):
     return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal), build)
 
 
+def _delta_by_gemm(rank, length, dim, element_size, tuning=TUNING):
+    """Whether the seq walks read Δ from a GEMM-built map rather than projecting it inline.
+
+    Small ranks are projected in the walk (R loads + FMAs a step, weights read as (4, R, dim)
+    so a warp's loads are contiguous); larger ones go through one GEMM (one load a step),
+    unless one image's map would exceed ``seq_delta_map_max_bytes``.
+    """
+    if rank <= tuning["seq_inline_rank"]:
+        return False
+    limit = tuning["seq_delta_map_max_bytes"]
+    return not limit or length * 4 * dim * element_size <= limit
+
+
 def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log, parts):
     """Run implementation "seq" (see the module docstring); N must be 1."""
     batch, height, width, dim = x.shape
@@ -525,9 +545,7 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
     agg_h = torch.empty_like(agg_a)
-    # Small ranks are projected in the walk (R loads + FMAs a step, weights read as (4, R, dim)
-    # so a warp's loads are contiguous); larger ones go through one GEMM (one load a step).
-    use_delta = rank > TUNING["seq_inline_rank"]
+    use_delta = _delta_by_gemm(rank, height * width, dim, x_proj.element_size())
     if use_delta:
         delta = torch.nn.functional.linear(
             x_proj, _prepared_weight(dt_weight, x_proj.dtype, x_proj.shape[-1] // 4, True))

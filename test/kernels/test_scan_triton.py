@@ -308,6 +308,36 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
+def test_ss2d_lowrank_delta_map_limit_projects_large_maps_inline(monkeypatch):
+    """Above seq_delta_map_max_bytes (one image's (H, W, 4 * dim) Δ map) a rank above
+    seq_inline_rank is projected in the walk: no Δ GEMM runs, and the output is the same."""
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    for key, value in (('seq_steps', 8), ('seq_unroll', 4), ('seq_block_d', 16),
+                       ('seq_inline_rank', 8), ('seq_min_programs', 1), ('impl', 'seq')):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(2, 5, 9, 20, 12, 1, dtype=torch.float32)  # rank 12 > 8
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    map_bytes = 5 * 9 * 4 * 20 * 4  # one image's Δ map in fp32
+    gemms = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, 'linear',
+                        lambda *a, **k: gemms.append(a[0].shape) or linear(*a, **k))
+    for limit, expected_gemms in ((0, 1), (map_bytes, 1), (map_bytes - 1, 0)):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, 'seq_delta_map_max_bytes', limit)
+        gemms.clear()
+        out = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, torch.float32)
+        assert len(gemms) == expected_gemms, limit
+        _close(out, ref, torch.float32)
+    # the policy alone: small ranks always inline, the limit counts one image
+    tuning = dict(ss2d_lowrank.TUNING, seq_delta_map_max_bytes=96 << 20)
+    assert not ss2d_lowrank._delta_by_gemm(6, 512 * 512, 96, 2, tuning)
+    assert ss2d_lowrank._delta_by_gemm(12, 160 * 90, 192, 2, tuning)  # 1280x720 stage 2
+    assert ss2d_lowrank._delta_by_gemm(12, 256 * 256, 192, 2, tuning)  # 2048^2: 96 MiB
+    assert not ss2d_lowrank._delta_by_gemm(12, 256 * 256, 192, 4, tuning)  # the same in fp32
+
+
 @pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
     # (steps per segment, unroll, channels per program, largest rank projected inline)
     (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),  # 2 channel blocks
