@@ -311,9 +311,7 @@ def compile_kwargs_for(name: str, mode: str, settings=()) -> dict:
     --inductor-config strings, ablate); the timm baselines as a user compiles them: inductor's
     defaults for the mode, as the anchors were measured.
     """
-    if family(name) == 'ours':
-        return compile_kwargs(COMPILE_MODES[mode], settings)
-    return {'mode': COMPILE_MODES[mode]}
+    return compile_kwargs(COMPILE_MODES[mode], settings, baseline=family(name) == 'timm')
 
 
 def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,

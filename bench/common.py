@@ -238,14 +238,17 @@ def write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def compile_kwargs(mode=None, settings=()) -> dict:
+def compile_kwargs(mode=None, settings=(), baseline=False) -> dict:
     """``torch.compile`` keyword arguments for a bench script's compiled rows.
 
-    Inductor options of ``mode`` (e.g. ``'max-autotune-no-cudagraphs'``; None: the default)
-    plus ``pipeline.COMPILE_OPTIONS``, which Pipeline compiles with, except keys set by
+    Our models: inductor options of ``mode`` (e.g. ``'max-autotune-no-cudagraphs'``; None: the
+    default) plus ``pipeline.COMPILE_OPTIONS``, which Pipeline compiles with, except keys set by
     ``settings`` (``--inductor-config`` KEY=VALUE strings): options given to ``torch.compile``
     win over the global config, so an ablation of one of them would silently not happen.
+    ``baseline`` (a timm model): just ``mode``, compiled as a user would, as the anchors were.
     """
+    if baseline:
+        return {"mode": mode}
     import torch._inductor
 
     from mamba_perception.pipeline import COMPILE_OPTIONS

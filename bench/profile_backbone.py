@@ -313,8 +313,9 @@ def main() -> int:
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
-        variants.append(('compiled', torch.compile(
-            fwd, **compile_kwargs(args.compile_mode, args.inductor_config))))
+        variants.append(('compiled', torch.compile(fwd, **compile_kwargs(
+            args.compile_mode, args.inductor_config,
+            baseline=not args.perception and args.model.startswith('timm:')))))
     for label, f in variants:
         step = runner(f)
         t0 = time.perf_counter()

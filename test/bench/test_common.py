@@ -38,6 +38,9 @@ def test_compile_kwargs_are_the_pipelines_options_unless_ablated():
     # a --inductor-config setting of the same key must reach inductor, not be overridden
     ablated = common.compile_kwargs(None, ['inplace_buffers=true', 'max_autotune=false'])
     assert 'inplace_buffers' not in ablated['options']
+    # a timm baseline compiles as a user would: the mode alone
+    assert common.compile_kwargs('max-autotune-no-cudagraphs', baseline=True) == {
+        'mode': 'max-autotune-no-cudagraphs'}
 
 
 def test_best_launch_config_sums_over_groups_and_skips_errors():
