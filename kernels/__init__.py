@@ -115,7 +115,8 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
 
 
 def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
-                      out_dtype=None, a_is_log=False, parts=1):
+                      out_dtype=None, a_is_log=False, parts=1, norm_weight=None, norm_bias=None,
+                      norm_eps=1e-5):
     """VMamba SS2D on a channels-last map with the Δ projection part of the op.
 
     Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
@@ -141,14 +142,29 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     in a single launch instead of adding the columns onto the rows in a second; a consumer
     compiled with the sum (VMamba's out_norm under torch.compile) reads both once. Other
     paths return (y, 0). No backward: only the sum has a defined gradient.
+
+    ``norm_weight``, ``norm_bias`` (dim,) (inference, parts=1): return LayerNorm(y) with them
+    and ``norm_eps`` instead (VMamba's out_norm, computed in fp32 from the fp32 sum). "seq"
+    normalises each pixel in its last output walk where one program holds all channels
+    (``TUNING['seq_block_d']`` or fewer), so y never reaches memory; elsewhere after the scan.
+    No backward.
     """
-    _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
+    _, _, _, dim, _, _ = _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
     if parts not in (1, 2):
         raise ScanInputError(f"parts must be 1 or 2; got parts={parts!r}")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ScanInputError("norm_weight and norm_bias go together")
+    if norm_weight is not None:
+        if parts != 1:
+            raise ScanInputError(f"norm_weight needs parts=1; got parts={parts!r}")
+        _dispatch.check_tensor("norm_weight", norm_weight, (dim,), _dispatch.PARAM_DTYPES,
+                               x.device)
+        _dispatch.check_tensor("norm_bias", norm_bias, (dim,), _dispatch.PARAM_DTYPES, x.device)
     return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
-                                out_dtype, bool(a_is_log), int(parts))
+                                out_dtype, bool(a_is_log), int(parts), norm_weight, norm_bias,
+                                float(norm_eps))
 
 
 def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

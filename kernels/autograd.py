@@ -66,12 +66,13 @@ def _bidir_backward(ctx, dout):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts = inputs
+    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts = inputs[:10]
     ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
     ctx.present = tuple(t is not None for t in inputs[:6])
     ctx.delta_softplus = delta_softplus
     ctx.a_is_log = a_is_log
     ctx.parts = parts
+    ctx.norm = len(inputs) > 10 and inputs[10] is not None
 
 
 def _lowrank_backward(ctx, dy):
@@ -82,6 +83,9 @@ def _lowrank_backward(ctx, dy):
         # has a defined gradient.
         raise RuntimeError('ss2d_scan_lowrank(parts=2) is for inference and has no backward; '
                            'train with parts=1')
+    if ctx.norm:
+        raise RuntimeError('ss2d_scan_lowrank(norm_weight=...) is for inference and has no '
+                           'backward; train with the LayerNorm as its own module')
     x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
     if ctx.a_is_log:  # A was given as log(-A): chain dA through A = -exp(A_log)
         A = -torch.exp(A)
@@ -101,7 +105,8 @@ def _lowrank_backward(ctx, dy):
         dA = dA * A
     grads = (dx.permute(0, 2, 3, 1).to(x.dtype), d_proj.reshape(x_proj.shape).to(x_proj.dtype),
              d_weight.to(dt_weight.dtype), dA, dD, dbias)
-    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None, None)
+    return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None, None,
+            None, None, None)
 
 
 def register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import cpu
 from .dispatch import backend_name, bidir_out
-from .reference import as_parts, expand_lowrank
+from .reference import as_parts, expand_lowrank, layer_norm_out
 
 LIB = "mamba_perception"
 
@@ -129,23 +129,33 @@ def _(dy, x, delta, A, B, C, D, delta_bias, delta_softplus):
 @torch.library.custom_op(f"{LIB}::ss2d_scan_lowrank", mutates_args=())
 def ss2d_scan_lowrank_op(x: Tensor, x_proj: Tensor, dt_weight: Tensor, A: Tensor,
                          D: Optional[Tensor], dt_bias: Optional[Tensor], delta_softplus: bool,
-                         out_dtype: torch.dtype, a_is_log: bool = False,
-                         parts: int = 1) -> Tensor:
-    """Return y (batch, H, W, dim) contiguous in ``out_dtype``, or (2, ...) parts summing to y."""
+                         out_dtype: torch.dtype, a_is_log: bool = False, parts: int = 1,
+                         norm_weight: Optional[Tensor] = None,
+                         norm_bias: Optional[Tensor] = None, norm_eps: float = 1e-5) -> Tensor:
+    """Return y (batch, H, W, dim) contiguous in ``out_dtype`` (or LayerNorm(y)), or parts.
+
+    parts=2: (2, ...) summing to y; ``norm_weight`` / ``norm_bias`` / ``norm_eps``: LayerNorm(y).
+    """
+    norm = (None if norm_weight is None else
+            (norm_weight.contiguous(), norm_bias.contiguous(), norm_eps))
     if backend_name(x.device) == "triton":
         from .triton.ss2d_lowrank import ss2d_lowrank_fwd
 
         return ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                                a_is_log, parts)
+                                a_is_log, parts, norm)
     if a_is_log:
         A = -torch.exp(A)
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, A.shape[1])
+    if norm is not None:
+        y = cpu.ss2d_fwd(xc, delta, A, B, C, D, dt_bias, delta_softplus, torch.float32)
+        return layer_norm_out(y.permute(0, 2, 3, 1), norm, out_dtype).contiguous()
     y = cpu.ss2d_fwd(xc, delta, A, B, C, D, dt_bias, delta_softplus, out_dtype)
     return as_parts(y.permute(0, 2, 3, 1).contiguous(), parts)
 
 
 @ss2d_scan_lowrank_op.register_fake
-def _(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log=False, parts=1):
+def _(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log=False, parts=1,
+      norm_weight=None, norm_bias=None, norm_eps=1e-5):
     # contiguous NHWC, as both paths return
     return x.new_empty((2,) * (parts == 2) + tuple(x.shape), dtype=out_dtype)
 

@@ -157,6 +157,17 @@ def as_parts(y, parts):
     return y if parts == 1 else torch.stack((y, torch.zeros_like(y)))
 
 
+def layer_norm_out(y, norm, out_dtype):
+    """LayerNorm over y's last dimension in fp32, ``norm`` = (weight, bias, eps), in out_dtype.
+
+    What ``ss2d_scan_lowrank(..., norm_weight=...)`` returns: nn.LayerNorm of the route sum
+    (fp32 under autocast), cast once.
+    """
+    weight, bias, eps = norm
+    return F.layer_norm(y.float(), (y.shape[-1],), weight.float(), bias.float(),
+                        eps).to(out_dtype)
+
+
 def ss2d_scan_lowrank_ref(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
                           out_dtype=None):
     """``ss2d_scan_lowrank`` by its definition: expand Δ, run ``ss2d_scan_ref``, go NHWC."""

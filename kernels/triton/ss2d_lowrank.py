@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..reference import as_parts
+from ..reference import as_parts, layer_norm_out
 from .common import pow2_option, prepared
 from .scan_fwd import _ssm_combine
 
@@ -247,10 +247,11 @@ def softplus(dt, FAST_LOG: tl.constexpr):
 @triton.jit
 def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_ptr, w_row, bias, a2, dskip,
               start, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, sy_f, sy_s, chans, ch_ok,
-              sx_c, sp_c, sw_r, sy_c, R: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
-              REV: tl.constexpr, OUT: tl.constexpr, ADD_Y: tl.constexpr, ADD_D: tl.constexpr,
-              DELTA: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
-              XPROJ_VEC: tl.constexpr):
+              sx_c, sp_c, sw_r, sy_c, norm_w, norm_b, norm_eps, n_chan, R: tl.constexpr,
+              T: tl.constexpr, UNROLL: tl.constexpr, REV: tl.constexpr, OUT: tl.constexpr,
+              ADD_Y: tl.constexpr, ADD_D: tl.constexpr, DELTA: tl.constexpr,
+              SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr,
+              NORM: tl.constexpr):
     """Walk steps start..start+T-1 of a route (backwards if REV) from state h.
 
     Step i of the route is the position with fast coordinate i % F and slow i // F; x_proj's
@@ -258,7 +259,8 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_ptr, w_row, bias, a2, dskip,
     the route's channels of a (batch, H, W, 4 * dim) map) or from the R factors and
     ``w_row`` (R x [BLOCK_D] weights, ``sw_r`` apart); XPROJ_VEC (R = 6, inline Δ): the
     step's 8 x_proj values in one load. Returns (h, prod of a); with OUT it also stores C·h
-    (+ D·u, + ADD_Y: the sum already at ``y_ptr``) to ``y_ptr`` per step.
+    (+ D·u, + ADD_Y: the sum already at ``y_ptr``) to ``y_ptr`` per step; NORM (the block holds
+    all ``n_chan`` channels, the step's sum is complete): its LayerNorm instead.
     """
     if REV:
         i = start + T - 1
@@ -312,6 +314,12 @@ def _seq_walk(h, x_ptr, p_ptr, d_ptr, y_ptr, w_row, bias, a2, dskip,
                 yo = f * sy_f + s * sy_s + chans * sy_c
                 if ADD_Y:
                     y += tl.load(y_ptr + yo, mask=m, other=0.0)
+                if NORM:
+                    # out_norm of the finished fp32 sum, off the recurrence's chain
+                    mean = tl.sum(tl.where(ch_ok, y, 0.0), axis=0) / n_chan
+                    dev = tl.where(ch_ok, y - mean, 0.0)
+                    var = tl.sum(dev * dev, axis=0) / n_chan
+                    y = dev * tl.rsqrt(var + norm_eps) * norm_w + norm_b
                 tl.store(y_ptr + yo, y.to(y_ptr.dtype.element_ty), mask=m)
             else:
                 a_prod = a_prod * a
@@ -405,8 +413,9 @@ def _seq_agg_kernel(
         h, a_prod = _seq_walk(zero, x_b, p_ptr + b * sp_b + k * P * sp_c,
                               d_ptr + b * sd_b + k * DIM, x_b, w_row, bias, a2, zero,
                               seg * T, L, F, sx_f, sx_s, sp_f, sp_s, sd_f, sd_s, 0, 0,
-                              chans, ch_ok, sx_c, sp_c, sw_r, 0, R, T, UNROLL, rev == 1,
-                              False, False, False, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
+                              chans, ch_ok, sx_c, sp_c, sw_r, 0, zero, zero, 0.0, 1, R, T,
+                              UNROLL, rev == 1, False, False, False, DELTA, SOFTPLUS, FAST_LOG,
+                              XPROJ_VEC, False)
         off = ((b * 4 + k) * N_SEG + seg) * DIM + chans
         tl.store(agg_a_ptr + off, a_prod, mask=ch_ok)
         tl.store(agg_h_ptr + off, h, mask=ch_ok)
@@ -418,11 +427,11 @@ def _seq_out_kernel(
     H, W, DIM, L, N_SEG,
     sx_b, sx_h, sx_w, sx_c, sp_b, sp_h, sp_w, sp_c, sd_b, sd_h, sd_w, sw_k, sw_r, sA_c,
     s_bias, s_D,
-    sy_b, sy_h, sy_w, sy_c, s_part,
+    sy_b, sy_h, sy_w, sy_c, s_part, norm_w_ptr, norm_b_ptr, norm_eps,
     AXIS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, T: tl.constexpr,
     UNROLL: tl.constexpr, DELTA: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
-    A_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr,
+    A_LOG: tl.constexpr, XPROJ_VEC: tl.constexpr, NORM: tl.constexpr,
 ):
     """Store the outputs of segment program_id(0), routes ``axis`` (forward) and ``axis + 2``.
 
@@ -430,7 +439,9 @@ def _seq_out_kernel(
     to it, in a second launch. AXIS 2: both axes in one launch (program_id(2) = 2 * batch +
     axis), each summing its two routes into its own part of ``out`` (``s_part`` apart; the D·u
     term in part 0): no axis waits for the other, and the caller adds the two parts. Each
-    step's sum is formed in fp32 and stored in ``out``'s dtype.
+    step's sum is formed in fp32 and stored in ``out``'s dtype. NORM (AXIS 1, one channel
+    block): the last walk stores the LayerNorm (``norm_w``, ``norm_b``, ``norm_eps``) of each
+    finished sum instead of the sum.
     """
     seg = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -451,6 +462,11 @@ def _seq_out_kernel(
     sy_f, sy_s = _fast_slow(is_col, sy_h, sy_w)
     x_b = x_ptr + b * sx_b
     dskip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    norm_w = dskip
+    norm_b = dskip
+    if NORM:
+        norm_w = tl.load(norm_w_ptr + chans, mask=ch_ok, other=0.0).to(tl.float32)
+        norm_b = tl.load(norm_b_ptr + chans, mask=ch_ok, other=0.0).to(tl.float32)
     if HAS_D:
         if AXIS != 1:
             for j in tl.static_range(4):
@@ -472,9 +488,10 @@ def _seq_out_kernel(
                        mask=ch_ok & (prev >= 0) & (prev < N_SEG), other=0.0)
         _seq_walk(h_in, x_b, p_ptr + b * sp_b + k * P * sp_c, d_ptr + b * sd_b + k * DIM,
                   y_b, w_row, bias, a2, dskip, seg * T, L, F, sx_f, sx_s, sp_f, sp_s,
-                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, R, T, UNROLL,
-                  rev == 1, True, AXIS == 1 or rev == 1, HAS_D and AXIS != 1 and rev == 0,
-                  DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC)
+                  sd_f, sd_s, sy_f, sy_s, chans, ch_ok, sx_c, sp_c, sw_r, sy_c, norm_w,
+                  norm_b, norm_eps, DIM, R, T, UNROLL, rev == 1, True, AXIS == 1 or rev == 1,
+                  HAS_D and AXIS != 1 and rev == 0, DELTA, SOFTPLUS, FAST_LOG, XPROJ_VEC,
+                  NORM and AXIS == 1 and rev == 1)
 
 
 def seq_steps(length, n_programs_per_segment, tuning=TUNING, table="ss2d_lowrank"):
@@ -527,7 +544,8 @@ def _delta_by_gemm(rank, length, dim, element_size, tuning=TUNING):
     return not limit or length * 4 * dim * element_size <= limit
 
 
-def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log, parts):
+def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log, parts,
+             norm=None):
     """Run implementation "seq" (see the module docstring); N must be 1."""
     batch, height, width, dim = x.shape
     rank = dt_weight.shape[2]
@@ -541,6 +559,10 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     # scratch buffer and no extra map alive).
     bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
+    if norm is not None and n_cblk > 1:  # no program sees a whole pixel: norm afterwards
+        y = _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, torch.float32,
+                     a_is_log, parts)
+        return layer_norm_out(y, norm, out_dtype)
     steps, unroll = seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
@@ -569,14 +591,16 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
         x, x_proj, delta, weight, A, bias, agg_a, agg_h, *common, **meta)
     _state_pass(agg_a, agg_h, batch, n_seg, dim)
     dense = (x, x_proj, delta, weight, A, D if D is not None else x, bias, agg_h, out)
+    norm_args = (x, x, 0.0) if norm is None else norm
     if parts == 2:
         _seq_out_kernel[(n_seg, n_cblk, 2 * batch)](
-            *dense, *common, *out.stride()[1:], out.stride(0), AXIS=2, HAS_D=D is not None,
-            **meta)
+            *dense, *common, *out.stride()[1:], out.stride(0), *norm_args, AXIS=2,
+            HAS_D=D is not None, NORM=False, **meta)
         return out
     for axis in (0, 1):
         _seq_out_kernel[(n_seg, n_cblk, batch)](
-            *dense, *common, *out.stride(), 0, AXIS=axis, HAS_D=D is not None, **meta)
+            *dense, *common, *out.stride(), 0, *norm_args, AXIS=axis, HAS_D=D is not None,
+            NORM=norm is not None, **meta)
     return out
 
 
@@ -592,19 +616,24 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                     a_is_log=False, parts=1):
+                     a_is_log=False, parts=1, norm=None):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``.
 
     parts=2: (2, batch, H, W, dim) summing to y; "seq" puts the row routes (and D·u) in part
-    0 and the column routes in part 1, written by one launch.
+    0 and the column routes in part 1, written by one launch. ``norm`` = (weight, bias, eps),
+    parts=1 only: LayerNorm(y) instead, which "seq" applies in its last output walk where one
+    program holds all channels.
     """
     if TUNING["impl"] == "seq" and A.shape[1] == 1:
         return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                        a_is_log, parts)
+                        a_is_log, parts, norm)
     if TUNING["impl"] not in ("seq", "expanded"):
         raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
                          f"got {TUNING['impl']!r}")
     if a_is_log:
         A = -torch.exp(A)
+    if norm is not None:
+        return layer_norm_out(_expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias,
+                                            delta_softplus, torch.float32), norm, out_dtype)
     return as_parts(_expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus,
                                   out_dtype), parts)

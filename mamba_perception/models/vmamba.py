@@ -76,6 +76,13 @@ RESIDUAL_16BIT = True
 # 438 -> 391 MiB); batch 4 5.807 -> 5.520 / 6.259 -> 5.961; fp16 / bf16 vs fp32 rel L2 1.6e-3 /
 # 1.3e-2 (unchanged). Two parts at every size besides were no faster (scan16parts).
 SCAN_OUT_16BIT = True
+# Widest d_inner whose out_norm runs inside the SS2D scan (``ss2d_scan_lowrank(norm_weight=)``,
+# inference with SCAN_OUT_16BIT): the last output walk normalises each finished fp32 route sum
+# where one program holds all channels (VMamba-T's stage 1, 96), so the sum never reaches
+# memory and inductor's LayerNorm kernel (2 launches, ~17 us at 1280x720) goes. 0 = off.
+# Offline (sm_90a, rank 6): that walk's kernel 2072 -> 2352 SASS instructions, 90 -> 105
+# registers; not timed yet (bash bench/device_plan.sh scannorm).
+SCAN_NORM_MAX_CHANNELS = 0
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
@@ -147,18 +154,22 @@ class SS2D(nn.Module):
                       and x.shape[1] * x.shape[2] <= SS2D_PARTS_MAX_STEPS) else 1
         out_dtype = (self.in_proj.weight.dtype
                      if SCAN_OUT_16BIT and _inference_16bit(self.in_proj.weight) else None)
+        if parts == 1 and out_dtype is not None and self.d_inner <= SCAN_NORM_MAX_CHANNELS:
+            y = self.scan(x, parts, out_dtype, norm=self.out_norm)  # out_norm(sum of routes)
+            return self.out_proj(y.to(x.dtype))
         y = self.scan(x, parts, out_dtype)  # [B, H, W, Di], sum of the 4 routes
         if parts == 2:
             y = y[0].float() + y[1]  # the parts' sum in fp32 (fused into out_norm's kernel)
         y = self.out_norm(y)  # LayerNorm (fp32 under autocast)
         return self.out_proj(y.to(x.dtype))
 
-    def scan(self, x: torch.Tensor, parts: int = 1,
-             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def scan(self, x: torch.Tensor, parts: int = 1, out_dtype: Optional[torch.dtype] = None,
+             norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """in_proj -> conv -> SiLU -> 4-route scan: ``x`` (B, H, W, C) -> (B, H, W, Di).
 
         The output is fp32, or ``out_dtype`` where given. ``parts=2``: (2, B, H, W, Di), two
-        maps whose sum is that.
+        maps whose sum is that. ``norm`` (inference): ``norm(output)`` instead, computed by the
+        scan op.
         """
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
@@ -181,6 +192,8 @@ class SS2D(nn.Module):
             out_dtype=torch.float32 if out_dtype is None else out_dtype,
             a_is_log=True,
             parts=parts,
+            **({} if norm is None else dict(norm_weight=norm.weight.float(),
+                                            norm_bias=norm.bias.float(), norm_eps=norm.eps)),
         )
 
 

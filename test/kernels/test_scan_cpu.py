@@ -392,6 +392,41 @@ def test_ss2d_lowrank_parts_have_no_backward():
         parts.sum().backward()
 
 
+@pytest.mark.parametrize('out_dtype', [torch.float32, torch.bfloat16])
+def test_ss2d_lowrank_norm_is_the_layer_norm_of_the_output(out_dtype):
+    # norm_weight / norm_bias / norm_eps: nn.LayerNorm of the route sum, in fp32, cast once
+    args = make_ss2d_lowrank(2, 5, 6, 8, 2, 1)
+    weight, bias = 1 + torch.randn(8), torch.randn(8)
+    y = K.ss2d_scan_lowrank(**args, out_dtype=torch.float32)
+    want = torch.nn.functional.layer_norm(y, (8,), weight, bias, 1e-3)
+    got = K.ss2d_scan_lowrank(**args, out_dtype=out_dtype, norm_weight=weight, norm_bias=bias,
+                              norm_eps=1e-3)
+    assert got.dtype == out_dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want.to(out_dtype))
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'norm_weight': torch.ones(8)}, 'go together'),
+    ({'norm_weight': torch.ones(7), 'norm_bias': torch.zeros(7)}, 'norm_weight must have shape'),
+    ({'norm_weight': torch.ones(8), 'norm_bias': torch.zeros(8, dtype=torch.float16)},
+     'norm_bias must have dtype'),
+    ({'norm_weight': torch.ones(8), 'norm_bias': torch.zeros(8), 'parts': 2}, 'needs parts=1'),
+])
+def test_ss2d_lowrank_rejects_bad_norm(kwargs, message):
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    with pytest.raises(K.ScanInputError, match=message):
+        K.ss2d_scan_lowrank(**args, out_dtype=torch.float32, **kwargs)
+
+
+def test_ss2d_lowrank_norm_has_no_backward():
+    args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
+    x = args.pop('x').requires_grad_()
+    y = K.ss2d_scan_lowrank(x, **args, out_dtype=torch.float32, norm_weight=torch.ones(8),
+                            norm_bias=torch.zeros(8))
+    with pytest.raises(RuntimeError, match=r'norm_weight=\.\.\.\) is for inference'):
+        y.sum().backward()
+
+
 def test_ss2d_lowrank_compiles_as_one_op():
     args = make_ss2d_lowrank(1, 5, 6, 8, 2, 1)
 

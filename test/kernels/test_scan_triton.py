@@ -308,6 +308,38 @@ def test_ss2d_lowrank_fwd_seq(batch, height, width, dim, rank, dtype, out_dtype,
     _close(out.float(), ref, out_dtype if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize('rank,dtype,out_dtype,block_d', [
+    (3, torch.float32, torch.float32, 32),   # all 20 channels in one program: fused
+    (6, torch.float16, torch.float16, 32),   # rank 6 (vector x_proj load), 16-bit in and out
+    (12, torch.bfloat16, torch.bfloat16, 32),  # Δ from the GEMM
+    (3, torch.float32, torch.float16, 16),   # two channel blocks: normalised after the scan
+])
+def test_ss2d_lowrank_fwd_seq_norm(rank, dtype, out_dtype, block_d, monkeypatch):
+    """norm_weight: LayerNorm of the route sum (VMamba's out_norm) instead of the sum, in the
+    last output walk where one program holds all channels."""
+    from mamba_perception_kernels.reference import layer_norm_out
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    for key, value in (('seq_steps', 8), ('seq_unroll', 4), ('seq_block_d', block_d),
+                       ('seq_inline_rank', 8), ('seq_min_programs', 1), ('impl', 'seq')):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(2, 5, 9, 20, rank, 1, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    norm = (1 + 0.5 * torch.randn(20, generator=gen), 0.5 * torch.randn(20, generator=gen), 1e-5)
+    want = layer_norm_out(K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32), norm,
+                          torch.float32)
+    dev_norm = (norm[0].to(device), norm[1].to(device), norm[2])
+    after_scan = []  # the unfused path's LayerNorm calls
+    monkeypatch.setattr(ss2d_lowrank, 'layer_norm_out',
+                        lambda *a: after_scan.append(1) or layer_norm_out(*a))
+    got = ss2d_lowrank.ss2d_lowrank_fwd(*_on(args, device).values(), True, out_dtype, False, 1,
+                                        dev_norm)
+    assert len(after_scan) == (0 if block_d >= 20 else 1)
+    assert got.shape == want.shape and got.is_contiguous() and got.dtype == out_dtype
+    _close(got.float(), want, out_dtype if dtype == torch.float32 else dtype)
+
+
 def test_ss2d_lowrank_delta_map_limit_projects_large_maps_inline(monkeypatch):
     """Above seq_delta_map_max_bytes (one image's (H, W, 4 * dim) Δ map) a rank above
     seq_inline_rank is projected in the walk: no Δ GEMM runs, and the output is the same."""

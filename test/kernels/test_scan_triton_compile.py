@@ -25,7 +25,8 @@ def _compile(fn, consts, num_warps=4):
 
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {n: ('constexpr' if n in consts else
-               ('*bf16' if n in ACT else '*fp32') if n.endswith('_ptr') else 'i32')
+               ('*bf16' if n in ACT else '*fp32') if n.endswith('_ptr') else
+               'fp32' if n.endswith('_eps') else 'i32')
            for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                           target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
@@ -65,7 +66,11 @@ def test_ss2d_lowrank_seq_kernels_compile_for_sm90(rank, delta, fast_log):
     # launch's stride-1 and alignment specialisation they are one 16-byte load)
     assert 'shfl' not in agg.asm['ptx']
     for axis in (0, 1, 2):  # 2: both axes in one launch, into two parts
-        assert _compile(lr._seq_out_kernel, dict(c, AXIS=axis, HAS_D=True)).asm['cubin']
+        assert _compile(lr._seq_out_kernel,
+                        dict(c, AXIS=axis, HAS_D=True, NORM=False)).asm['cubin']
+    # out_norm in the last walk of axis 1: two channel reductions a step (warp shuffles)
+    normed = _compile(lr._seq_out_kernel, dict(c, AXIS=1, HAS_D=True, NORM=True))
+    assert 'shfl' in normed.asm['ptx'] and 'rsqrt' in normed.asm['ptx']
     for dt_sum in (False, True):
         assert _compile(lr.state_kernel, dict(ROUTES=4 - 2 * dt_sum, DT_SUM=dt_sum,
                                               BLOCK_S=512, BLOCK_M=4)).asm['cubin']

@@ -314,6 +314,56 @@ def test_scan_out_16bit_returns_the_weights_dtype(monkeypatch, flag):
     assert out_dtypes == [inference] * blocks + [torch.float32] * blocks
 
 
+def test_scan_norm_runs_out_norm_inside_the_scan(monkeypatch):
+    # SCAN_NORM_MAX_CHANNELS (inference, 16-bit weights): the stages up to that d_inner hand
+    # out_norm to the scan op (norm_weight=...) instead of running the module; the features
+    # stay within bf16 tolerance of the module path; with gradients the module runs.
+    import mamba_perception_kernels
+
+    from mamba_perception.models import vmamba
+
+    monkeypatch.setattr(vmamba, 'SCAN_NORM_MAX_CHANNELS', 64)
+    normed = []
+    real = mamba_perception_kernels.ss2d_scan_lowrank
+    monkeypatch.setattr(mamba_perception_kernels, 'ss2d_scan_lowrank',
+                        lambda *a, **k: normed.append(k.get('norm_weight') is not None)
+                        or real(*a, **k))
+    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
+    # d_inner (32, 64, 128, 256): the first two stages, in the no-grad pass only
+    depths = model.depths
+    assert [layer.blocks[0].op.d_inner for layer in model.layers] == [32, 64, 128, 256]
+    fused = [True] * (depths[0] + depths[1]) + [False] * (depths[2] + depths[3])
+    assert normed == fused + [False] * sum(depths)
+
+
+def test_scan_norm_compiles_in_one_graph(monkeypatch):
+    # The scan op with out_norm's parameters traces into one graph (its fake kernel) and gives
+    # the module path's output within bf16 rounding.
+    from mamba_perception.models import vmamba
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    monkeypatch.setattr(vmamba, 'SS2D_PARTS_MAX_STEPS', 0)
+    torch.manual_seed(0)
+    op = cast_autocast_weights(SS2D(24, d_state=1, ssm_ratio=1.0).eval(), torch.bfloat16)
+    x = torch.randn(2, 5, 7, 24)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        want = op(x)
+        monkeypatch.setattr(vmamba, 'SCAN_NORM_MAX_CHANNELS', 24)
+        scans = []
+
+        def backend(gm, example_inputs):
+            scans.extend(n for n in gm.graph.nodes if 'ss2d_scan_lowrank' in str(n.target))
+            return gm.forward
+
+        torch._dynamo.reset()
+        got = torch.compile(op, backend=backend, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert len(scans) == 1
+    node = scans[0]
+    assert (node.args[10] if len(node.args) > 10 else node.kwargs.get('norm_weight')) is not None
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
 def test_scan_out_16bit_parts_compiled_match_eager(monkeypatch):
     # Compiled for inference with 16-bit weights, the scan's two parts come back in bf16 and
     # out_norm sums them in fp32: the same output as eager (one bf16 part) within rounding.
