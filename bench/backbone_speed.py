@@ -529,6 +529,9 @@ def parse_args(argv):
     parser.add_argument('--scan-out-16bit', choices=('on', 'off'), default=None,
                         help='VMamba\'s SS2D scan returns the weights\' 16-bit dtype (on) or '
                              'fp32 (off) (default: vmamba.SCAN_OUT_16BIT)')
+    parser.add_argument('--scan-norm-max-channels', type=int, default=None,
+                        help='widest d_inner whose out_norm runs inside the SS2D scan (0: off; '
+                             'default: vmamba.SCAN_NORM_MAX_CHANNELS)')
     parser.add_argument('--lowrank-tuning', default=None,
                         help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
                              'that bench/scan.py --tune-state prints)')
@@ -596,6 +599,8 @@ def main(argv=None) -> int:
         vmamba.RESIDUAL_16BIT = args.residual_16bit == 'on'
     if args.scan_out_16bit is not None:
         vmamba.SCAN_OUT_16BIT = args.scan_out_16bit == 'on'
+    if args.scan_norm_max_channels is not None:
+        vmamba.SCAN_NORM_MAX_CHANNELS = args.scan_norm_max_channels
     from mamba_perception_kernels.triton import stem
 
     if args.stem_tuning:
@@ -614,6 +619,7 @@ def main(argv=None) -> int:
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
             'residual_16bit': vmamba.RESIDUAL_16BIT,
             'scan_out_16bit': vmamba.SCAN_OUT_16BIT,
+            'scan_norm_max_channels': vmamba.SCAN_NORM_MAX_CHANNELS,
             'stem_tuning': dict(stem.TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),

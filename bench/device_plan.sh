@@ -14,6 +14,8 @@
 #                                        # 720p and 1024^2, three processes, one call
 #   bash bench/device_plan.sh profiles   # kernel time by kind, compiled, 1280x720: fp16 and
 #                                        # bf16 at batch 1, fp16 at batch 4
+#   bash bench/device_plan.sh scannorm   # seq-walk GPU tests; VMamba-T with out_norm inside
+#                                        # the scan's last walk (stage 1) off / on
 #   bash bench/device_plan.sh inline     # VMamba-T with Δ projected in the walk above a
 #                                        # 64 MiB Δ map vs the GEMM map, 2048^2, 1920x1088
 #   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes
@@ -65,7 +67,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|inline|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -168,6 +170,20 @@ profiles)
             bench/profile_backbone.py --model vmamba_tiny --size 720x1280 --dtype "$1" \
             --batch "$2" --compile --no-eager \
             --out "$OUT/profile_vmamba_tiny_720p_${1}_b${2}_${TAG}.json"
+    done
+    ;;
+scannorm)
+    # out_norm inside the last output walk (vmamba.SCAN_NORM_MAX_CHANNELS, written at stop 28,
+    # off; PERF_NOTES "What to try next (as of stop 28)" a): the seq-walk GPU tests, then
+    # VMamba-T off / on up to 128 channels (stage 1), one process each, batch 4 before 1
+    step 90 "GPU tests: seq walks with out_norm" python -m pytest -q \
+        test/kernels/test_scan_triton.py -k "lowrank_fwd_seq"
+    for max_channels in 0 128; do
+        step 150 "VMamba-T, out_norm in the scan up to $max_channels channels" python \
+            bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 2048x2048 \
+            --modes compile --dtypes fp16 --batches 4 1 --budget-s 140 --no-check \
+            --scan-norm-max-channels $max_channels \
+            --out "$OUT/backbone_speed_scannorm${max_channels}_${TAG}.json"
     done
     ;;
 inline)
@@ -421,7 +437,7 @@ node)
         --pipelined on --out "$OUT/node_dds_${TAG}.json"
     ;;
 *)
-    echo "unknown part $PART: kernels, backbone, curve, final, profiles, inline, family, steps, inplace, gaps, matrix, batch4," \
+    echo "unknown part $PART: kernels, backbone, curve, final, profiles, scannorm, inline, family, steps, inplace, gaps, matrix, batch4," \
         "scan16, parts, vectors, residual, residual_vits, vim, dense, coarse, pipeline," \
         "batches or node" >&2
     exit 2
