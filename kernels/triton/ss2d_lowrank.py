@@ -550,6 +550,12 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     batch, height, width, dim = x.shape
     rank = dt_weight.shape[2]
     length = height * width
+    bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
+    n_cblk = triton.cdiv(dim, bd)
+    if norm is not None and n_cblk > 1:  # no program sees a whole pixel: norm afterwards
+        y = _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, torch.float32,
+                     a_is_log, parts)
+        return layer_norm_out(y, norm, out_dtype)
     out = torch.empty(*(2,) * (parts == 2), batch, height, width, dim, device=x.device,
                       dtype=out_dtype)
     if length == 0 or batch == 0:
@@ -557,12 +563,6 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     # The partial route sums pass through ``out`` itself, in its dtype (a 16-bit output is
     # rounded once per stored partial, not once at the end: half the bytes of an fp32
     # scratch buffer and no extra map alive).
-    bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
-    n_cblk = triton.cdiv(dim, bd)
-    if norm is not None and n_cblk > 1:  # no program sees a whole pixel: norm afterwards
-        y = _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, torch.float32,
-                     a_is_log, parts)
-        return layer_norm_out(y, norm, out_dtype)
     steps, unroll = seq_steps(length, 2 * n_cblk * batch)
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
