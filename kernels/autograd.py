@@ -66,13 +66,14 @@ def _bidir_backward(ctx, dout):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts = inputs[:10]
+    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts, norm_weight, _, _ = (
+        inputs)
     ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
     ctx.present = tuple(t is not None for t in inputs[:6])
     ctx.delta_softplus = delta_softplus
     ctx.a_is_log = a_is_log
     ctx.parts = parts
-    ctx.norm = len(inputs) > 10 and inputs[10] is not None
+    ctx.norm = norm_weight is not None
 
 
 def _lowrank_backward(ctx, dy):
