@@ -336,16 +336,22 @@ def test_scan_norm_runs_out_norm_inside_the_scan(monkeypatch):
     assert normed == fused + [False] * sum(depths)
 
 
+def _bf16_ss2d_and_input():
+    """An SS2D (24 channels, N = 1) with bf16 weights for inference, and an input map."""
+    from mamba_perception.models.layers import cast_autocast_weights
+
+    torch.manual_seed(0)
+    op = cast_autocast_weights(SS2D(24, d_state=1, ssm_ratio=1.0).eval(), torch.bfloat16)
+    return op, torch.randn(2, 5, 7, 24)
+
+
 def test_scan_norm_compiles_in_one_graph(monkeypatch):
     # The scan op with out_norm's parameters traces into one graph (its fake kernel) and gives
     # the module path's output within bf16 rounding.
     from mamba_perception.models import vmamba
-    from mamba_perception.models.layers import cast_autocast_weights
 
     monkeypatch.setattr(vmamba, 'SS2D_PARTS_MAX_STEPS', 0)
-    torch.manual_seed(0)
-    op = cast_autocast_weights(SS2D(24, d_state=1, ssm_ratio=1.0).eval(), torch.bfloat16)
-    x = torch.randn(2, 5, 7, 24)
+    op, x = _bf16_ss2d_and_input()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         want = op(x)
         monkeypatch.setattr(vmamba, 'SCAN_NORM_MAX_CHANNELS', 24)
@@ -368,13 +374,10 @@ def test_scan_out_16bit_parts_compiled_match_eager(monkeypatch):
     # Compiled for inference with 16-bit weights, the scan's two parts come back in bf16 and
     # out_norm sums them in fp32: the same output as eager (one bf16 part) within rounding.
     from mamba_perception.models import vmamba
-    from mamba_perception.models.layers import cast_autocast_weights
 
     monkeypatch.setattr(vmamba, 'SCAN_OUT_16BIT', True)
     monkeypatch.setattr(vmamba, 'SS2D_PARTS_MAX_STEPS', 64)
-    torch.manual_seed(0)
-    op = cast_autocast_weights(SS2D(24, d_state=1, ssm_ratio=1.0).eval(), torch.bfloat16)
-    x = torch.randn(2, 5, 7, 24)
+    op, x = _bf16_ss2d_and_input()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         want = op(x)
         got, seen = _scan_parts_in_compiled_graph(op, x)
