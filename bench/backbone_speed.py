@@ -66,7 +66,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    add_lowrank_tuning_option,
     apply_inductor_config,
+    apply_lowrank_tuning_option,
     capture_graph,
     compile_kwargs,
     provenance,
@@ -532,9 +534,7 @@ def parse_args(argv):
     parser.add_argument('--scan-norm-max-channels', type=int, default=None,
                         help='widest d_inner whose out_norm runs inside the SS2D scan (0: off; '
                              'default: vmamba.SCAN_NORM_MAX_CHANNELS)')
-    parser.add_argument('--lowrank-tuning', default=None,
-                        help='JSON object updating ss2d_lowrank.TUNING (e.g. the state pass '
-                             'that bench/scan.py --tune-state prints)')
+    add_lowrank_tuning_option(parser)
     parser.add_argument('--stem-tuning', default=None,
                         help='JSON object updating the fused stem kernel\'s TUNING '
                              '(bench/stem.py --tune prints the best)')
@@ -576,8 +576,7 @@ def main(argv=None) -> int:
 
     if args.lowrank_impl:
         ss2d_lowrank.TUNING['impl'] = args.lowrank_impl
-    if args.lowrank_tuning:
-        ss2d_lowrank.TUNING.update(json.loads(args.lowrank_tuning))
+    apply_lowrank_tuning_option(args)
     from mamba_perception_kernels.triton import prenorm
 
     from mamba_perception.models import vmamba

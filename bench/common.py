@@ -230,6 +230,28 @@ def apply_coarse_fusion_option(args) -> bool:
     return segmentation.COARSE_FUSION
 
 
+def add_lowrank_tuning_option(parser) -> None:
+    """Add ``--lowrank-tuning JSON`` (see :func:`apply_lowrank_tuning_option`)."""
+    parser.add_argument("--lowrank-tuning", default=None,
+                        help="JSON object updating ss2d_lowrank.TUNING (e.g. the state pass "
+                             "that bench/scan.py --tune-state prints, or "
+                             "'{\"seq_delta_map_max_bytes\": 67108864}')")
+
+
+def apply_lowrank_tuning_option(args) -> dict:
+    """Update ``ss2d_lowrank.TUNING`` from the option where given; return the tuning in use."""
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    if args.lowrank_tuning:
+        update = json.loads(args.lowrank_tuning)
+        unknown = sorted(set(update) - set(ss2d_lowrank.TUNING))
+        if unknown:  # a typo would otherwise measure the default under another name
+            raise SystemExit(f"--lowrank-tuning: unknown keys {unknown}; "
+                             f"known: {sorted(ss2d_lowrank.TUNING)}")
+        ss2d_lowrank.TUNING.update(update)
+    return dict(ss2d_lowrank.TUNING)
+
+
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` as indented JSON, creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

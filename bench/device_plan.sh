@@ -17,7 +17,10 @@
 #   bash bench/device_plan.sh scannorm   # seq-walk GPU tests; VMamba-T with out_norm inside
 #                                        # the scan's last walk (stage 1) off / on
 #   bash bench/device_plan.sh inline     # VMamba-T with Δ projected in the walk above a
-#                                        # 64 MiB Δ map vs the GEMM map, 2048^2, 1920x1088
+#                                        # 64 MiB Δ map vs the GEMM map, 2048^2, 1920x1088;
+#                                        # the 2048^2 peak replayed with the limit
+#   bash bench/device_plan.sh memsets    # which kernels the Memsets run beside (compiled
+#                                        # profile, 1280x720, batch 1, bf16 and fp16)
 #   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
@@ -67,7 +70,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -196,6 +199,19 @@ inline)
             --batches 1 --budget-s 100 --no-check \
             --lowrank-tuning "{\"seq_delta_map_max_bytes\": $limit}" \
             --out "$OUT/backbone_speed_deltamap${limit}_${TAG}.json"
+    done
+    step 100 "memory peak replay, 2048^2, Δ map limit 64 MiB" python bench/memory_peak.py \
+        --model vmamba_tiny --size 2048x2048 --dtype fp16 \
+        --lowrank-tuning '{"seq_delta_map_max_bytes": 67108864}' \
+        --out "$OUT/memory_peak_vmamba_tiny_2048_deltamap64_${TAG}.json"
+    ;;
+memsets)
+    # bf16's 12 Memsets at batch 1 (PERF_NOTES "What to try next (as of stop 28)" b): the
+    # kernels launched around each one (profile_backbone's memset_neighbours), bf16 and fp16
+    for dt in bf16 fp16; do
+        step 100 "profile VMamba-T $dt batch 1, 1280x720, compiled" python \
+            bench/profile_backbone.py --model vmamba_tiny --size 720x1280 --dtype $dt \
+            --compile --no-eager --out "$OUT/profile_vmamba_tiny_720p_${dt}_b1_memsets_${TAG}.json"
     done
     ;;
 family)

@@ -13,6 +13,9 @@ Usage (GPU)::
 
     python bench/memory_peak.py --model vmamba_tiny --size 2048x2048 --dtype fp16 \
         --out /tmp/memory_peak.json
+
+``--lowrank-tuning`` replays the peak with another low-rank scan setting (e.g. Δ projected in
+the walk above a Δ-map size: ``'{"seq_delta_map_max_bytes": 67108864}'``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from backbone_speed import DTYPES, Models, autocast_step, inputs, parse_size  # noqa: E402
-from common import compile_kwargs, provenance, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_lowrank_tuning_option,
+    apply_lowrank_tuning_option,
+    compile_kwargs,
+    provenance,
+    write_json,
+)
 
 MIB = 2 ** 20
 
@@ -70,7 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument('--eager', action='store_true', help='no torch.compile')
     parser.add_argument('--top', type=int, default=30)
     parser.add_argument('--out', default='/tmp/memory_peak.json')
+    add_lowrank_tuning_option(parser)
     args = parser.parse_args(argv)
+    lowrank_tuning = apply_lowrank_tuning_option(args)
     hw = parse_size(args.size)
     models = Models(seed=0, notes={}, cast_weights=True)
     _, fwd, weights_bytes = models.get(args.model, args.dtype)
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
     rows = [{'mib': round(e['size'] / MIB, 2), **where(e.get('frames', []))}
             for e in blocks[:args.top]]
     result = {
-        'provenance': provenance(),
+        'provenance': provenance({'ss2d_lowrank_tuning': lowrank_tuning}),
         'model': args.model, 'size': list(hw), 'dtype': args.dtype,
         'mode': 'eager' if args.eager else 'compile',
         'weights_mib': round(weights_bytes / MIB, 1),

@@ -191,6 +191,25 @@ def module_times(events, iters: int, total_us: float, device: bool = True) -> di
     return out
 
 
+def neighbours_of(kernels: list, pattern: str, iters: int) -> list:
+    """Which kernels run just before and after each kernel whose name contains ``pattern``.
+
+    ``kernels``: (start time, name) of every kernel launched over ``iters`` forwards. A cuBLAS
+    Memset (a split-K GEMM's zeroed output or workspace) says nothing of its GEMM by name; its
+    neighbours in launch order do. Returns one row per (before, after) pair, most frequent
+    first, with launches per forward.
+    """
+    names = [name for _, name in sorted(kernels, key=lambda k: k[0])]
+    pairs = collections.Counter()
+    for i, name in enumerate(names):
+        if pattern in name:
+            before = names[i - 1] if i > 0 else None
+            after = names[i + 1] if i + 1 < len(names) else None
+            pairs[before, after] += 1
+    return [{'before': b and b[:120], 'after': a and a[:120], 'per_forward': round(n / iters, 2)}
+            for (b, a), n in pairs.most_common()]
+
+
 def profile(fn, iters: int, top_n: int = 40, modules: bool = False) -> dict:
     """Per-kernel CUDA time (µs per forward) of ``fn`` over ``iters`` calls.
 
@@ -207,10 +226,12 @@ def profile(fn, iters: int, top_n: int = 40, modules: bool = False) -> dict:
         torch.cuda.synchronize()
     per_kernel = collections.Counter()
     launches = collections.Counter()
+    kernels = []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name] += evt.device_time / iters
             launches[evt.name] += 1 / iters
+            kernels.append((evt.time_range.start, evt.name))
     per_kind = collections.Counter()
     for name, us in per_kernel.items():
         per_kind[kind_of(name)] += us
@@ -221,6 +242,9 @@ def profile(fn, iters: int, top_n: int = 40, modules: bool = False) -> dict:
            'launches_per_forward': round(sum(launches.values()), 1),
            'per_kind_us': {k: round(v, 1) for k, v in per_kind.most_common()},
            'top_kernels': top}
+    memsets = neighbours_of(kernels, 'Memset', iters)
+    if memsets:
+        row['memset_neighbours'] = memsets
     if modules:
         row['module_us'] = module_times(prof.events(), iters, total)
     return row
@@ -344,6 +368,8 @@ def main() -> int:
             print('   per module (GFLOP):', row['module_gflop'], flush=True)
         for k in row['top_kernels'][:15]:
             print(f"   {k['us']:8.1f} us x{k['launches']:5.1f} {k['kind']:12s} {k['kernel'][:90]}")
+        for m in row.get('memset_neighbours', []):
+            print(f"   Memset x{m['per_forward']}: after {m['before']}, before {m['after']}")
         write_json(args.out, result)
     return 0
 

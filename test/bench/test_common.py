@@ -27,6 +27,28 @@ def test_apply_inductor_config_sets_and_rejects():
     assert inductor_config.coordinate_descent_tuning == before[0]
 
 
+def test_lowrank_tuning_option_updates_the_tuning_and_rejects_unknown_keys(monkeypatch):
+    import argparse
+
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    common = load('common')
+    monkeypatch.setattr(ss2d_lowrank, 'TUNING', dict(ss2d_lowrank.TUNING))
+    parser = argparse.ArgumentParser()
+    common.add_lowrank_tuning_option(parser)
+    default = common.apply_lowrank_tuning_option(parser.parse_args([]))
+    assert default == ss2d_lowrank.TUNING
+    in_use = common.apply_lowrank_tuning_option(parser.parse_args(
+        ['--lowrank-tuning', '{"seq_delta_map_max_bytes": 67108864}']))
+    assert ss2d_lowrank.TUNING['seq_delta_map_max_bytes'] == 67108864
+    assert in_use == {**default, 'seq_delta_map_max_bytes': 67108864}
+    # a misspelt key would otherwise time the default under the new name
+    with pytest.raises(SystemExit, match='seq_delta_map_max_byte'):
+        common.apply_lowrank_tuning_option(parser.parse_args(
+            ['--lowrank-tuning', '{"seq_delta_map_max_byte": 1}']))
+    assert ss2d_lowrank.TUNING == in_use
+
+
 def test_compile_kwargs_are_the_pipelines_options_unless_ablated():
     from mamba_perception.pipeline import COMPILE_OPTIONS
 

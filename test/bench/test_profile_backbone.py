@@ -73,3 +73,18 @@ def test_module_flops_split_the_forward_by_module():
     # the hooks are gone: a second split counts the same
     assert profile_backbone.module_flops(model, names, step) == split
     assert not model.decode_head._forward_hooks and not model.decode_head._forward_pre_hooks
+
+
+def test_neighbours_of_names_the_kernels_around_each_match_in_launch_order():
+    # (start, name) as the profiler lists them: not in launch order
+    kernels = [(30, 'gemm_a'), (10, 'norm'), (20, 'Memset (Device)'), (50, 'Memset (Device)'),
+               (60, 'gemm_b'), (40, 'scan'), (120, 'gemm_a'), (110, 'Memset (Device)'),
+               (100, 'norm')]
+    rows = profile_backbone.neighbours_of(kernels, 'Memset', iters=2)
+    assert rows == [
+        {'before': 'norm', 'after': 'gemm_a', 'per_forward': 1.0},
+        {'before': 'scan', 'after': 'gemm_b', 'per_forward': 0.5},
+    ]
+    assert profile_backbone.neighbours_of([(0, 'Memset'), (1, 'x')], 'Memset', 1) == [
+        {'before': None, 'after': 'x', 'per_forward': 1.0}]
+    assert profile_backbone.neighbours_of(kernels, 'nothing', 2) == []
