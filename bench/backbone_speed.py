@@ -22,11 +22,13 @@ GPU memory.
   the row's dtype once (``cast_autocast_weights``, what Pipeline does for fp16 / bf16), for ours
   and the baselines alike; ``autocast`` keeps them fp32 and lets autocast cast them on every
   call (one copy kernel per layer per forward: the setting of the rows before 2026-11-27).
-* Memory: ``peak_mem_mib`` = ``max_memory_allocated`` over one forward of the mode's function
-  (eager, or compiled; before any graph capture), minus what was allocated besides this model's
-  weights before the row began (weights, input, caches, activations and outputs; what
-  ``max_memory_allocated - allocated before the model was built`` gives when it is the only
-  model), and ``peak_mem_above_weights_mib`` = that minus ``weights_mib``.
+* Memory: ``peak_mem_mib`` = ``max_memory_allocated`` over one warm forward of the mode's
+  function (eager, or compiled; before any graph capture), minus what was allocated besides
+  this model's weights and input just before it (so: weights, input, activations and outputs;
+  other rows' models and one-time allocations of the warm-up calls, such as cuBLAS's
+  workspace, are left out of every row alike; rows before 2026-11-28 counted from the row's
+  start, which put the workspace into a process's first row only), and
+  ``peak_mem_above_weights_mib`` = that minus ``weights_mib``.
 * Numerics (``checks``), per our model at ``--check-size``, batch 1: fp16 and bf16 autocast
   outputs against the fp32 path (TF32 off) of the same weights, relative L2 error of each of
   the 4 feature maps, with the tolerance used (random-init weights: no checkpoint is loaded).
@@ -204,9 +206,16 @@ def autocast_step(fn, x, dtype):
     return step
 
 
-def peak_of(step, weights_bytes: int, others_bytes: int) -> dict:
-    """Peak memory of one ``step()`` (already warm), counted as the module docstring says."""
+def peak_of(step, weights_bytes: int, input_bytes: int) -> dict:
+    """Peak memory of one ``step()`` (already warm), counted as the module docstring says.
+
+    What is allocated just before it, less the weights and the input, is left out: earlier
+    rows' models and whatever the warm-up calls left behind for good (cuBLAS's workspace is
+    allocated at a process's first GEMM, ~40 MiB on an H200, which counting from the row's
+    start put into the first row's peak only).
+    """
     torch.cuda.synchronize()
+    others_bytes = torch.cuda.memory_allocated() - weights_bytes - input_bytes
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
@@ -276,7 +285,6 @@ def run_static(models: Models, name: str, hw, batch: int, dt: str, modes, args) 
     """Eager and / or CUDA-graph rows of one (model, size, batch, dtype) case."""
     model, fwd, wbytes = models.get(name, dt)
     free_memory()
-    others = torch.cuda.memory_allocated() - wbytes
     x = inputs(batch, hw, args.seed)
     step = autocast_step(fwd, x, DTYPES[dt])
     t0 = time.perf_counter()
@@ -284,7 +292,7 @@ def run_static(models: Models, name: str, hw, batch: int, dt: str, modes, args) 
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     step()
-    mem = peak_of(step, wbytes, others)
+    mem = peak_of(step, wbytes, x.nbytes)
     iters = n_iters(timed_once_ms(step), args)
     rows = []
     for mode in modes:
@@ -322,7 +330,6 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
     model, fwd, wbytes = models.get(name, dt)
     torch._dynamo.reset()  # fresh caches: no recompile against an earlier row's shapes
     free_memory()
-    others = torch.cuda.memory_allocated() - wbytes
     x = inputs(batch, hw, args.seed)
     kwargs = compile_kwargs_for(name, mode, args.inductor_config)
     compiled = torch.compile(fwd, dynamic=False, **kwargs)
@@ -338,7 +345,7 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
            'compile_options': {'dynamic': False, 'mode': COMPILE_MODES[mode], **kwargs},
            'graph_breaks': sum(counters['graph_break'].values()),
            'unique_graphs': counters['stats'].get('unique_graphs', None)}
-    row.update(peak_of(step, wbytes, others))
+    row.update(peak_of(step, wbytes, x.nbytes))
     with torch.no_grad(), torch.autocast('cuda', dtype=DTYPES[dt], cache_enabled=False):
         ref = as_list(fwd(x))
     got = as_list(step())
@@ -632,8 +639,10 @@ def main(argv=None) -> int:
                  'max-autotune-no-cudagraphs; ours with pipeline.COMPILE_OPTIONS as Pipeline, '
                  'timm with inductor defaults: compile_options per row), compile_s = first '
                  'compiled call; peak_mem_mib = '
-                 'max_memory_allocated over one forward of the mode\'s function (before graph '
-                 'capture) counting this model\'s weights, input, caches and activations; '
+                 'max_memory_allocated over one warm forward of the mode\'s function (before '
+                 'graph capture) counting this model\'s weights, input, activations and '
+                 'outputs (not the warm-up calls\' one-time allocations, e.g. cuBLAS\'s '
+                 'workspace); '
                  'peak_mem_above_weights_mib excludes the weights'),
         'notes': {name: f'same network as {same} (weights differ): timed only when asked'
                   for name, same in SAME_NETWORK.items()},
