@@ -81,8 +81,10 @@ SCAN_OUT_16BIT = True
 # where one program holds all channels (VMamba-T's stage 1, 96), so the sum never reaches
 # memory and inductor's LayerNorm kernel (2 launches, ~17 us at 1280x720) goes. 0 = off.
 # Offline (sm_90a, rank 6): that walk's kernel 2072 -> 2352 SASS instructions, 90 -> 105
-# registers; not timed yet (bash bench/device_plan.sh scannorm).
-SCAN_NORM_MAX_CHANNELS = 0
+# registers. H200, VMamba-T fp16 compiled, one process each (bash bench/device_plan.sh
+# scannorm, bench/results/backbone_speed_scannorm{0,128}_h200.json): batch 4 5.551 -> 5.512 ms
+# at 1280x720, 21.90 -> 21.85 at 2048^2; batch 1 1.793 -> 1.787 / 5.913 -> 5.932; peak equal.
+SCAN_NORM_MAX_CHANNELS = 128
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
