@@ -153,10 +153,11 @@ curve)
 final)
     # One call for the whole comparison: the fp16 curve (five sizes, batch 1), then batch 4
     # (fp16 and bf16) and bf16 batch 1 at 1280x720 and 1024^2; both models per process
+    # (the curve's process also checks fp16 / bf16 against fp32 on the same weights)
     vits="vmamba_tiny vit_small_patch16_224"
     step 265 "curve, fp16, batch 1" python bench/backbone_speed.py --models $vits \
         --sizes 720x1280 1024x1024 1248x1248 1088x1920 2048x2048 --modes compile \
-        --dtypes fp16 --batches 1 --budget-s 255 --no-check \
+        --dtypes fp16 --batches 1 --budget-s 255 \
         --out "$OUT/backbone_speed_curve_${TAG}.json"
     step 175 "fp16 and bf16, batch 4" python bench/backbone_speed.py --models $vits \
         --sizes 720x1280 1024x1024 --modes compile --dtypes fp16 bf16 --batches 4 \
