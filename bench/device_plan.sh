@@ -21,7 +21,9 @@
 #                                        # the 2048^2 peak replayed with the limit
 #   bash bench/device_plan.sh memsets    # which kernels the Memsets run beside (compiled
 #                                        # profile, 1280x720, batch 1, bf16 and fp16)
-#   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes
+#   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes (the
+#                                        # 2048^2 rows do not fit: family2048)
+#   bash bench/device_plan.sh family2048 # VMamba-S/B and Vim-T/S at 2048^2, one process
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -70,7 +72,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -227,6 +229,14 @@ family)
         --models vim_tiny vim_small --sizes 720x1280 1024x1024 1248x1248 1088x1920 \
         2048x2048 --modes compile --dtypes fp16 --batches 1 --budget-s 280 --no-check \
         --out "$OUT/backbone_speed_family_vim_${TAG}.json"
+    ;;
+family2048)
+    # The family's 2048^2 rows, which the family part's budgets left out at stop 29 (one
+    # process, ~30-40 s a model with a cold cache)
+    step 250 "VMamba-S/B and Vim-T/S, 2048^2" python bench/backbone_speed.py \
+        --models vmamba_small vim_tiny vmamba_base vim_small --sizes 2048x2048 \
+        --modes compile --dtypes fp16 --batches 1 --budget-s 240 --no-check \
+        --out "$OUT/backbone_speed_family2048_${TAG}.json"
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer
