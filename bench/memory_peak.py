@@ -7,7 +7,9 @@ runs the compiled forward once with the CUDA caching allocator's history on
 of the peak and lists the blocks alive then: size, and where they were allocated (the line of
 inductor's generated code, which names the buffer and the kernel that fills it, and the first
 frame of our package). Weights and the input are allocated before the history starts and are
-reported as one ``before`` figure.
+reported in ``before`` with whatever else was alive then (``before_other_mib``: the fp32 copy
+of the model that ``backbone_speed.Models`` keeps, cuBLAS's workspace); weights + input +
+traced peak is the figure ``backbone_speed.py`` reports as ``peak_mem_mib``.
 
 Usage (GPU)::
 
@@ -110,7 +112,11 @@ def main(argv=None) -> int:
         'model': args.model, 'size': list(hw), 'dtype': args.dtype,
         'mode': 'eager' if args.eager else 'compile',
         'weights_mib': round(weights_bytes / MIB, 1),
+        'input_mib': round(x.nbytes / MIB, 1),
+        # before = weights + input + the rest: Models' fp32 copy of the model (it casts a copy),
+        # cuBLAS's workspace, caches
         'before_mib': round(before / MIB, 1),
+        'before_other_mib': round((before - weights_bytes - x.nbytes) / MIB, 1),
         'max_memory_allocated_mib': round(max_allocated / MIB, 1),
         'traced_peak_mib': round(peak / MIB, 1),
         'live_blocks_at_peak': len(blocks),
@@ -118,7 +124,10 @@ def main(argv=None) -> int:
     }
     print(f"{args.model} {args.size} {result['mode']}: max_memory_allocated "
           f"{result['max_memory_allocated_mib']} MiB = before {result['before_mib']} "
-          f"(weights {result['weights_mib']}, input, ...) + traced {result['traced_peak_mib']}")
+          f"(weights {result['weights_mib']}, input {result['input_mib']}, other "
+          f"{result['before_other_mib']}) + traced {result['traced_peak_mib']}; as "
+          f"backbone_speed.py counts it: weights + input + traced = "
+          f"{result['weights_mib'] + result['input_mib'] + result['traced_peak_mib']:.1f}")
     for r in rows:
         print(f"  {r['mib']:8.2f}  {r.get('generated', '')}  [{r.get('ours', '')}]")
     write_json(args.out, result)
