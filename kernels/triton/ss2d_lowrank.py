@@ -68,7 +68,9 @@ TUNING = {
     # map (96 MiB) is the largest buffer alive at VMamba-T's peak (stop 28 replay,
     # bench/results/memory_peak_vmamba_tiny_2048_h200.json); rank 12 inline was timed at stop 20
     # (H100): peak 469 -> 401 MiB for +134 us at 2048^2 (backbone_speed_inline12_h100.json).
-    # Off until timed with today's walks: bash bench/device_plan.sh inline.
+    # Off: timed at stop 29 (H200, bash bench/device_plan.sh inline), 64 MiB cost +150 us at
+    # 2048^2 for -20 MiB, the peak moving to stage 2's MLP hidden map (96 MiB as well;
+    # backbone_speed_deltamap{0,67108864}_h200.json, memory_peak_..._deltamap64_h200.json).
     "seq_delta_map_max_bytes": 0,
     # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
     # SASS instructions in the seq kernels (sm_90a, compiled offline); not timed yet.
