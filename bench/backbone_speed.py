@@ -69,10 +69,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     add_lowrank_tuning_option,
+    add_persistent_norms_option,
     apply_inductor_config,
     apply_lowrank_tuning_option,
+    apply_persistent_norms_option,
     capture_graph,
     compile_kwargs,
+    compile_model,
     provenance,
     sample_cuda,
     write_json,
@@ -332,7 +335,7 @@ def run_compiled(models: Models, name: str, hw, batch: int, dt: str, mode: str,
     free_memory()
     x = inputs(batch, hw, args.seed)
     kwargs = compile_kwargs_for(name, mode, args.inductor_config)
-    compiled = torch.compile(fwd, dynamic=False, **kwargs)
+    compiled = compile_model(fwd, baseline=family(name) == 'timm', dynamic=False, **kwargs)
     step = autocast_step(compiled, x, DTYPES[dt])
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -542,6 +545,7 @@ def parse_args(argv):
                         help='widest d_inner whose out_norm runs inside the SS2D scan (0: off; '
                              'default: vmamba.SCAN_NORM_MAX_CHANNELS)')
     add_lowrank_tuning_option(parser)
+    add_persistent_norms_option(parser)
     parser.add_argument('--stem-tuning', default=None,
                         help='JSON object updating the fused stem kernel\'s TUNING '
                              '(bench/stem.py --tune prints the best)')
@@ -617,6 +621,7 @@ def main(argv=None) -> int:
             'cudnn_benchmark': args.cudnn_benchmark, 'budget_s': args.budget_s,
             'inductor_freezing': args.inductor_freezing,
             'inductor_config': inductor_settings,
+            'inductor_choices': apply_persistent_norms_option(args),
             'weights': args.weights,
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,

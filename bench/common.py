@@ -281,6 +281,40 @@ def compile_kwargs(mode=None, settings=(), baseline=False) -> dict:
     return {"options": options}
 
 
+def compile_model(fn, baseline=False, **compile_kwargs):
+    """``torch.compile`` a bench row's forward as its users would.
+
+    Ours as Pipeline compiles them (``inductor_choices.compile_inference``: inner LayerNorm
+    rows kept persistent on torch < 2.14), a timm ``baseline`` plainly.
+    """
+    import torch
+
+    from mamba_perception.inductor_choices import compile_inference
+
+    return (torch.compile(fn, **compile_kwargs) if baseline
+            else compile_inference(fn, **compile_kwargs))
+
+
+def add_persistent_norms_option(parser) -> None:
+    """``--persistent-norms on|off``: ablate ``inductor_choices.PERSISTENT_INNER_REDUCTIONS``."""
+    parser.add_argument('--persistent-norms', choices=('on', 'off'), default=None,
+                        help='our models compile with inner LayerNorm rows kept persistent on '
+                             'torch < 2.14 (on) or with inductor\'s own choice (off) (default: '
+                             'inductor_choices.PERSISTENT_INNER_REDUCTIONS); use a separate '
+                             'TORCHINDUCTOR_CACHE_DIR per setting: the choice is not in the '
+                             'cache key')
+
+
+def apply_persistent_norms_option(args) -> dict:
+    """Apply ``--persistent-norms``; return the setting in force, for the provenance."""
+    from mamba_perception import inductor_choices
+
+    if args.persistent_norms is not None:
+        inductor_choices.PERSISTENT_INNER_REDUCTIONS = args.persistent_norms == 'on'
+    return {'persistent_inner_reductions': inductor_choices.PERSISTENT_INNER_REDUCTIONS,
+            'needed_by_this_torch': inductor_choices.needs_backport()}
+
+
 def apply_inductor_config(settings) -> dict:
     """Set ``torch._inductor.config`` entries from ``KEY=VALUE`` strings; return what was set.
 

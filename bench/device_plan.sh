@@ -24,6 +24,12 @@
 #   bash bench/device_plan.sh family     # VMamba-S/B and Vim-T/S at the five sizes (the
 #                                        # 2048^2 rows do not fit: family2048)
 #   bash bench/device_plan.sh family2048 # VMamba-S/B and Vim-T/S at 2048^2, one process
+#   bash bench/device_plan.sh multikernel # inductor's multi_kernel off / on: VMamba-T and
+#                                        # ViT-S at batch 4, 1280x720, fp16 / bf16; VMamba-T
+#                                        # at batch 1, 1280x720 and 2048^2
+#   bash bench/device_plan.sh persistent  # stage 3's LayerNorms persistent on torch < 2.14
+#                                        # (inductor_choices) on / off: batches 4 and 1,
+#                                        # 1280x720, fp16 / bf16; 2048^2 and 1024^2 with ViT-S
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -72,7 +78,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -237,6 +243,55 @@ family2048)
         --models vmamba_small vim_tiny vmamba_base vim_small --sizes 2048x2048 \
         --modes compile --dtypes fp16 --batches 1 --budget-s 240 --no-check \
         --out "$OUT/backbone_speed_family2048_${TAG}.json"
+    ;;
+multikernel)
+    # Batch 4 at 1280x720 (PERF_NOTES "What to try next (as of stop 29)" a): stop 30's profile
+    # has stage 3's LayerNorms as looped ("red") kernels at batch 4 and persistent ones at
+    # batch 1 (inductor takes the inner-reduction hint from the strides only below
+    # 2 * 32 * SMs rows). triton.multi_kernel=1 compiles both kinds and times them on the first
+    # call: off / on, one process each, both models (ViT-S's LayerNorms have the same rows)
+    for mk in 0 1; do
+        step 150 "VMamba-T and ViT-S, batch 4, 1280x720, multi_kernel=$mk" python \
+            bench/backbone_speed.py --models vmamba_tiny vit_small_patch16_224 \
+            --sizes 720x1280 --modes compile --dtypes fp16 bf16 --batches 4 --budget-s 140 \
+            --no-check --inductor-config triton.multi_kernel=$mk \
+            --out "$OUT/backbone_speed_multikernel${mk}_b4_${TAG}.json"
+        if [ "$mk" = 0 ]; then  # the looped LayerNorm kernels' source, for the notes
+            mkdir -p "$OUT/red_kernels"
+            grep -rl --include='*.py' 'def triton_red_fused.*layer_norm' \
+                /tmp/torchinductor_"$(whoami)" 2>/dev/null | head -n 12 \
+                | xargs -r cp -t "$OUT/red_kernels"
+        fi
+    done
+    for mk in 0 1; do
+        step 100 "VMamba-T, batch 1, 1280x720 and 2048^2, multi_kernel=$mk" python \
+            bench/backbone_speed.py --models vmamba_tiny --sizes 720x1280 2048x2048 \
+            --modes compile --dtypes fp16 --batches 1 --budget-s 90 --no-check \
+            --inductor-config triton.multi_kernel=$mk \
+            --out "$OUT/backbone_speed_multikernel${mk}_b1_${TAG}.json"
+    done
+    ;;
+persistent)
+    # Stage 3's LayerNorms kept persistent where torch 2.11 loops them (mamba_perception/
+    # inductor_choices.py; the multikernel part found them): its GPU test and the pipeline's,
+    # then batch 4 on / off in one process each with its own inductor cache (the choice is not
+    # in the cache key), ViT-S (inductor's defaults) beside ours in the "on" processes
+    step 100 "GPU tests: inductor_choices, pipeline" python -m pytest -q -m gpu \
+        test/pipeline/test_inductor_choices.py test/pipeline/test_pipeline.py
+    persistent_row() {  # persistent_row LIMIT SETTING NAME MODELS -- BACKBONE_SPEED_ARGS...
+        local limit=$1 setting=$2 name=$3 models=$4
+        shift 5
+        step "$limit" "$name, persistent norms $setting" env \
+            TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$setting python bench/backbone_speed.py \
+            --models $models --modes compile --no-check --persistent-norms "$setting" \
+            --budget-s $((limit - 10)) "$@" \
+            --out "$OUT/backbone_speed_persistent_${setting}_${name}_${TAG}.json"
+    }
+    vits="vmamba_tiny vit_small_patch16_224"
+    persistent_row 140 on b4 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+    persistent_row 90 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+    persistent_row 120 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
+    persistent_row 90 on 2048 "$vits" -- --sizes 2048x2048 --dtypes fp16 --batches 1
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

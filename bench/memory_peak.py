@@ -35,12 +35,16 @@ from backbone_speed import (  # noqa: E402
     Models,
     autocast_step,
     compile_kwargs_for,
+    family,
     inputs,
     parse_size,
 )
 from common import (  # noqa: E402
     add_lowrank_tuning_option,
+    add_persistent_norms_option,
     apply_lowrank_tuning_option,
+    apply_persistent_norms_option,
+    compile_model,
     provenance,
     write_json,
 )
@@ -88,15 +92,18 @@ def main(argv=None) -> int:
     parser.add_argument('--top', type=int, default=30)
     parser.add_argument('--out', default='/tmp/memory_peak.json')
     add_lowrank_tuning_option(parser)
+    add_persistent_norms_option(parser)
     args = parser.parse_args(argv)
     lowrank_tuning = apply_lowrank_tuning_option(args)
+    inductor_choices = apply_persistent_norms_option(args)
     hw = parse_size(args.size)
     models = Models(seed=0, notes={}, cast_weights=True)
     _, fwd, weights_bytes = models.get(args.model, args.dtype)
     x = inputs(1, hw, 0)
     # compiled as backbone_speed.py's rows: ours as Pipeline, a timm baseline with the defaults
     fn = (fwd if args.eager else
-          torch.compile(fwd, dynamic=False, **compile_kwargs_for(args.model, 'compile')))
+          compile_model(fwd, baseline=family(args.model) == 'timm', dynamic=False,
+                        **compile_kwargs_for(args.model, 'compile')))
     step = autocast_step(fn, x, DTYPES[args.dtype])
     step()
     step()
@@ -116,7 +123,8 @@ def main(argv=None) -> int:
     rows = [{'mib': round(e['size'] / MIB, 2), **where(e.get('frames', []))}
             for e in blocks[:args.top]]
     result = {
-        'provenance': provenance({'ss2d_lowrank_tuning': lowrank_tuning}),
+        'provenance': provenance({'ss2d_lowrank_tuning': lowrank_tuning,
+                                  'inductor_choices': inductor_choices}),
         'model': args.model, 'size': list(hw), 'dtype': args.dtype,
         'mode': 'eager' if args.eager else 'compile',
         'weights_mib': round(weights_bytes / MIB, 1),

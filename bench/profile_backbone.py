@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     apply_coarse_fusion_option,
     apply_inductor_config,
     compile_kwargs,
+    compile_model,
     provenance,
     time_cuda,
     write_json,
@@ -337,9 +338,9 @@ def main() -> int:
               'model': args.model, 'size': [h, w], 'dtype': args.dtype, 'variants': {}}
     variants = [] if args.no_eager else [('eager', fwd)]
     if args.compile:
-        variants.append(('compiled', torch.compile(fwd, **compile_kwargs(
-            args.compile_mode, args.inductor_config,
-            baseline=not args.perception and args.model.startswith('timm:')))))
+        baseline = not args.perception and args.model.startswith('timm:')
+        variants.append(('compiled', compile_model(fwd, baseline=baseline, **compile_kwargs(
+            args.compile_mode, args.inductor_config, baseline=baseline))))
     for label, f in variants:
         step = runner(f)
         t0 = time.perf_counter()

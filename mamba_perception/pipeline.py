@@ -51,6 +51,7 @@ from mamba_perception.errors import (
     ParameterError,
     SetupError,
 )
+from mamba_perception.inductor_choices import compile_inference
 from mamba_perception.models.bundle import Bundle, load_bundle
 from mamba_perception.models.heads.nms_streams import nms_each
 from mamba_perception.models.layers import cast_autocast_weights
@@ -411,9 +412,10 @@ class Pipeline:
                                                 COMPILED_SHAPES_LIMIT)
         self.compile_dynamic_batch = bool(compile_dynamic_batch)
         # dynamic=None: static shapes except the dimensions marked dynamic (_compiled_dense)
-        self._compiled_fn = (torch.compile(self.model.forward_dense,
-                                           dynamic=None if self.compile_dynamic_batch else False,
-                                           options=COMPILE_OPTIONS)
+        # inner LayerNorm rows kept persistent on torch < 2.14 (inductor_choices)
+        self._compiled_fn = (compile_inference(self.model.forward_dense,
+                                               dynamic=None if self.compile_dynamic_batch
+                                               else False, options=COMPILE_OPTIONS)
                              if self.compile else None)
         self._graphs: dict = {}
         self._mask_index: dict = {}

@@ -84,3 +84,28 @@ def test_time_launch_config_reports_a_configuration_that_fails():
         raise RuntimeError('out of resources: shared memory')
     assert common.time_launch_config(run, None, {'a': 1}) == {
         'variant': 'op', 'a': 1, 'error': 'out of resources: shared memory'}
+
+
+def test_compile_model_gives_ours_the_pipelines_choices_and_baselines_plain(monkeypatch):
+    import argparse
+
+    import torch
+    from torch._inductor.virtualized import V
+
+    from mamba_perception import inductor_choices
+
+    common = load('common')
+    monkeypatch.setattr(inductor_choices, 'needs_backport', lambda: True)
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: lambda: type(V.choices))
+    ours = common.compile_model(None, dynamic=False)
+    baseline = common.compile_model(None, baseline=True, dynamic=False)
+    assert ours() is inductor_choices._choices_class()
+    assert baseline() is not inductor_choices._choices_class()
+    # --persistent-norms off: ours compile plainly too, and the provenance says so
+    parser = argparse.ArgumentParser()
+    common.add_persistent_norms_option(parser)
+    monkeypatch.setattr(inductor_choices, 'PERSISTENT_INNER_REDUCTIONS', True)
+    applied = common.apply_persistent_norms_option(parser.parse_args(['--persistent-norms',
+                                                                      'off']))
+    assert applied == {'persistent_inner_reductions': False, 'needed_by_this_torch': True}
+    assert ours() is not inductor_choices._choices_class()
