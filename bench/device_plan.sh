@@ -30,6 +30,8 @@
 #   bash bench/device_plan.sh persistent  # stage 3's LayerNorms persistent on torch < 2.14
 #                                        # (inductor_choices) on / off: batches 4 and 1,
 #                                        # 1280x720, fp16 / bf16; 2048^2 and 1024^2 with ViT-S
+#   bash bench/device_plan.sh curve30     # with the persistent LayerNorms: batch 4 at 1024^2
+#                                        # (fp16 / bf16), batch 1 at 1248^2 and 1920x1088
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -78,7 +80,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -292,6 +294,17 @@ persistent)
     persistent_row 90 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
     persistent_row 120 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
     persistent_row 90 on 2048 "$vits" -- --sizes 2048x2048 --dtypes fp16 --batches 1
+    ;;
+curve30)
+    # The rest of stop 30's comparison with the persistent LayerNorms (on by default): batch 4
+    # at 1024^2 (stage 3 has 16384 rows there), fp16 / bf16; batch 1 at 1248^2 and 1920x1088
+    vits="vmamba_tiny vit_small_patch16_224"
+    step 120 "1024^2, batch 4, fp16 / bf16" python bench/backbone_speed.py --models $vits \
+        --sizes 1024x1024 --modes compile --dtypes fp16 bf16 --batches 4 --budget-s 110 \
+        --no-check --out "$OUT/backbone_speed_curve30_b4_${TAG}.json"
+    step 130 "1248^2 and 1920x1088, batch 1, fp16" python bench/backbone_speed.py \
+        --models $vits --sizes 1248x1248 1088x1920 --modes compile --dtypes fp16 --batches 1 \
+        --budget-s 120 --no-check --out "$OUT/backbone_speed_curve30_b1_${TAG}.json"
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer
