@@ -73,8 +73,14 @@ def wants_persistent(features: Any, kernel_kwargs: dict, default_choice: bool) -
                                                       INNER_PERSISTENT_MAX_ELEMENTS))
 
 
-@functools.lru_cache(maxsize=1)
+_warned = False
+
+
 def _warn_once(exc: Exception) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
     log.warning('inductor_choices: kept inductor\'s own persistent-reduction choice (%s: %s); '
                 'LayerNorms over many rows may run as looped kernels', type(exc).__name__, exc)
 
@@ -104,6 +110,13 @@ def _choices_class() -> type:
     return PersistentInnerReductions
 
 
+@functools.lru_cache(maxsize=None)
+def _choices() -> Any:
+    # One handler for every call: compile_inference enters it around each compiled call
+    # (each frame in Pipeline), so it is built once, not per call.
+    return _choices_class()()
+
+
 @contextlib.contextmanager
 def persistent_inner_reductions() -> Iterator[None]:
     """Within: inductor compiles (this thread) with the backported decision, where needed."""
@@ -112,7 +125,7 @@ def persistent_inner_reductions() -> Iterator[None]:
         return
     from torch._inductor.virtualized import V
 
-    with V.set_choices_handler(_choices_class()()):
+    with V.set_choices_handler(_choices()):
         yield
 
 
@@ -130,5 +143,4 @@ def compile_inference(fn: Callable, **compile_kwargs) -> Callable:
         with persistent_inner_reductions():
             return compiled(*args, **kwargs)
 
-    call.compiled = compiled  # the torch.compile object (its caches, reset, ...)
     return call

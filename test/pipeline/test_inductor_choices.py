@@ -93,3 +93,16 @@ def test_large_inner_layer_norm_is_persistent_on_cuda():
     assert kinds['ours'] == {'triton_per_fused'}, kinds
     if inductor_choices.needs_backport():
         assert kinds['plain'] == {'triton_red_fused'}, kinds  # what the backport is for
+
+
+def test_an_inductor_whose_internals_moved_keeps_its_choice_and_warns_once(monkeypatch, caplog):
+    """A decision that fails (here: features without the attributes it reads) leaves inductor's
+    kwargs as they were, with one warning for the process, not one per kernel."""
+    monkeypatch.setattr(inductor_choices, '_warned', False)
+    handler = inductor_choices._choices()
+    kwargs = {'features': None, 'tiling_scores': None}
+    with caplog.at_level('WARNING', logger='mamba_perception.inductor_choices'):
+        for _ in range(3):
+            assert handler.triton_kernel_kwargs(None, None, [], kwargs) == kwargs
+    assert ["kept inductor's own persistent-reduction choice" in r.getMessage()
+            for r in caplog.records] == [True]
