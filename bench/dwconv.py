@@ -236,9 +236,11 @@ SSM_RATIO = {"T": 1, "S": 2, "B": 2}
 def proj_candidates():
     """dwconv2d_proj_nhwc launch configurations swept by ``--proj --tune``."""
     out = []
-    for (bh, bw), bc, least in itertools.product(((1, 16), (2, 16), (4, 16), (8, 16)),
-                                                  (32, 64), (264, 1056)):
-        out.append(dict(block_h=bh, block_w=bw, block_c=bc, num_warps=4, min_programs=least))
+    for (bh, bw), bc, least in itertools.product(((1, 16), (2, 16), (4, 16), (8, 16), (4, 32)),
+                                                  (32, 64, 128), (264, 1056)):
+        if bh * bw * bc <= 8192:
+            out.append(dict(block_h=bh, block_w=bw, block_c=bc, num_warps=4, num_stages=1,
+                            min_programs=least))
     return out
 
 

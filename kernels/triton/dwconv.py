@@ -188,12 +188,17 @@ def dwconv2d_nhwc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # min_pixels pixels: tl.dot's least M is 16) while the launch has fewer than min_programs
 # programs. block_c: channels per step of the program's walk (a divisor of C where one exists,
 # as launch_config). max_width: the widest projection run fused (its fp32 accumulator is
-# (pixels, width) in registers); wider ones run as the conv and a GEMM. Not yet swept.
+# (pixels, width) in registers); wider ones run as the conv and a GEMM. num_stages 1: with
+# Triton's default (3) the pipeliner staged the conv's tap loads through shared memory (82 KB a
+# program at 4x16x32, scalar LDGSTS instead of 16-byte loads; sm_90 SASS offline) and the op
+# ran 3-6x slower than the conv plus cuBLAS's GEMM (H200, bench/results/
+# dwconv_proj_sweep_stages3_h200.json). Not yet swept at 1 stage.
 PROJ_TUNING = {
     "block_h": 4,
     "block_w": 16,
     "block_c": 32,
     "num_warps": 4,
+    "num_stages": 1,
     "min_programs": 264,
     "min_pixels": 16,
     "max_width": 256,
@@ -228,7 +233,8 @@ def proj_launch_config(batch: int, height: int, width: int, channels: int,
     while bc > 16 and channels % bc:
         bc //= 2
     return dict(block_h=bh, block_w=bw, block_c=bc,
-                num_warps=pow2_option(name, "num_warps", cfg["num_warps"]))
+                num_warps=pow2_option(name, "num_warps", cfg["num_warps"]),
+                num_stages=int(cfg["num_stages"]))
 
 
 def proj_fits(x: torch.Tensor, proj_width: int) -> bool:
@@ -283,7 +289,8 @@ def dwconv2d_proj_nhwc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             C_CONTIG=c_contig, PROJ=True,
             # fp32 maps: a true fp32 product (tl.dot would use TF32 on tensor cores).
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, BLOCK_N=block_n, num_warps=cfg["num_warps"])
+            BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, BLOCK_N=block_n, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return out, proj
 
 

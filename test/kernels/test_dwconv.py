@@ -443,6 +443,7 @@ def test_triton_kernel_proj_launch_config():
     # pixels: 45x80 at batch 1 (VMamba-T stage 3, 1280x720) has 45 * 5 programs of 1x16.
     cfg = launcher.proj_launch_config(1, 45, 80, 384, dict(min_programs=264))
     assert (cfg['block_h'], cfg['block_w'], cfg['block_c']) == (1, 16, 32)
+    assert cfg['num_stages'] == 1  # no staging of the tap loads through shared memory
     cfg = launcher.proj_launch_config(4, 180, 320, 96, dict(min_programs=264))
     assert (cfg['block_h'], cfg['block_w']) == (4, 16)    # enough programs already
     assert launcher.proj_launch_config(1, 1, 1, 8)['block_h'] * \
