@@ -532,13 +532,6 @@ def parse_args(argv):
     parser.add_argument('--fused-stem', choices=('on', 'off'), default=None,
                         help='VMamba patch embedding as one kernel (conv_norm_stem) or as its '
                              'modules (default: vmamba.FUSED_STEM)')
-    parser.add_argument('--fused-xproj', choices=('on', 'off'), default=None,
-                        help='VMamba\'s x_proj computed by the depthwise conv\'s kernel '
-                             '(dwconv2d_proj_nhwc) or by its own GEMM (default: '
-                             'vmamba.FUSED_XPROJ)')
-    parser.add_argument('--dwconv-proj-tuning', default=None,
-                        help='JSON object updating dwconv2d_proj_nhwc\'s PROJ_TUNING '
-                             '(bench/dwconv.py --proj --tune prints the best)')
     parser.add_argument('--gelu-epilogue', choices=('on', 'off'), default=None,
                         help='VMamba fc1 + GELU as one GEMM with cuBLASLt\'s (tanh) GELU '
                              'epilogue above the fused MLP (default: vmamba.GELU_TANH_EPILOGUE)')
@@ -610,12 +603,6 @@ def main(argv=None) -> int:
         vmamba.FUSED_STEM = args.fused_stem == 'on'
     if args.ss2d_parts_max_steps is not None:
         vmamba.SS2D_PARTS_MAX_STEPS = args.ss2d_parts_max_steps
-    if args.fused_xproj is not None:
-        vmamba.FUSED_XPROJ = args.fused_xproj == 'on'
-    from mamba_perception_kernels.triton import dwconv as dwconv_kernels
-
-    if args.dwconv_proj_tuning:
-        dwconv_kernels.PROJ_TUNING.update(json.loads(args.dwconv_proj_tuning))
     if args.gelu_epilogue is not None:
         vmamba.GELU_TANH_EPILOGUE = args.gelu_epilogue == 'on'
     if args.residual_16bit is not None:
@@ -639,8 +626,6 @@ def main(argv=None) -> int:
             'fused_mlp_max_channels': vmamba.FUSED_MLP_MAX_CHANNELS,
             'fused_ss2d_tail_max_channels': vmamba.FUSED_SS2D_TAIL_MAX_CHANNELS,
             'fused_stem': vmamba.FUSED_STEM,
-            'fused_xproj': vmamba.FUSED_XPROJ,
-            'dwconv_proj_tuning': dict(dwconv_kernels.PROJ_TUNING),
             'ss2d_parts_max_steps': vmamba.SS2D_PARTS_MAX_STEPS,
             'gelu_tanh_epilogue': vmamba.GELU_TANH_EPILOGUE,
             'residual_16bit': vmamba.RESIDUAL_16BIT,

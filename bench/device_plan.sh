@@ -32,11 +32,6 @@
 #                                        # 1280x720, fp16 / bf16; 2048^2 and 1024^2 with ViT-S
 #   bash bench/device_plan.sh curve30     # with the persistent LayerNorms: batch 4 at 1024^2
 #                                        # (fp16 / bf16), batch 1 at 1248^2 and 1920x1088
-#   bash bench/device_plan.sh xproj       # x_proj inside the depthwise conv's kernel
-#                                        # (dwconv2d_proj_nhwc): GPU tests, the op's sweep per
-#                                        # stage at batches 1 / 4, VMamba-T fused on / off at
-#                                        # batch 1, 1280x720, fp16 / bf16 (ViT-S beside "on")
-#   bash bench/device_plan.sh xproj4      # the same at batch 4 (1280x720) and 2048^2
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -85,7 +80,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|xproj|xproj4|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -310,42 +305,6 @@ curve30)
     step 130 "1248^2 and 1920x1088, batch 1, fp16" python bench/backbone_speed.py \
         --models $vits --sizes 1248x1248 1088x1920 --modes compile --dtypes fp16 --batches 1 \
         --budget-s 120 --no-check --out "$OUT/backbone_speed_curve30_b1_${TAG}.json"
-    ;;
-xproj|xproj4)
-    # SS2D's x_proj computed by the dwconv kernel from the u it has just rounded
-    # (vmamba.FUSED_XPROJ): one GEMM launch and one read of u fewer per block. The sweep's best
-    # PROJ_TUNING goes to the backbone rows through $OUT/dwconv_proj_best.json (xproj writes
-    # it; xproj4 reads it back from the committed results when the file is not there).
-    best=$OUT/dwconv_proj_best.json
-    if [ "$PART" = xproj ]; then
-        step 150 "GPU tests: dwconv (+ proj), vmamba" python -m pytest -q -x -p no:logging \
-            test/kernels/test_dwconv.py test/models/test_vmamba.py -k "proj or sm90 or triton"
-        step 200 "dwconv + x_proj sweep, fp16, batches 1 / 4" python bench/dwconv.py --proj \
-            --tune --quick --batch 1 4 --dtype fp16 --out "$OUT/dwconv_proj_sweep_${TAG}.json"
-    fi
-    sweep=$OUT/dwconv_proj_sweep_${TAG}.json
-    [ -f "$sweep" ] || sweep=bench/results/dwconv_proj_sweep_${TAG}.json
-    python -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['proj']['best']))" \
-        "$sweep" > "$best" 2>/dev/null || echo '{}' > "$best"
-    echo "PROJ_TUNING update: $(cat "$best")" | tee -a "$LOG"
-    xproj_row() {  # xproj_row LIMIT SETTING NAME MODELS -- BACKBONE_SPEED_ARGS...
-        local limit=$1 setting=$2 name=$3 models=$4
-        shift 5
-        step "$limit" "$name, fused x_proj $setting" python bench/backbone_speed.py \
-            --models $models --modes compile --no-check --fused-xproj "$setting" \
-            --dwconv-proj-tuning "$(cat "$best")" --budget-s $((limit - 10)) "$@" \
-            --out "$OUT/backbone_speed_xproj_${setting}_${name}_${TAG}.json"
-    }
-    vits="vmamba_tiny vit_small_patch16_224"
-    if [ "$PART" = xproj ]; then
-        xproj_row 130 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
-        xproj_row 90 off b1 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
-    else
-        xproj_row 150 on b4 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
-        xproj_row 100 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
-        xproj_row 100 on 2048 "$vits" -- --sizes 2048x2048 --dtypes fp16 --batches 1
-        xproj_row 70 off 2048 vmamba_tiny -- --sizes 2048x2048 --dtypes fp16 --batches 1
-    fi
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

@@ -20,13 +20,8 @@ S/B: 2-2-15-2). Timing: ``common.time_cuda`` (CUDA-graph replay).
 num_warps) over all shapes, reports the best config per shape and overall (least summed time
 over the shapes every config ran), and applies the overall best to the main table.
 
-``--proj``: instead, the conv with VMamba's x_proj after it, per stage: ``separate`` (the conv
-op, then ``F.linear`` on its output: the model without ``vmamba.FUSED_XPROJ``) against
-``dwconv2d_proj_nhwc`` (one pass) for each configuration of ``proj_candidates()`` (or
-``PROJ_TUNING`` as it is without ``--tune``); x_proj width 4 * (ceil(dim / 16) + 2).
-
 Usage: ``python bench/dwconv.py --out bench/results/dwconv_h100.json [--tune] [--quick]
-[--batch 1 4] [--dtype fp16 bf16] [--bias] [--proj]``
+[--batch 1 4] [--dtype fp16 bf16] [--bias]``
 """
 
 from __future__ import annotations
@@ -229,90 +224,6 @@ def _line(row):
             f"{err_c if err_c is not None else float('nan'):9.2e}")
 
 
-# Model widths (d_model) per d_inner: VMamba-T's ssm_ratio is 1, S's and B's 2.
-SSM_RATIO = {"T": 1, "S": 2, "B": 2}
-
-
-def proj_candidates():
-    """dwconv2d_proj_nhwc launch configurations swept by ``--proj --tune``."""
-    out = []
-    for (bh, bw), bc, least in itertools.product(((1, 16), (2, 16), (4, 16), (8, 16), (4, 32)),
-                                                  (32, 64, 128), (264, 1056)):
-        if bh * bw * bc <= 8192:
-            out.append(dict(block_h=bh, block_w=bw, block_c=bc, num_warps=4, num_stages=1,
-                            min_programs=least))
-    return out
-
-
-def run_proj(shapes, batches, dtypes, with_bias, iters, tune_it):
-    """Time the conv + x_proj per stage: separate ops vs the fused op per configuration."""
-    from mamba_perception_kernels.triton import dwconv as tdw
-
-    configs = proj_candidates() if tune_it else [dict(tdw.PROJ_TUNING)]
-    rows = []
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        for batch in batches:
-            for model, stage, c, h, w, depth in shapes:
-                rank = -(-(c // SSM_RATIO[model]) // 16)
-                n_proj = 4 * (rank + 2)
-                x, weight, bias = make_inputs(batch, c, h, w, dtype, with_bias)
-                proj_weight = (torch.randn(4, rank + 2, c, device="cuda") / c ** 0.5).to(dtype)
-
-                def separate(x=x, weight=weight, bias=bias, pw=proj_weight, n=n_proj, c=c):
-                    u = dwconv2d_nhwc(x, weight, bias, silu=True)
-                    return u, F.linear(u, pw.reshape(n, c))
-                want_u, want_p = separate()
-                row = {"model": f"VMamba-{model}", "stage": stage, "C": c, "H": h, "W": w,
-                       "depth": depth, "batch": batch, "dtype": dname, "n_proj": n_proj,
-                       "separate": _time(separate, iters), "fused": []}
-                for cfg in configs:
-                    def fused(x=x, weight=weight, bias=bias, pw=proj_weight, cfg=cfg):
-                        return tdw.dwconv2d_proj_nhwc_fwd(x, weight, bias, pw, True, cfg)
-                    entry = {**cfg, "effective": tdw.proj_launch_config(batch, h, w, c, cfg)}
-                    try:
-                        u, p = fused()
-                        entry["u_max_abs_diff"] = float((u.float() - want_u.float()).abs().max())
-                        entry["proj_rel_l2"] = float((p.float() - want_p.float()).norm()
-                                                     / want_p.float().norm())
-                    except Exception as exc:  # noqa: BLE001
-                        entry["error"] = _fmt_exc(exc)
-                        row["fused"].append(entry)
-                        continue
-                    entry.update(_time(fused, iters))
-                    row["fused"].append(entry)
-                timed = [e for e in row["fused"] if e.get("median_us")]
-                best = min(timed, key=lambda e: e["median_us"]) if timed else {}
-                shown = {k: best.get(k) for k in tdw.PROJ_TUNING if k in best}
-                print(f"VMamba-{model} st{stage} C{c} {h}x{w} B{batch} {dname} N{n_proj}: "
-                      f"separate {row['separate'].get('median_us', float('nan')):.1f} us, "
-                      f"fused best {best.get('median_us', float('nan')):.1f} us {shown}, "
-                      f"rel L2 {best.get('proj_rel_l2', float('nan')):.1e}", flush=True)
-                rows.append(row)
-                torch.cuda.empty_cache()
-    # the configuration of least time summed over every row (stage time x depth), among those
-    # that ran on every row
-    totals, counts = {}, {}
-    for row in rows:
-        for e in row["fused"]:
-            if e.get("median_us"):
-                key = tuple((k, e[k]) for k in sorted(tdw.PROJ_TUNING) if k in e)
-                totals[key] = totals.get(key, 0.0) + row["depth"] * e["median_us"]
-                counts[key] = counts.get(key, 0) + 1
-    complete = {k: v for k, v in totals.items() if counts[k] == len(rows)}
-    result = {"rows": rows}
-    if complete:
-        best = min(complete, key=complete.get)
-        result["best"] = dict(best)
-        result["best_sum_depth_weighted_us"] = complete[best]
-        result["separate_sum_depth_weighted_us"] = sum(
-            r["depth"] * r["separate"]["median_us"] for r in rows
-            if r["separate"].get("median_us"))
-        print(f"best fused config {dict(best)}: {complete[best]:.1f} us summed (depth-weighted) "
-              f"vs separate {result['separate_sum_depth_weighted_us']:.1f} us", flush=True)
-    return result
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/dwconv_h100.json")
@@ -322,8 +233,6 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["fp16"], choices=sorted(DTYPES))
     parser.add_argument("--bias", action="store_true", help="with a conv bias (VMamba: none)")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--proj", action="store_true",
-                        help="the conv + x_proj: separate ops vs dwconv2d_proj_nhwc")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/dwconv.py needs a CUDA GPU")
@@ -337,12 +246,6 @@ def main(argv=None):
               "provenance": provenance({"backend": backend}), "cases": []}
     shapes = cases(args.quick)
     torch.manual_seed(0)
-    if args.proj:
-        report["proj"] = run_proj(shapes, args.batch, args.dtype, args.bias, args.iters,
-                                  args.tune)
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-        return
     if args.tune:
         report["tuning"] = tune(shapes, args.batch[0], DTYPES[args.dtype[0]], args.bias,
                                 args.iters, args.quick)

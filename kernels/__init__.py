@@ -11,10 +11,8 @@ the conv's oracle is ``F.conv2d``):
   (VMamba's x_proj output and dt_projs weight): the Δ projection is part of the op.
 * ``bidir_scan``: Vim's forward + backward scan as one op.
 * ``dwconv2d_nhwc``: depthwise conv (+ bias, + SiLU) on a channels-last map, VMamba's conv
-  before the scan (``dwconv.py``); ``dwconv2d_proj_nhwc``: the same with the per-pixel
-  projection after it (VMamba's x_proj) in the same pass (inference); ``dwconv1d_bidir_silu``:
-  Vim's causal + anti-causal 1-D convs (+ bias, + SiLU) of a token-major map, both directions
-  in one pass.
+  before the scan (``dwconv.py``); ``dwconv1d_bidir_silu``: Vim's causal + anti-causal 1-D
+  convs (+ bias, + SiLU) of a token-major map, both directions in one pass.
 * ``norm_mlp_residual``: ``x [+ branch] + fc2(gelu(fc1(layer_norm(x [+ branch]))))`` in one
   pass (inference; the second half of a VMamba block and the first half's residual add,
   ``prenorm.py``); ``norm_linear_residual``: ``residual + linear(layer_norm(y))`` (the end of
@@ -36,7 +34,7 @@ from __future__ import annotations
 
 from . import dispatch as _dispatch
 from .dispatch import MAX_DSTATE, backend_name
-from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc, dwconv2d_proj_nhwc
+from .dwconv import dwconv1d_bidir_silu, dwconv2d_nhwc
 from .errors import ScanInputError
 from .ops import bidir_scan_op, selective_scan_op, ss2d_scan_lowrank_op, ss2d_scan_op
 from .prenorm import norm_linear_residual, norm_mlp_residual
@@ -59,7 +57,6 @@ __all__ = [
     "bidir_scan_ref",
     "dwconv1d_bidir_silu",
     "dwconv2d_nhwc",
-    "dwconv2d_proj_nhwc",
     "norm_linear_residual",
     "norm_mlp_residual",
     "resize_tap_sum",

@@ -1,8 +1,6 @@
 """Depthwise convolutions over channels-last maps (+ bias, + SiLU): VMamba's and Vim's.
 
 ``dwconv2d_nhwc``: depthwise k x k convolution over a (B, H, W, C) map, optional bias and SiLU.
-``dwconv2d_proj_nhwc``: the same conv with a per-pixel projection of its output in the same pass
-(VMamba's x_proj; inference).
 ``dwconv1d_bidir_silu``: Vim's two 1-D convs of a token-major (B, L, E) map (causal for the
 forward scan, anti-causal for the backward one) + bias + SiLU, written as (B, 2, L, E).
 
@@ -28,8 +26,7 @@ from .dispatch import ACT_DTYPES, backend_name, check_tensor
 from .errors import ScanInputError
 
 __all__ = ["dwconv1d_bidir_silu", "dwconv1d_bidir_silu_op", "dwconv1d_bidir_silu_torch",
-           "dwconv2d_nhwc", "dwconv2d_nhwc_op", "dwconv2d_nhwc_torch", "dwconv2d_proj_nhwc",
-           "dwconv2d_proj_nhwc_op", "dwconv2d_proj_nhwc_torch"]
+           "dwconv2d_nhwc", "dwconv2d_nhwc_op", "dwconv2d_nhwc_torch"]
 
 LIB = "mamba_perception"
 
@@ -167,70 +164,6 @@ def dwconv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     check_dwconv(x, weight, bias)
     return dwconv2d_nhwc_op(x, weight, bias, bool(silu))
-
-
-# ------------------------------------------------------------------------ dwconv2d_proj_nhwc
-
-
-def dwconv2d_proj_nhwc_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             proj_weight: Tensor, silu: bool = True) -> tuple:
-    """PyTorch path of :func:`dwconv2d_proj_nhwc` (no validation): the conv, then F.linear."""
-    u = dwconv2d_nhwc_torch(x, weight, bias, silu)
-    w = proj_weight.reshape(-1, proj_weight.shape[-1])
-    if u.is_cuda or u.dtype in (torch.float32, torch.float64):
-        proj = F.linear(u, w.to(u.dtype))
-    else:  # no fp32-accumulating 16-bit GEMM on the CPU: fp32, one rounding (as CUDA's)
-        proj = F.linear(u.float(), w.to(u.dtype).float()).to(u.dtype)
-    return u, proj.contiguous()
-
-
-@torch.library.custom_op(f"{LIB}::dwconv2d_proj_nhwc", mutates_args=())
-def dwconv2d_proj_nhwc_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          proj_weight: Tensor, silu: bool) -> tuple[Tensor, Tensor]:
-    """Return (u, proj), both contiguous in x.dtype: (B, H, W, C) and (B, H, W, N)."""
-    if backend_name(x.device) == "triton" and x.dtype in _PROJ_DTYPES:
-        tri = _triton()
-        if tri.proj_fits(x, proj_weight.numel() // max(proj_weight.shape[-1], 1)):
-            return tri.dwconv2d_proj_nhwc_fwd(x, weight, bias, proj_weight, silu)
-    return dwconv2d_proj_nhwc_torch(x, weight, bias, proj_weight, silu)
-
-
-@dwconv2d_proj_nhwc_op.register_fake
-def _(x, weight, bias, proj_weight, silu):
-    n_proj = proj_weight.numel() // max(proj_weight.shape[-1], 1)
-    return x.new_empty(x.shape), x.new_empty((*x.shape[:3], n_proj))
-
-
-_PROJ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def dwconv2d_proj_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor], proj_weight: Tensor,
-                       silu: bool = True) -> tuple:
-    """:func:`dwconv2d_nhwc`, then a per-pixel projection of its output, in one pass (inference).
-
-    VMamba's ``u = SiLU(conv(in_proj(x)))`` and ``x_proj = F.linear(u, W)`` with u read from
-    registers instead of memory: on CUDA one Triton kernel whose programs own whole pixels
-    (all channels) and multiply each channel block of the rounded u into the projection
-    (fp32 accumulation, one rounding), so the GEMM's launch and its read of u are gone.
-    Elsewhere, and for projections wider than the kernel takes, the two ops::
-
-        x:            (B, H, W, C)  fp32 / fp16 / bf16 (fp64 on the CPU); channel stride 1 is
-                                    the fast path
-        weight:       (C, 1, k, k)  odd k, any float dtype (cast); bias: (C,) or None
-        proj_weight:  (..., C)      N = the product of its leading dims (VMamba's (k, R, C)
-                                    x_proj weight as it is); cast to x.dtype
-        returns       u (B, H, W, C) and proj (B, H, W, N), new contiguous tensors in x.dtype
-
-    No backward: the model calls it with gradients off. Raises ScanInputError (a ValueError)
-    naming the offending tensor.
-    """
-    check_dwconv(x, weight, bias)
-    if not isinstance(proj_weight, Tensor) or proj_weight.dim() < 2:
-        raise ScanInputError(f"proj_weight must be a torch.Tensor of shape (..., C) with at "
-                             f"least 2 dims; got {proj_weight!r:.80}")
-    check_tensor("proj_weight", proj_weight, (None,) * (proj_weight.dim() - 1) + (x.shape[3],),
-                 ACT_DTYPES, x.device)
-    return dwconv2d_proj_nhwc_op(x, weight, bias, proj_weight, bool(silu))
 
 
 # ----------------------------------------------------------------------- dwconv1d_bidir_silu

@@ -85,10 +85,6 @@ SCAN_OUT_16BIT = True
 # scannorm, bench/results/backbone_speed_scannorm{0,128}_h200.json): batch 4 5.551 -> 5.512 ms
 # at 1280x720, 21.90 -> 21.85 at 2048^2; batch 1 1.793 -> 1.787 / 5.913 -> 5.932; peak equal.
 SCAN_NORM_MAX_CHANNELS = 128
-# SS2D's x_proj computed by the depthwise conv's kernel from the u it has just rounded
-# (``dwconv2d_proj_nhwc``, inference): the x_proj GEMM's launch and its read of u go (14
-# GEMMs a VMamba-T forward, ~5 us each at stage 3, 1280x720). Not yet timed on a GPU.
-FUSED_XPROJ = True
 
 
 def _inference_16bit(weight: torch.Tensor) -> bool:
@@ -179,17 +175,12 @@ class SS2D(nn.Module):
         """
         k, n, r, di = self.k_group, self.d_state, self.dt_rank, self.d_inner
         x = self.in_proj(x)  # [B, H, W, Di]
+        # Depthwise conv + the block's SiLU in one NHWC kernel (cuDNN transposes NHWC<->NCHW
+        # around it).
+        x = _kernels().dwconv2d_nhwc(x, self.conv2d.weight, self.conv2d.bias, silu=True)
         # The route projections are per pixel, so they run as one GEMM in the native layout and
         # the kernel does the routing: identical to projecting the cross-scanned sequences.
-        if FUSED_XPROJ and not torch.is_grad_enabled():
-            # conv + SiLU + x_proj in one pass (the weight as it is: the op caches its copy)
-            x, x_proj = _kernels().dwconv2d_proj_nhwc(x, self.conv2d.weight, self.conv2d.bias,
-                                                      self.x_proj_weight, silu=True)
-        else:
-            # Depthwise conv + the block's SiLU in one NHWC kernel (cuDNN transposes
-            # NHWC<->NCHW around it).
-            x = _kernels().dwconv2d_nhwc(x, self.conv2d.weight, self.conv2d.bias, silu=True)
-            x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
+        x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
         # dt_proj (rank r -> Di per route) is part of the scan op, fed the rank-r factors; so is
         # A = -exp(A_logs) (a_is_log): one elementwise kernel launch fewer per block.
         return _kernels().ss2d_scan_lowrank(

@@ -14,7 +14,6 @@ from mamba_perception_kernels.dwconv import (
     dwconv1d_bidir_silu,
     dwconv2d_nhwc,
     dwconv2d_nhwc_torch,
-    dwconv2d_proj_nhwc,
 )
 import pytest
 from scan_inputs import non_contiguous
@@ -225,62 +224,6 @@ def test_export_shows_one_custom_op_node():
     assert ours == ['mamba_perception.dwconv2d_nhwc.default'], targets
 
 
-# ------------------------------------------------------- dwconv2d_proj_nhwc (conv + x_proj)
-
-
-def proj_reference(x, weight, bias, proj_weight, silu=True):
-    """The conv rounded to x.dtype (as the op's u), then its projection in float64."""
-    u = reference(x, weight, bias, silu).to(x.dtype)
-    return u, u.double() @ proj_weight.reshape(-1, proj_weight.shape[-1]).to(x.dtype).double().t()
-
-
-@pytest.mark.parametrize('shape,proj_shape,dtype', [
-    ((2, 7, 9, 12), (4, 3, 12), torch.float64),      # VMamba's (k, R, C) weight as it is
-    ((1, 5, 6, 8), (10, 8), torch.float32),
-    ((1, 1, 1, 4), (2, 2, 4), torch.float32),        # a 1x1 map
-    ((2, 4, 5, 16), (4, 8, 16), torch.bfloat16),     # fp32 compute on CPU, one rounding each
-])
-def test_proj_matches_conv_then_linear(shape, proj_shape, dtype):
-    x, weight, bias = make(*shape, 3, dtype)
-    proj_weight = torch.randn(proj_shape) / 4
-    u, proj = dwconv2d_proj_nhwc(x, weight, bias, proj_weight)
-    want_u, want_proj = proj_reference(x, weight, bias, proj_weight)
-    _assert_nhwc_contiguous(u, shape)
-    _assert_nhwc_contiguous(proj, (*shape[:3], proj_weight.numel() // shape[3]))
-    _close(u, want_u, dtype)
-    _close(proj, want_proj, dtype)
-    # and exactly the two ops the model runs without it
-    torch.testing.assert_close(u, dwconv2d_nhwc(x, weight, bias, silu=True), rtol=0, atol=0)
-
-
-def test_proj_errors_name_the_tensor():
-    x, weight, bias = make(1, 4, 4, 8, 3)
-    with pytest.raises(ScanInputError, match='proj_weight must be a torch.Tensor of shape'):
-        dwconv2d_proj_nhwc(x, weight, bias, torch.randn(8))
-    with pytest.raises(ScanInputError, match='proj_weight'):
-        dwconv2d_proj_nhwc(x, weight, bias, torch.randn(4, 2, 7))   # C = 8, not 7
-    with pytest.raises(ScanInputError, match='weight'):
-        dwconv2d_proj_nhwc(x, weight[:4], bias, torch.randn(4, 8))
-
-
-def test_proj_fake_and_compile():
-    x, weight, bias = make(1, 5, 6, 8, 3)
-    proj_weight = torch.randn(4, 3, 8)
-    torch.library.opcheck(torch.ops.mamba_perception.dwconv2d_proj_nhwc.default,
-                          (x, weight, bias, proj_weight, True),
-                          test_utils=('test_schema', 'test_faketensor'))
-
-    def block(t):
-        u, proj = dwconv2d_proj_nhwc(t * 2, weight, bias, proj_weight)
-        return (u + 1).permute(0, 3, 1, 2), proj.sum(-1)
-
-    with torch.no_grad():
-        got = torch.compile(block, fullgraph=True)(x)
-        want = block(x)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
-
-
 # --------------------------------------------------------------- dwconv1d_bidir_silu, CPU
 
 
@@ -338,7 +281,7 @@ def test_bidir_conv1d_strided_input_gradcheck_and_fake():
 
 @only_without_gpu
 def test_triton_kernels_under_interpreter():
-    run_under_interpreter(__file__, min_passed=14, keyword='triton_kernel_')
+    run_under_interpreter(__file__, min_passed=8, keyword='triton_kernel_')
 
 
 def _launcher():
@@ -410,61 +353,6 @@ def test_triton_kernel_through_public_op():
                                atol=2e-3)
 
 
-@needs_triton_device
-@pytest.mark.parametrize('shape,n_proj,dtype,with_bias,config', [
-    # partial edge tiles, C = 40: channel blocks of 16 with a masked tail, N not a power of 2
-    ((2, 13, 11, 40), 26, torch.float32, True, dict(block_h=2, block_w=8, block_c=32)),
-    ((1, 9, 18, 96), 32, torch.float16, False, None),          # VMamba-T stage 1's widths
-    ((1, 6, 7, 64), 104, torch.float16, False, dict(block_c=64, min_programs=1)),
-    ((1, 3, 5, 16), 200, torch.float16, True, None),            # the widest x_proj (stage 4)
-    ((1, 1, 1, 16), 8, torch.float16, True, None),              # a 1x1 map in a 16-pixel tile
-    pytest.param((1, 6, 7, 64), 104, torch.bfloat16, False, None, marks=pytest.mark.skipif(
-        INTERPRETER, reason='the Triton interpreter (numpy) gets tl.dot of bfloat16 wrong')),
-])
-def test_triton_kernel_proj_matches_conv_then_linear(shape, n_proj, dtype, with_bias, config):
-    x, weight, bias = make(*shape, 3, dtype, with_bias, TRITON_DEVICE)
-    proj_weight = (torch.randn(n_proj, shape[3]) / 4).to(TRITON_DEVICE)
-    launcher = _launcher()
-    u, proj = launcher.dwconv2d_proj_nhwc_fwd(x, weight, bias, proj_weight, True, config)
-    want_u, want_proj = proj_reference(x, weight, bias, proj_weight)
-    _assert_nhwc_contiguous(u, shape)
-    _assert_nhwc_contiguous(proj, (*shape[:3], n_proj))
-    _close(u, want_u, dtype)
-    _close(proj, want_proj, dtype)
-    # u is bit for bit the plain conv's
-    torch.testing.assert_close(u, launcher.dwconv2d_nhwc_fwd(x, weight, bias, True),
-                               rtol=0, atol=0)
-
-
-@needs_triton_device
-def test_triton_kernel_proj_launch_config():
-    launcher = _launcher()
-    # Tiles shrink (rows first) until the launch has min_programs programs, not below 16
-    # pixels: 45x80 at batch 1 (VMamba-T stage 3, 1280x720) has 45 * 5 programs of 1x16.
-    cfg = launcher.proj_launch_config(1, 45, 80, 384, dict(min_programs=264))
-    assert (cfg['block_h'], cfg['block_w'], cfg['block_c']) == (1, 16, 32)
-    assert cfg['num_stages'] == 1  # no staging of the tap loads through shared memory
-    cfg = launcher.proj_launch_config(4, 180, 320, 96, dict(min_programs=264))
-    assert (cfg['block_h'], cfg['block_w']) == (4, 16)    # enough programs already
-    assert launcher.proj_launch_config(1, 1, 1, 8)['block_h'] * \
-        launcher.proj_launch_config(1, 1, 1, 8)['block_w'] == 16
-    with pytest.raises(ValueError, match='unknown dwconv proj launch options'):
-        launcher.proj_launch_config(1, 8, 8, 8, dict(block_k=4))
-    with pytest.raises(ValueError, match='power of two'):
-        launcher.proj_launch_config(1, 8, 8, 8, dict(block_w=12))
-
-
-@needs_triton_device
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='the op dispatches to Triton on CUDA')
-def test_triton_kernel_proj_through_public_op():
-    x, weight, bias = make(2, 9, 10, 32, 3, torch.float16, device='cuda')
-    proj_weight = torch.randn(4, 8, 32, device='cuda') / 4
-    u, proj = dwconv2d_proj_nhwc(x, weight, bias, proj_weight)
-    want_u, want_proj = proj_reference(x, weight, bias, proj_weight)
-    _close(u, want_u, torch.float16)
-    _close(proj, want_proj, torch.float16)
-
-
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETER, reason='needs the Triton compiler')
 @pytest.mark.parametrize('silu,has_bias,c_contig', [(True, True, True), (False, False, False)])
 def test_kernel_compiles_for_sm90(silu, has_bias, c_contig):
@@ -477,12 +365,9 @@ def test_kernel_compiles_for_sm90(silu, has_bias, c_contig):
 
     fn = _launcher()._dwconv_nhwc_kernel
     cfg = _launcher().TUNING
-    # c_contig doubles as the projection's switch: the fused x_proj variant compiles too
-    consts = dict(KSIZE=3, HAS_BIAS=has_bias, SILU=silu, C_CONTIG=c_contig, PROJ=c_contig,
-                  DOT_PRECISION='tf32', BLOCK_H=cfg['block_h'], BLOCK_W=cfg['block_w'],
-                  BLOCK_C=cfg['block_c'], BLOCK_N=32)
-    ptr_types = {'x_ptr': '*fp16', 'out_ptr': '*fp16', 'w_ptr': '*fp32', 'bias_ptr': '*fp32',
-                 'pw_ptr': '*fp16', 'proj_ptr': '*fp16'}
+    consts = dict(KSIZE=3, HAS_BIAS=has_bias, SILU=silu, C_CONTIG=c_contig,
+                  BLOCK_H=cfg['block_h'], BLOCK_W=cfg['block_w'], BLOCK_C=cfg['block_c'])
+    ptr_types = {'x_ptr': '*fp16', 'out_ptr': '*fp16', 'w_ptr': '*fp32', 'bias_ptr': '*fp32'}
     sig = {n: 'constexpr' if n in consts else ptr_types.get(n, 'i32') for n in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                               target=GPUTarget('cuda', 90, 32))

@@ -245,34 +245,6 @@ def test_fused_ss2d_tail_matches_the_modules(monkeypatch):
     assert calls == [32] * model.depths[0] + [64] * model.depths[1]
 
 
-def test_fused_xproj_matches_the_modules(monkeypatch):
-    # FUSED_XPROJ (gradients off): every SS2D's conv + x_proj is one dwconv2d_proj_nhwc call
-    # fed the (k, R, d_inner) x_proj weight as it is; with gradients on, or the flag off, the
-    # conv op and the GEMM.
-    from mamba_perception.models import vmamba
-
-    calls = []
-    import mamba_perception_kernels
-
-    real = mamba_perception_kernels.dwconv2d_proj_nhwc
-    monkeypatch.setattr(mamba_perception_kernels, 'dwconv2d_proj_nhwc',
-                        lambda *a, **k: calls.append((a[0].shape[-1], tuple(a[3].shape)))
-                        or real(*a, **k))
-    model = _inference_matches_module_path(torch.randn(1, 3, 64, 96))
-    blocks = [blk for layer in model.layers for blk in layer.blocks]
-    assert calls == [(blk.op.d_inner, tuple(blk.op.x_proj_weight.shape)) for blk in blocks]
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        fused = model.forward_intermediates(x)
-        monkeypatch.setattr(vmamba, 'FUSED_XPROJ', False)
-        separate = model.forward_intermediates(x)
-    assert len(calls) == 2 * len(blocks)
-    # the CPU path of the op is the conv op and F.linear in fp32 with one rounding, where the
-    # unfused model runs CPU's bf16 GEMM: bf16 tolerance
-    for f, s in zip(fused, separate, strict=True):
-        assert ((f.float() - s.float()).norm() / s.float().norm()) < 2e-2
-
-
 def test_gelu_epilogue_above_the_fused_mlp(monkeypatch):
     # Stages wider than FUSED_MLP_MAX_CHANNELS run fc1 + GELU as layers.linear_gelu_tanh (one
     # GEMM with cuBLASLt's GELU epilogue on CUDA; its tanh form), and their modules when
