@@ -32,6 +32,8 @@
 #                                        # 1280x720, fp16 / bf16; 2048^2 and 1024^2 with ViT-S
 #   bash bench/device_plan.sh curve30     # with the persistent LayerNorms: batch 4 at 1024^2
 #                                        # (fp16 / bf16), batch 1 at 1248^2 and 1920x1088
+#   bash bench/device_plan.sh tune31     # the stem's and the dwconv's launch configurations
+#                                        # at batch 4 (1280x720), then at batch 1: sweeps
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -80,7 +82,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -305,6 +307,23 @@ curve30)
     step 130 "1248^2 and 1920x1088, batch 1, fp16" python bench/backbone_speed.py \
         --models $vits --sizes 1248x1248 1088x1920 --modes compile --dtypes fp16 --batches 1 \
         --budget-s 120 --no-check --out "$OUT/backbone_speed_curve30_b1_${TAG}.json"
+    ;;
+tune31)
+    # Both were swept at batch 1 on an H100 (stem_h100.json, dwconv_h100.json); at batch 4 the
+    # stem takes 92 + 89 us and the dwconv 321 us (3.5x / 2.8x batch 1, H200 profile, stop 30)
+    stem_candidates='[{"block_m":128,"block_m_conv1":128,"num_warps":4,"num_stages":3},
+        {"block_m":64,"num_stages":3}, {"block_m":64,"num_stages":4}, {"num_stages":4},
+        {"num_stages":2}, {"block_m":128,"num_warps":8}, {"block_m":256,"num_warps":8},
+        {"block_m_conv1":64}, {"block_m_conv1":256}, {"block_m_conv1":32},
+        {"block_m_conv1":64,"block_m":64}]'
+    for b in 4 1; do
+        step 120 "stem sweep, batch $b" python bench/stem.py --tune --batch $b --sizes 720x1280 \
+            --no-modules --candidates "$stem_candidates" --out "$OUT/stem_b${b}_${TAG}.json"
+    done
+    for b in 4 1; do
+        step 150 "dwconv sweep, batch $b" python bench/dwconv.py --tune --quick --batch $b \
+            --out "$OUT/dwconv_b${b}_${TAG}.json"
+    done
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

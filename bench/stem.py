@@ -2,8 +2,8 @@
 
 Times the op (each launch configuration of ``--tune``, or TUNING as it is) and
 ``torch.compile`` of the modules (``PatchEmbedV2`` with ``FUSED_STEM`` off) on the same weights,
-fp16 weights and autocast as Pipeline runs them, batch 1, CUDA-graph replays; checks each
-configuration against the modules. VMamba-T widths (48 -> 96) unless ``--dim``.
+fp16 weights and autocast as Pipeline runs them, batch 1 (or ``--batch``), CUDA-graph replays;
+checks each configuration against the modules. VMamba-T widths (48 -> 96) unless ``--dim``.
 
     python bench/stem.py --tune --out $OUT/stem_h100.json
 """
@@ -39,6 +39,9 @@ def candidates():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dim', type=int, default=96, help='stage-1 channels (C2)')
+    parser.add_argument('--batch', type=int, default=1, help='images per call')
+    parser.add_argument('--sizes', nargs='+', default=None,
+                        help='HxW sizes (default: 720x1280 2048x2048)')
     parser.add_argument('--tune', action='store_true', help='sweep launch configurations')
     parser.add_argument('--candidates', default=None,
                         help='JSON list of TUNING overrides swept instead of the built-in list '
@@ -63,14 +66,15 @@ def main() -> int:
     c1, n1, c2, n2 = module[0], module[2], module[5], module[7]
     weights = (c1.weight, c1.bias, n1.weight, n1.bias, n1.eps, c2.weight, c2.bias, n2.weight,
                n2.bias, n2.eps)
-    report = {'provenance': provenance({'dim': args.dim, 'dtype': 'fp16', 'batch': 1}),
+    report = {'provenance': provenance({'dim': args.dim, 'dtype': 'fp16', 'batch': args.batch}),
               'what': 'conv_norm_stem (Triton, per launch configuration) vs torch.compile of '
                       'the modules; CUDA-graph replays, median us; rel_l2 vs the modules',
               'sizes': {}}
     configs = ((json.loads(args.candidates) if args.candidates else candidates()) if args.tune
                else [dict(stem.TUNING)])
-    for h, w in SIZES:
-        x = torch.randn(1, 3, h, w, device='cuda')
+    sizes = [tuple(int(v) for v in s.split('x')) for s in args.sizes] if args.sizes else SIZES
+    for h, w in sizes:
+        x = torch.randn(args.batch, 3, h, w, device='cuda')
         vmamba.FUSED_STEM = False
         with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
             ref = module(x).float()
