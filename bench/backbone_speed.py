@@ -546,6 +546,9 @@ def parse_args(argv):
                              'default: vmamba.SCAN_NORM_MAX_CHANNELS)')
     add_lowrank_tuning_option(parser)
     add_persistent_norms_option(parser)
+    parser.add_argument('--dwconv-tuning', default=None,
+                        help='JSON object updating the depthwise conv kernel\'s TUNING, e.g. '
+                             '\'{"wide_min_channels": 0}\' (no WIDE_TUNING tile)')
     parser.add_argument('--stem-tuning', default=None,
                         help='JSON object updating the fused stem kernel\'s TUNING '
                              '(bench/stem.py --tune prints the best)')
@@ -615,6 +618,10 @@ def main(argv=None) -> int:
 
     if args.stem_tuning:
         stem.TUNING.update(json.loads(args.stem_tuning))
+    from mamba_perception_kernels.triton import dwconv as dwconv_kernels
+
+    if args.dwconv_tuning:
+        dwconv_kernels.TUNING.update(json.loads(args.dwconv_tuning))
     result = {
         'provenance': provenance({
             'scan_backend': backend_name('cuda'), 'timm': timm_version, 'tf32': True,
@@ -632,6 +639,8 @@ def main(argv=None) -> int:
             'scan_out_16bit': vmamba.SCAN_OUT_16BIT,
             'scan_norm_max_channels': vmamba.SCAN_NORM_MAX_CHANNELS,
             'stem_tuning': dict(stem.TUNING),
+            'dwconv_tuning': dict(dwconv_kernels.TUNING),
+            'dwconv_wide_tuning': dict(dwconv_kernels.WIDE_TUNING),
             'prenorm_mlp_tuning': {str(k): v for k, v in prenorm.TUNING.items()},
             'prenorm_linear_tuning': dict(prenorm.LINEAR_TUNING),
             'ss2d_lowrank_tuning': dict(ss2d_lowrank.TUNING)}),

@@ -34,6 +34,9 @@
 #                                        # (fp16 / bf16), batch 1 at 1248^2 and 1920x1088
 #   bash bench/device_plan.sh tune31     # the stem's and the dwconv's launch configurations
 #                                        # at batch 4 (1280x720), then at batch 1: sweeps
+#   bash bench/device_plan.sh wide       # the dwconv's WIDE_TUNING tile (>= 384 channels)
+#                                        # on / off: VMamba-T at batches 4 and 1, 1280x720,
+#                                        # fp16 / bf16, ViT-S beside "on"
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -82,7 +85,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -324,6 +327,25 @@ tune31)
         step 150 "dwconv sweep, batch $b" python bench/dwconv.py --tune --quick --batch $b \
             --out "$OUT/dwconv_b${b}_${TAG}.json"
     done
+    ;;
+wide)
+    # tune31 found 2x16x128 tiles best for the 384- and 768-channel maps (-10 / -27 us a
+    # forward at batch 1 / 4 by the op's sweep); the backbone with and without, one process each
+    wide_row() {  # wide_row LIMIT SETTING NAME MODELS -- BACKBONE_SPEED_ARGS...
+        local limit=$1 setting=$2 name=$3 models=$4
+        shift 5
+        local tuning='{}'
+        [ "$setting" = off ] && tuning='{"wide_min_channels": 0}'
+        step "$limit" "$name, dwconv wide tile $setting" python bench/backbone_speed.py \
+            --models $models --modes compile --no-check --dwconv-tuning "$tuning" \
+            --budget-s $((limit - 10)) "$@" \
+            --out "$OUT/backbone_speed_wide_${setting}_${name}_${TAG}.json"
+    }
+    vits="vmamba_tiny vit_small_patch16_224"
+    wide_row 150 on b4 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+    wide_row 100 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+    wide_row 130 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
+    wide_row 80 off b1 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

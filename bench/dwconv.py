@@ -108,6 +108,9 @@ def tune(shapes, batch, dtype, with_bias, iters, quick):
     from mamba_perception_kernels.triton import dwconv as tdw
 
     default = dict(tdw.TUNING)
+    swept = ("block_h", "block_w", "block_c", "num_warps")
+    # Every shape gets the swept tile (no WIDE_TUNING override) while sweeping.
+    tdw.TUNING["wide_min_channels"] = 0
     configs = tune_configs(quick)
     print(f"tuning: {len(configs)} configs x {len(shapes)} shapes", flush=True)
     inputs = {s: make_inputs(batch, s[2], s[3], s[4], dtype, with_bias) for s in shapes}
@@ -132,18 +135,20 @@ def tune(shapes, batch, dtype, with_bias, iters, quick):
         timed = [r for r in rows if r["us"].get(key) is not None]
         if timed:
             best = min(timed, key=lambda r: r["us"][key])
-            asked = {k: best[k] for k in default}
+            asked = {k: best[k] for k in swept}
             # What the launcher made of it for this shape (tiles clamped, block_c a divisor).
             per_shape[key] = {**asked, "us": best["us"][key],
-                              "effective": tdw.launch_config(s[3], s[4], s[2], asked)}
+                              "effective": tdw.launch_config(s[3], s[4], s[2],
+                                                             {**asked, "wide_min_channels": 0})}
     result = {"default": default, "configs": rows, "best_per_shape": per_shape,
               "sum_us_of_best_per_shape": sum(v["us"] for v in per_shape.values())}
     if ranked:
-        best = {k: ranked[0][k] for k in default}
+        # applied with TUNING's wide_min_channels as it was (WIDE_TUNING above it)
+        best = {k: ranked[0][k] for k in swept}
         tdw.TUNING.update(best)
         result["applied"] = best
         result["applied_sum_us"] = ranked[0]["sum_us"]
-        default_row = next((r for r in rows if all(r[k] == default[k] for k in default)), None)
+        default_row = next((r for r in rows if all(r[k] == default[k] for k in swept)), None)
         if default_row is not None:
             result["default_sum_us"] = default_row["sum_us"]
         print(f"tuned: {best} (sum {ranked[0]['sum_us']:.1f} us; best per shape would sum to "

@@ -29,13 +29,22 @@ from .common import pow2_option
 
 # Launch configuration, read at every call (bench/dwconv.py --tune sweeps and sets it). Tile
 # sizes must be powers of two; each is clamped to the next power of two of the map's size, and
-# block_c is an upper bound (see launch_config). Defaults not yet tuned on a GPU.
+# block_c is an upper bound (see launch_config).
 TUNING = {
     "block_h": 4,      # pixel rows per tile
     "block_w": 16,     # pixel columns per tile
     "block_c": 64,     # channels per program (64 fp16 = 128 bytes per pixel row)
     "num_warps": 4,
+    # Maps this wide (and wider) take WIDE_TUNING's tile instead (0: never).
+    "wide_min_channels": 384,
 }
+# Wide, small maps (VMamba-T's stages 3-4: 384 / 768 channels at 45x80 / 23x40 for 1280x720)
+# are served best by fewer pixels and more channels per program. H200, fp16, per call
+# (bench/results/dwconv_b{1,4}_h200.json, one sweep of 46 tiles each): 4x16x64 vs 2x16x128
+# at batch 1 7.0 -> 6.0 us (stage 3) and 6.1 -> 5.2 (stage 4), at batch 4 16.5 -> 13.6 and
+# 11.7 -> 9.7: -10 / -27 us a VMamba-T forward (stage 3 runs 8 times). At 192 channels the
+# same tile is no faster (10.8 / 31.3 vs 10.8 / 30.6 us), hence the threshold.
+WIDE_TUNING = {"block_h": 2, "block_w": 16, "block_c": 128}
 
 # Offsets inside one image are computed in int32 (the batch offset is int64).
 _MAX_IMAGE_SPAN = 2**31 - 1
@@ -100,12 +109,18 @@ def _pow2(name: str, value: int) -> int:
 
 
 def launch_config(height: int, width: int, channels: int, config: dict | None = None) -> dict:
-    """Return the tile sizes and num_warps used for one map size (TUNING + ``config``)."""
+    """Return the tile sizes and num_warps used for one map size.
+
+    TUNING, then WIDE_TUNING where ``channels`` reaches TUNING's ``wide_min_channels``, then
+    ``config``.
+    """
     cfg = {**TUNING, **(config or {})}
     unknown = set(cfg) - set(TUNING)
     if unknown:
         raise ValueError(f"unknown dwconv launch options {sorted(unknown)}; "
                          f"expected {sorted(TUNING)}")
+    if 0 < cfg["wide_min_channels"] <= channels:
+        cfg = {**cfg, **WIDE_TUNING, **(config or {})}
     block_c = min(_pow2("block_c", cfg["block_c"]), triton.next_power_of_2(max(channels, 1)))
     # Halve the channel block (down to 16) until it divides C, so no program runs a partly
     # masked block: C=96 with block_c 64 would leave half of every second block idle.

@@ -298,6 +298,7 @@ def _launcher():
     ((1, 10, 7, 48), 3, torch.bfloat16, True, False, None),
     ((1, 7, 5, 3), 5, torch.float32, True, True, None),      # k=5, C=3: masked channels
     ((1, 1, 1, 2), 3, torch.float16, True, True, None),      # everything but the centre pads
+    ((1, 5, 18, 384), 3, torch.float16, False, True, None),   # WIDE_TUNING's tile, edge tiles
 ])
 def test_triton_kernel_matches_conv2d(shape, k, dtype, with_bias, silu, config):
     x, weight, bias = make(*shape, k, dtype, with_bias, TRITON_DEVICE)
@@ -341,6 +342,16 @@ def test_triton_kernel_launch_config_errors():
     # The channel block shrinks to a divisor of C (down to 16): C=96 gets 32, not 64.
     assert launcher.launch_config(180, 320, 96, dict(block_c=64))['block_c'] == 32
     assert launcher.launch_config(180, 320, 40, dict(block_c=64))['block_c'] == 16
+    # From wide_min_channels on, WIDE_TUNING's tile; an explicit config still wins; 0 = off.
+    wide = launcher.launch_config(45, 80, 384)
+    assert {k: wide[k] for k in launcher.WIDE_TUNING} == launcher.WIDE_TUNING
+    narrow = launcher.launch_config(90, 160, 192)
+    assert (narrow['block_h'], narrow['block_w'], narrow['block_c']) == (
+        launcher.TUNING['block_h'], launcher.TUNING['block_w'], 64)
+    assert launcher.launch_config(45, 80, 384, dict(block_c=32))['block_c'] == 32
+    off = launcher.launch_config(45, 80, 768, dict(wide_min_channels=0))
+    assert (off['block_h'], off['block_c']) == (launcher.TUNING['block_h'],
+                                                launcher.TUNING['block_c'])
 
 
 @needs_triton_device
