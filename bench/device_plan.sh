@@ -37,6 +37,7 @@
 #   bash bench/device_plan.sh wide       # the dwconv's WIDE_TUNING tile (>= 384 channels)
 #                                        # on / off: VMamba-T at batches 4 and 1, 1280x720,
 #                                        # fp16 / bf16, ViT-S beside "on"
+#   bash bench/device_plan.sh wide2048   # the same at 2048^2 (batch 1; the op also at 4)
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -85,7 +86,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|wide2048|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -328,7 +329,7 @@ tune31)
             --out "$OUT/dwconv_b${b}_${TAG}.json"
     done
     ;;
-wide)
+wide|wide2048)
     # tune31 found 2x16x128 tiles best for the 384- and 768-channel maps (-10 / -27 us a
     # forward at batch 1 / 4 by the op's sweep); the backbone with and without, one process each
     wide_row() {  # wide_row LIMIT SETTING NAME MODELS -- BACKBONE_SPEED_ARGS...
@@ -341,11 +342,26 @@ wide)
             --budget-s $((limit - 10)) "$@" \
             --out "$OUT/backbone_speed_wide_${setting}_${name}_${TAG}.json"
     }
-    vits="vmamba_tiny vit_small_patch16_224"
-    wide_row 150 on b4 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
-    wide_row 100 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
-    wide_row 130 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
-    wide_row 80 off b1 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
+    if [ "$PART" = wide ]; then
+        vits="vmamba_tiny vit_small_patch16_224"
+        wide_row 150 on b4 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+        wide_row 100 off b4 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 4
+        wide_row 130 on b1 "$vits" -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
+        wide_row 80 off b1 vmamba_tiny -- --sizes 720x1280 --dtypes fp16 bf16 --batches 1
+    else
+        # The wide tile was chosen at 1280x720; at 2048^2 stage 3 is 128x128x384 (4.5x the
+        # pixels): the op per stage with and without it, then the backbone, one process each
+        for setting in on off; do
+            tuning='{}'
+            [ "$setting" = off ] && tuning='{"wide_min_channels": 0}'
+            step 60 "dwconv ops at 2048^2, wide tile $setting" python bench/dwconv.py --quick \
+                --batch 1 4 --input-hw 2048x2048 --tuning "$tuning" \
+                --out "$OUT/dwconv_wide_${setting}_2048_${TAG}.json"
+        done
+        wide_row 110 on 2048 "vmamba_tiny vit_small_patch16_224" -- --sizes 2048x2048 \
+            --dtypes fp16 --batches 1
+        wide_row 70 off 2048 vmamba_tiny -- --sizes 2048x2048 --dtypes fp16 --batches 1
+    fi
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

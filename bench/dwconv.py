@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -56,14 +57,14 @@ KSIZE = 3
 
 
 
-def cases(quick):
+def cases(quick, input_hw=INPUT_HW):
     """(model, stage, C, H, W, depth) for every stage of every model (T only with --quick)."""
     out = []
     for model, (dims, depths) in MODELS.items():
         if quick and model != "T":
             continue
         for stage, ((h, w), c, depth) in enumerate(
-                zip(stage_hw(*INPUT_HW), dims, depths, strict=True)):
+                zip(stage_hw(*input_hw), dims, depths, strict=True)):
             out.append((model, stage + 1, c, h, w, depth))
     return out
 
@@ -238,6 +239,11 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["fp16"], choices=sorted(DTYPES))
     parser.add_argument("--bias", action="store_true", help="with a conv bias (VMamba: none)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--input-hw", default="720x1280",
+                        help="the image size whose stage maps are timed (HxW)")
+    parser.add_argument("--tuning", default=None,
+                        help='JSON object updating TUNING before the table, e.g. '
+                             '\'{"wide_min_channels": 0}\'')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/dwconv.py needs a CUDA GPU")
@@ -246,10 +252,13 @@ def main(argv=None):
     backend = K.backend_name("cuda")
     if backend != "triton":
         print(f"warning: the op's CUDA backend is {backend!r}, not 'triton'", flush=True)
-    report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "input_hw": list(INPUT_HW),
+    input_hw = tuple(int(v) for v in args.input_hw.split("x"))
+    if args.tuning:
+        tdw.TUNING.update(json.loads(args.tuning))
+    report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "input_hw": list(input_hw),
               "ksize": KSIZE, "bias": args.bias,
               "provenance": provenance({"backend": backend}), "cases": []}
-    shapes = cases(args.quick)
+    shapes = cases(args.quick, input_hw)
     torch.manual_seed(0)
     if args.tune:
         report["tuning"] = tune(shapes, args.batch[0], DTYPES[args.dtype[0]], args.bias,
