@@ -38,6 +38,9 @@
 #                                        # on / off: VMamba-T at batches 4 and 1, 1280x720,
 #                                        # fp16 / bf16, ViT-S beside "on"
 #   bash bench/device_plan.sh wide2048   # the same at 2048^2 (batch 1; the op also at 4)
+#   bash bench/device_plan.sh pixels     # the dwconv with whole-pixel channel blocks
+#                                        # (TUNING whole_pixels): op sweeps at batches 4 / 1,
+#                                        # then VMamba-T on / off at batch 4, fp16 / bf16
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -86,7 +89,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|wide2048|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|wide2048|pixels|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -362,6 +365,24 @@ wide|wide2048)
             --dtypes fp16 --batches 1
         wide_row 70 off 2048 vmamba_tiny -- --sizes 2048x2048 --dtypes fp16 --batches 1
     fi
+    ;;
+pixels)
+    # PERF_NOTES "What to try next (as of stop 31)" f: at C = 96 / 192 every program read a
+    # third of each pixel; with whole_pixels a 128- / 256-channel block (25 % masked) reads
+    # whole pixels. The op first (the sweep's tiles x whole pixels), then the backbone
+    for b in 4 1; do
+        for w in false true; do
+            step 90 "dwconv sweep, batch $b, whole_pixels $w" python bench/dwconv.py --tune \
+                --quick --batch $b --tuning "{\"whole_pixels\": $w}" \
+                --out "$OUT/dwconv_pixels_${w}_b${b}_${TAG}.json"
+        done
+    done
+    for w in true false; do
+        step 110 "batch 4, whole_pixels $w" python bench/backbone_speed.py \
+            --models vmamba_tiny --sizes 720x1280 --modes compile --dtypes fp16 bf16 \
+            --batches 4 --no-check --budget-s 100 --dwconv-tuning "{\"whole_pixels\": $w, \"block_c\": 256}" \
+            --out "$OUT/backbone_speed_pixels_${w}_b4_${TAG}.json"
+    done
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

@@ -73,7 +73,7 @@ def tune_configs(quick):
     """Launch configs to sweep: tile shape x channel block x warps, 512..16384 elements."""
     tiles = [(1, 16), (1, 32), (2, 16), (2, 32), (4, 8), (4, 16), (4, 32), (8, 8), (8, 16),
              (16, 16)]
-    blocks_c = (32, 64, 128) if quick else (16, 32, 64, 128)
+    blocks_c = (32, 64, 128, 256) if quick else (16, 32, 64, 128, 256)
     warps = (4,) if quick else (2, 4, 8)
     out = []
     for (bh, bw), bc, nw in itertools.product(tiles, blocks_c, warps):
