@@ -134,9 +134,12 @@ def compile_inference(fn: Callable, **compile_kwargs) -> Callable:
 
     torch.compile compiles lazily, on the first call with a new input shape, in the calling
     thread: entering the handler around every call covers every recompile (it only sets a
-    thread-local, nothing on the GPU).
+    thread-local, nothing on the GPU). Where this torch needs no backport (>= 2.14) the
+    compiled function is returned as it is: no wrapper on every frame.
     """
     compiled = torch.compile(fn, **compile_kwargs)
+    if not needs_backport():
+        return compiled
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
