@@ -41,6 +41,12 @@
 #   bash bench/device_plan.sh pixels     # the dwconv with whole-pixel channel blocks
 #                                        # (TUNING whole_pixels): op sweeps at batches 4 / 1,
 #                                        # then VMamba-T on / off at batch 4, fp16 / bf16
+#   bash bench/device_plan.sh gemms      # which cuBLAS kernels (and Memsets) the SS2D
+#                                        # block's GEMMs get in fp16 / bf16, per call form
+#                                        # (bench/gemm_choices.py), 1280x720, batches 1 / 4
+#   bash bench/device_plan.sh padk       # the op projecting x_proj itself, its Δ GEMM's K
+#                                        # padded to 64: GPU tests, then VMamba-T and ViT-S
+#                                        # at 1280x720 (fp16 / bf16, batches 1 / 4), 2048^2
 #   bash bench/device_plan.sh steps      # VMamba-T with the seq walks' segments 16 steps
 #                                        # long: 1280x720 and 2048^2, batches 4 and 1
 #   bash bench/device_plan.sh inplace    # pipeline / layers GPU tests; VMamba-T with
@@ -383,6 +389,25 @@ pixels)
             --batches 4 --no-check --budget-s 100 --dwconv-tuning "{\"whole_pixels\": $w, \"block_c\": 256}" \
             --out "$OUT/backbone_speed_pixels_${w}_b4_${TAG}.json"
     done
+    ;;
+gemms)
+    # PERF_NOTES "Stop 30's list" a: bf16 launches a Memset before each stage-3 Δ GEMM
+    step 240 "SS2D GEMMs, fp16 / bf16, call forms" python bench/gemm_choices.py \
+        --size 720x1280 --batch 1 4 --out "$OUT/gemm_choices_${TAG}.json"
+    ;;
+padk)
+    # ss2d_lowrank TUNING seq_delta_k_multiple (64; gemm_choices_h200.json: bf16's stage-3 Δ
+    # GEMM loses its Memset at K = 128): GPU tests, then the backbone against this stop's
+    # final part (same code without it)
+    step 120 "GPU tests: low-rank scan, VMamba" python -m pytest -q \
+        test/kernels/test_scan_triton.py test/models/test_vmamba.py -k "lowrank or vmamba or ss2d"
+    step 200 "VMamba-T and ViT-S, 1280x720, fp16 / bf16, batches 1 / 4" python \
+        bench/backbone_speed.py --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 \
+        --modes compile --dtypes fp16 bf16 --batches 1 4 --budget-s 190 \
+        --out "$OUT/backbone_speed_padk_720p_${TAG}.json"
+    step 80 "VMamba-T, 2048^2, fp16, batch 1" python bench/backbone_speed.py \
+        --models vmamba_tiny --sizes 2048x2048 --modes compile --dtypes fp16 --batches 1 \
+        --budget-s 70 --no-check --out "$OUT/backbone_speed_padk_2048_${TAG}.json"
     ;;
 steps)
     # Segment length of the seq walks (TUNING seq_steps, 32; shorter where there would be fewer

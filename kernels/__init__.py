@@ -116,7 +116,7 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, o
 
 def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softplus=True,
                       out_dtype=None, a_is_log=False, parts=1, norm_weight=None, norm_bias=None,
-                      norm_eps=1e-5):
+                      norm_eps=1e-5, x_proj_weight=None):
     """VMamba SS2D on a channels-last map with the Δ projection part of the op.
 
     Equal to ``ss2d_scan`` on ``expand_lowrank(x, x_proj, dt_weight, N)`` (output NHWC)::
@@ -148,8 +148,15 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
     normalises each pixel in its last output walk where one program holds all channels
     (``TUNING['seq_block_d']`` or fewer), so y never reaches memory; elsewhere after the scan.
     No backward.
+
+    ``x_proj=None, x_proj_weight=`` (4, R + 2N, dim) (inference; VMamba's ``x_proj_weight``):
+    the op computes x_proj = x @ x_proj_weight.reshape(-1, dim).T itself, in x's dtype. Where
+    "seq" expands Δ by a GEMM it projects into zero-padded columns
+    (``TUNING['seq_delta_k_multiple']``): with that GEMM's K a multiple of 64 cuBLAS picks
+    kernels without a Memset (bf16 on sm90). No backward.
     """
-    _, _, _, dim, _, _ = _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias)
+    _, _, _, dim, _, _ = _dispatch.check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias,
+                                                       x_proj_weight)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _dispatch.check_out_dtype(out_dtype)
     if parts not in (1, 2):
@@ -164,7 +171,7 @@ def ss2d_scan_lowrank(x, x_proj, dt_weight, A, D=None, dt_bias=None, delta_softp
         _dispatch.check_tensor("norm_bias", norm_bias, (dim,), _dispatch.PARAM_DTYPES, x.device)
     return ss2d_scan_lowrank_op(x, x_proj, dt_weight, A, D, dt_bias, bool(delta_softplus),
                                 out_dtype, bool(a_is_log), int(parts), norm_weight, norm_bias,
-                                float(norm_eps))
+                                float(norm_eps), x_proj_weight)
 
 
 def bidir_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

@@ -66,14 +66,15 @@ def _bidir_backward(ctx, dout):
 
 
 def _lowrank_setup(ctx, inputs, output):
-    x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts, norm_weight, _, _ = (
-        inputs)
+    (x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, _, a_is_log, parts, norm_weight, _, _,
+     x_proj_weight) = inputs
     ctx.save_for_backward(x, x_proj, dt_weight, A, D, dt_bias)
     ctx.present = tuple(t is not None for t in inputs[:6])
     ctx.delta_softplus = delta_softplus
     ctx.a_is_log = a_is_log
     ctx.parts = parts
     ctx.norm = norm_weight is not None
+    ctx.own_projection = x_proj_weight is not None
 
 
 def _lowrank_backward(ctx, dy):
@@ -87,6 +88,9 @@ def _lowrank_backward(ctx, dy):
     if ctx.norm:
         raise RuntimeError('ss2d_scan_lowrank(norm_weight=...) is for inference and has no '
                            'backward; train with the LayerNorm as its own module')
+    if ctx.own_projection:
+        raise RuntimeError('ss2d_scan_lowrank(x_proj_weight=...) is for inference and has no '
+                           'backward; train with x_proj computed outside the op')
     x, x_proj, dt_weight, A, D, dt_bias = ctx.saved_tensors
     if ctx.a_is_log:  # A was given as log(-A): chain dA through A = -exp(A_log)
         A = -torch.exp(A)
@@ -107,7 +111,7 @@ def _lowrank_backward(ctx, dy):
     grads = (dx.permute(0, 2, 3, 1).to(x.dtype), d_proj.reshape(x_proj.shape).to(x_proj.dtype),
              d_weight.to(dt_weight.dtype), dA, dD, dbias)
     return (*_select(grads, ctx.needs_input_grad[:6], ctx.present), None, None, None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 def register(selective_scan_op, ss2d_scan_op, bidir_scan_op, ss2d_scan_lowrank_op):

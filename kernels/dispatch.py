@@ -137,8 +137,12 @@ def check_ss2d(x, delta, A, B, C, D, delta_bias):
     return batch, dim, height, width, dstate
 
 
-def check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias):
-    """Validate ``ss2d_scan_lowrank`` arguments; returns (batch, H, W, dim, R, N)."""
+def check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias, x_proj_weight=None):
+    """Validate ``ss2d_scan_lowrank`` arguments; returns (batch, H, W, dim, R, N).
+
+    Exactly one of ``x_proj`` and ``x_proj_weight`` (the projection's weight, from which the
+    op computes x_proj itself) is given.
+    """
     check_tensor("x", x, (None, None, None, None), ACT_DTYPES, None)
     batch, height, width, dim = x.shape
     dev = x.device
@@ -149,8 +153,14 @@ def check_ss2d_lowrank(x, x_proj, dt_weight, A, D, dt_bias):
     rank = dt_weight.shape[2]
     if rank < 1:
         raise ScanInputError(f"dt_weight: rank R must be >= 1; got {_desc(dt_weight)}")
-    check_tensor("x_proj", x_proj, (batch, height, width, 4 * (rank + 2 * dstate)), ACT_DTYPES,
-                 dev)
+    width_p = 4 * (rank + 2 * dstate)
+    if (x_proj is None) == (x_proj_weight is None):
+        raise ScanInputError("give exactly one of x_proj and x_proj_weight")
+    if x_proj is not None:
+        check_tensor("x_proj", x_proj, (batch, height, width, width_p), ACT_DTYPES, dev)
+    else:
+        check_tensor("x_proj_weight", x_proj_weight, (4, rank + 2 * dstate, dim), ACT_DTYPES,
+                     dev)
     if D is not None:
         check_tensor("D", D, (4 * dim,), PARAM_DTYPES, dev)
     if dt_bias is not None:

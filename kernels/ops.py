@@ -127,14 +127,17 @@ def _(dy, x, delta, A, B, C, D, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op(f"{LIB}::ss2d_scan_lowrank", mutates_args=())
-def ss2d_scan_lowrank_op(x: Tensor, x_proj: Tensor, dt_weight: Tensor, A: Tensor,
+def ss2d_scan_lowrank_op(x: Tensor, x_proj: Optional[Tensor], dt_weight: Tensor, A: Tensor,
                          D: Optional[Tensor], dt_bias: Optional[Tensor], delta_softplus: bool,
                          out_dtype: torch.dtype, a_is_log: bool = False, parts: int = 1,
                          norm_weight: Optional[Tensor] = None,
-                         norm_bias: Optional[Tensor] = None, norm_eps: float = 1e-5) -> Tensor:
+                         norm_bias: Optional[Tensor] = None, norm_eps: float = 1e-5,
+                         x_proj_weight: Optional[Tensor] = None) -> Tensor:
     """Return y (batch, H, W, dim) contiguous in ``out_dtype`` (or LayerNorm(y)), or parts.
 
-    parts=2: (2, ...) summing to y; ``norm_weight`` / ``norm_bias`` / ``norm_eps``: LayerNorm(y).
+    parts=2: (2, ...) summing to y; ``norm_weight`` / ``norm_bias`` / ``norm_eps``: LayerNorm(y);
+    ``x_proj_weight`` (4, R + 2N, dim), x_proj None: x_proj = x @ x_proj_weight.reshape(-1, dim).T,
+    computed here.
     """
     norm = (None if norm_weight is None else
             (norm_weight.contiguous(), norm_bias.contiguous(), norm_eps))
@@ -142,7 +145,9 @@ def ss2d_scan_lowrank_op(x: Tensor, x_proj: Tensor, dt_weight: Tensor, A: Tensor
         from .triton.ss2d_lowrank import ss2d_lowrank_fwd
 
         return ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                                a_is_log, parts, norm)
+                                a_is_log, parts, norm, x_proj_weight)
+    if x_proj is None:
+        x_proj = torch.nn.functional.linear(x, x_proj_weight.flatten(0, 1).to(x.dtype))
     if a_is_log:
         A = -torch.exp(A)
     xc, delta, B, C = expand_lowrank(x, x_proj, dt_weight, A.shape[1])
@@ -155,7 +160,7 @@ def ss2d_scan_lowrank_op(x: Tensor, x_proj: Tensor, dt_weight: Tensor, A: Tensor
 
 @ss2d_scan_lowrank_op.register_fake
 def _(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log=False, parts=1,
-      norm_weight=None, norm_bias=None, norm_eps=1e-5):
+      norm_weight=None, norm_bias=None, norm_eps=1e-5, x_proj_weight=None):
     # contiguous NHWC, as both paths return
     return x.new_empty((2,) * (parts == 2) + tuple(x.shape), dtype=out_dtype)
 

@@ -72,6 +72,13 @@ TUNING = {
     # 2048^2 for -20 MiB, the peak moving to stage 2's MLP hidden map (96 MiB as well;
     # backbone_speed_deltamap{0,67108864}_h200.json, memory_peak_..._deltamap64_h200.json).
     "seq_delta_map_max_bytes": 0,
+    # Where the op projects x_proj itself (``x_proj_weight``) and Δ goes through the GEMM, its
+    # columns are zero-padded to a multiple of this, the Δ GEMM's K with them (0 = none). At
+    # K = 104 (VMamba-T's stage 3) cuBLAS gives bf16 a kernel with a Memset before it, K = 128
+    # one without: 9.4 -> 6.7 us a call at batch 1, 1280x720, H200, fp16 7.3 -> 6.7; stage 2
+    # (K 56 -> 64) 11.6 -> 10.4, batch 4 2-3 us a call less at stages 2-4; x_proj's own GEMM
+    # +0.1 us (bench/gemm_choices.py, gemm_choices_h200.json).
+    "seq_delta_k_multiple": 64,
     # softplus with lg2.approx on CUDA instead of the precise logf polynomial: 34-42 % fewer
     # SASS instructions in the seq kernels (sm_90a, compiled offline); not timed yet.
     "seq_fast_log": True,
@@ -514,12 +521,13 @@ def _pow2(name, value):
     return pow2_option("ss2d_lowrank", name, value)
 
 
-def _prepared_weight(dt_weight, dtype, width, block_diagonal):
+def _prepared_weight(dt_weight, dtype, width, block_diagonal, columns=0):
     """dt_weight (4, dim, R) in the layout the seq kernels read, cached per weight tensor.
 
     ``block_diagonal``: the (4 * dim, 4 * width) weight of one GEMM giving every route's Δ
     from x_proj as it is (zero columns for B and C; the 4x extra multiply-adds are free at
-    these widths); else (4, R, dim) contiguous, so a warp's loads in the walk are contiguous.
+    these widths), zero-padded to ``columns`` columns where x_proj has that many; else
+    (4, R, dim) contiguous, so a warp's loads in the walk are contiguous.
     Rebuilding these took ~5 small kernels per call (136 us per VMamba-T forward at 1280x720
     on an H100): ``common.prepared`` caches them (rebuilt after an in-place update).
     """
@@ -527,10 +535,29 @@ def _prepared_weight(dt_weight, dtype, width, block_diagonal):
         if block_diagonal:
             rank = dt_weight.shape[2]
             padded = torch.nn.functional.pad(dt_weight.detach().to(dtype), (0, width - rank))
-            return torch.block_diag(*padded)
+            weight = torch.block_diag(*padded)
+            return torch.nn.functional.pad(weight, (0, max(columns - weight.shape[1], 0)))
         return dt_weight.detach().transpose(1, 2).contiguous()
 
-    return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal), build)
+    return prepared(dt_weight, ('ss2d_dt', dtype, width, block_diagonal, columns), build)
+
+
+def _projected(x, x_proj_weight, columns):
+    """x_proj = x @ x_proj_weight.reshape(-1, dim).T (the op's own projection), ``columns`` wide.
+
+    Columns past the 4 * (R + 2N) that the walks read are zeros (zero weight rows; the padded
+    weight is cached per weight tensor, so pass the parameter itself, not a view of it).
+    """
+    weight = x_proj_weight.flatten(0, 1)
+    rows = weight.shape[0]
+
+    def build():
+        return torch.nn.functional.pad(weight.detach().to(x.dtype),
+                                       (0, 0, 0, columns - rows)).contiguous()
+
+    weight = (weight.to(x.dtype) if columns == rows else
+              prepared(x_proj_weight, ('ss2d_xproj', x.dtype, columns), build))
+    return torch.nn.functional.linear(x, weight)
 
 
 def _delta_by_gemm(rank, length, dim, element_size, tuning=TUNING):
@@ -547,16 +574,27 @@ def _delta_by_gemm(rank, length, dim, element_size, tuning=TUNING):
 
 
 def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_is_log, parts,
-             norm=None):
-    """Run implementation "seq" (see the module docstring); N must be 1."""
+             norm=None, x_proj_weight=None):
+    """Run implementation "seq" (see the module docstring); N must be 1.
+
+    ``x_proj`` None: projected here from ``x_proj_weight``, padded for the Δ GEMM.
+    """
     batch, height, width, dim = x.shape
     rank = dt_weight.shape[2]
     length = height * width
+    use_delta = _delta_by_gemm(rank, length, dim, x.element_size() if x_proj is None
+                               else x_proj.element_size())
+    if x_proj is None:
+        columns = x_proj_weight.shape[0] * x_proj_weight.shape[1]
+        multiple = TUNING["seq_delta_k_multiple"]
+        if use_delta and multiple:
+            columns = triton.cdiv(columns, multiple) * multiple
+        x_proj = _projected(x, x_proj_weight, columns)
     bd = min(_pow2("seq_block_d", TUNING["seq_block_d"]), triton.next_power_of_2(dim))
     n_cblk = triton.cdiv(dim, bd)
     if norm is not None and n_cblk > 1:  # no program sees a whole pixel: norm afterwards
         y = _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, torch.float32,
-                     a_is_log, parts)
+                     a_is_log, parts)  # x_proj projected above
         return layer_norm_out(y, norm, out_dtype)
     out = torch.empty(*(2,) * (parts == 2), batch, height, width, dim, device=x.device,
                       dtype=out_dtype)
@@ -569,10 +607,9 @@ def _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype, a_i
     n_seg = triton.cdiv(length, steps)
     agg_a = torch.empty(batch, 4, n_seg, dim, device=x.device, dtype=torch.float32)
     agg_h = torch.empty_like(agg_a)
-    use_delta = _delta_by_gemm(rank, height * width, dim, x_proj.element_size())
     if use_delta:
         delta = torch.nn.functional.linear(
-            x_proj, _prepared_weight(dt_weight, x_proj.dtype, x_proj.shape[-1] // 4, True))
+            x_proj, _prepared_weight(dt_weight, x_proj.dtype, rank + 2, True, x_proj.shape[-1]))
         weight = dt_weight  # unused
     else:
         delta = x  # unused
@@ -618,17 +655,19 @@ def _expanded_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype
 
 
 def ss2d_lowrank_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                     a_is_log=False, parts=1, norm=None):
+                     a_is_log=False, parts=1, norm=None, x_proj_weight=None):
     """Return y (batch, H, W, dim) contiguous in ``out_dtype``; see ``ss2d_scan_lowrank``.
 
     parts=2: (2, batch, H, W, dim) summing to y; "seq" puts the row routes (and D·u) in part
     0 and the column routes in part 1, written by one launch. ``norm`` = (weight, bias, eps),
     parts=1 only: LayerNorm(y) instead, which "seq" applies in its last output walk where one
-    program holds all channels.
+    program holds all channels. ``x_proj`` None: projected here from ``x_proj_weight``.
     """
     if TUNING["impl"] == "seq" and A.shape[1] == 1:
         return _seq_fwd(x, x_proj, dt_weight, A, D, dt_bias, delta_softplus, out_dtype,
-                        a_is_log, parts, norm)
+                        a_is_log, parts, norm, x_proj_weight)
+    if x_proj is None:
+        x_proj = torch.nn.functional.linear(x, x_proj_weight.flatten(0, 1).to(x.dtype))
     if TUNING["impl"] not in ("seq", "expanded"):
         raise ValueError(f"ss2d_lowrank TUNING['impl'] must be 'seq' or 'expanded'; "
                          f"got {TUNING['impl']!r}")

@@ -180,7 +180,15 @@ class SS2D(nn.Module):
         x = _kernels().dwconv2d_nhwc(x, self.conv2d.weight, self.conv2d.bias, silu=True)
         # The route projections are per pixel, so they run as one GEMM in the native layout and
         # the kernel does the routing: identical to projecting the cross-scanned sequences.
-        x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
+        # Inference hands the op the weight itself: where Δ is expanded by a GEMM the op
+        # projects into zero-padded columns, which gives that GEMM a K cuBLAS serves better
+        # (kernels' ss2d_lowrank TUNING seq_delta_k_multiple). Training keeps the GEMM here,
+        # where autograd sees it.
+        if torch.is_grad_enabled():
+            x_proj = F.linear(x, self.x_proj_weight.reshape(k * (r + 2 * n), di).to(x.dtype))
+            own_projection = {}
+        else:
+            x_proj, own_projection = None, dict(x_proj_weight=self.x_proj_weight)
         # dt_proj (rank r -> Di per route) is part of the scan op, fed the rank-r factors; so is
         # A = -exp(A_logs) (a_is_log): one elementwise kernel launch fewer per block.
         return _kernels().ss2d_scan_lowrank(
@@ -196,6 +204,7 @@ class SS2D(nn.Module):
             parts=parts,
             **({} if norm is None else dict(norm_weight=norm.weight.float(),
                                             norm_bias=norm.bias.float(), norm_eps=norm.eps)),
+            **own_projection,
         )
 
 

@@ -339,6 +339,28 @@ def test_ss2d_lowrank_takes_A_as_its_log():
         **dict(zip(names, ts, strict=True)), A=a, a_is_log=True), (a_log, *args.values()))
 
 
+def test_ss2d_lowrank_projects_x_proj_itself_given_its_weight():
+    # x_proj_weight (4, R + 2N, dim), VMamba's parameter: the op computes x @ W.T itself; the
+    # same output as x_proj given, errors for both / neither / a flattened weight, and no
+    # backward through that form (inference only).
+    args = make_ss2d_lowrank(2, 4, 5, 6, 3, 1)
+    weight = torch.randn(4, 3 + 2, 6) * 0.4
+    x_proj = torch.nn.functional.linear(args['x'], weight.reshape(-1, 6))
+    want = K.ss2d_scan_lowrank(**dict(args, x_proj=x_proj))
+    got = K.ss2d_scan_lowrank(**dict(args, x_proj=None), x_proj_weight=weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(K.ss2d_scan_lowrank(**args), want)  # x_proj matters
+    with pytest.raises(K.ScanInputError, match='exactly one'):
+        K.ss2d_scan_lowrank(**dict(args, x_proj=x_proj), x_proj_weight=weight)
+    with pytest.raises(K.ScanInputError, match='exactly one'):
+        K.ss2d_scan_lowrank(**dict(args, x_proj=None))
+    with pytest.raises(K.ScanInputError, match=r'x_proj_weight must have shape \(4, 5, 6\)'):
+        K.ss2d_scan_lowrank(**dict(args, x_proj=None), x_proj_weight=weight.reshape(20, 6))
+    y = K.ss2d_scan_lowrank(**dict(args, x_proj=None), x_proj_weight=weight.requires_grad_())
+    with pytest.raises(RuntimeError, match='x_proj_weight=.*for inference'):
+        y.sum().backward()
+
+
 def test_ss2d_lowrank_errors_name_the_tensor():
     args = make_ss2d_lowrank(1, 3, 4, 8, 2, 1)
     with pytest.raises(K.ScanInputError, match='x_proj'):

@@ -370,6 +370,37 @@ def test_ss2d_lowrank_delta_map_limit_projects_large_maps_inline(monkeypatch):
     assert not ss2d_lowrank._delta_by_gemm(12, 256 * 256, 192, 4, tuning)  # the same in fp32
 
 
+@pytest.mark.parametrize('rank, multiple, widths', [
+    (12, 64, (64, 64)),    # Δ by the GEMM: x_proj projected 64 wide, the Δ GEMM's K 64
+    (12, 0, (56, 56)),     # no padding: 4 * (12 + 2) columns
+    (3, 64, (20,)),        # Δ projected in the walk: no GEMM to pad for, no padding
+])
+def test_ss2d_lowrank_own_projection_pads_the_delta_gemm(rank, multiple, widths, monkeypatch):
+    """Given x_proj_weight, "seq" projects x_proj itself, into zero-padded columns where the
+    Δ GEMM reads it (TUNING seq_delta_k_multiple): the same output as x_proj given."""
+    from mamba_perception_kernels.triton import ss2d_lowrank
+
+    for key, value in (('seq_steps', 8), ('seq_unroll', 4), ('seq_block_d', 16),
+                       ('seq_inline_rank', 8), ('seq_min_programs', 1), ('impl', 'seq'),
+                       ('seq_delta_k_multiple', multiple)):
+        monkeypatch.setitem(ss2d_lowrank.TUNING, key, value)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args = make_ss2d_lowrank(2, 5, 9, 20, rank, 1, dtype=torch.float32)
+    weight = torch.randn(4, rank + 2, 20) * 0.3
+    args['x_proj'] = torch.nn.functional.linear(args['x'], weight.reshape(-1, 20))
+    ref = K.ss2d_scan_lowrank_ref(**args, out_dtype=torch.float32)
+    gemm_k = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, 'linear',
+                        lambda *a, **k: gemm_k.append(a[1].shape[-1] if a[0] is not dev['x']
+                                                      else a[1].shape[0]) or linear(*a, **k))
+    dev = _on(dict(args, x_proj=None), device)
+    out = ss2d_lowrank.ss2d_lowrank_fwd(*dev.values(), True, torch.float32,
+                                        x_proj_weight=weight.to(device))
+    assert tuple(gemm_k) == widths  # the projection's width, then the Δ GEMM's K
+    _close(out, ref, torch.float32)
+
+
 @pytest.mark.parametrize('batch,height,width,dim,rank,dtype,out_dtype,seq', [
     # (steps per segment, unroll, channels per program, largest rank projected inline)
     (2, 5, 9, 20, 3, torch.float32, torch.float32, (8, 4, 16, 8)),  # 2 channel blocks

@@ -110,6 +110,28 @@ def test_ss2d_with_state_size_4_matches_official_math():
         torch.testing.assert_close(op(x), ss2d_official(op, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('grad', [False, True])
+def test_ss2d_inference_lets_the_scan_op_project_x_proj(grad, monkeypatch):
+    # Without gradients the op gets x_proj_weight (and pads its Δ GEMM's K where it runs one);
+    # with them x_proj is computed by the module, where autograd sees it. Same numbers.
+    import mamba_perception_kernels
+
+    calls = []
+    real = mamba_perception_kernels.ss2d_scan_lowrank
+    monkeypatch.setattr(mamba_perception_kernels, 'ss2d_scan_lowrank',
+                        lambda x, x_proj, *a, **k: calls.append(
+                            (x_proj is None, k.get('x_proj_weight') is not None))
+                        or real(x, x_proj, *a, **k))
+    torch.manual_seed(0)
+    op = SS2D(24, d_state=1, ssm_ratio=1.0).eval()
+    x = torch.randn(1, 5, 7, 24)
+    with torch.set_grad_enabled(grad):
+        got = op(x)
+    assert calls == [(not grad, not grad)]
+    with torch.no_grad():
+        torch.testing.assert_close(got, ss2d_official(op, x), rtol=1e-4, atol=1e-5)
+
+
 def _scan_parts_in_compiled_graph(op, x):
     # Compile with a backend that records the parts argument of every scan op in the graph.
     seen = []
