@@ -38,9 +38,6 @@
 #                                        # on / off: VMamba-T at batches 4 and 1, 1280x720,
 #                                        # fp16 / bf16, ViT-S beside "on"
 #   bash bench/device_plan.sh wide2048   # the same at 2048^2 (batch 1; the op also at 4)
-#   bash bench/device_plan.sh pixels     # the dwconv with whole-pixel channel blocks
-#                                        # (TUNING whole_pixels): op sweeps at batches 4 / 1,
-#                                        # then VMamba-T on / off at batch 4, fp16 / bf16
 #   bash bench/device_plan.sh gemms      # which cuBLAS kernels (and Memsets) the SS2D
 #                                        # block's GEMMs get in fp16 / bf16, per call form
 #                                        # (bench/gemm_choices.py), 1280x720, batches 1 / 4
@@ -95,7 +92,7 @@
 # go to $OUT (default /tmp/out). JSON files name the device and command; commit the ones worth
 # keeping under bench/results/.
 set -uo pipefail
-PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|wide2048|pixels|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
+PART=${1:?usage: bench/device_plan.sh kernels|backbone|curve|final|profiles|scannorm|inline|memsets|family|family2048|multikernel|persistent|curve30|tune31|wide|wide2048|gemms|padk|steps|inplace|gaps|matrix|batch4|scan16|parts|vectors|residual|residual_vits|vim|dense|coarse|pipeline|batches|node}
 OUT=${OUT:-/tmp/out}
 TAG=${TAG:-h100}  # the card, in result file names (h100, h200)
 mkdir -p "$OUT" /tmp/pp
@@ -372,24 +369,6 @@ wide|wide2048)
         wide_row 70 off 2048 vmamba_tiny -- --sizes 2048x2048 --dtypes fp16 --batches 1
     fi
     ;;
-pixels)
-    # PERF_NOTES "What to try next (as of stop 31)" f: at C = 96 / 192 every program read a
-    # third of each pixel; with whole_pixels a 128- / 256-channel block (25 % masked) reads
-    # whole pixels. The op first (the sweep's tiles x whole pixels), then the backbone
-    for b in 4 1; do
-        for w in false true; do
-            step 90 "dwconv sweep, batch $b, whole_pixels $w" python bench/dwconv.py --tune \
-                --quick --batch $b --tuning "{\"whole_pixels\": $w}" \
-                --out "$OUT/dwconv_pixels_${w}_b${b}_${TAG}.json"
-        done
-    done
-    for w in true false; do
-        step 110 "batch 4, whole_pixels $w" python bench/backbone_speed.py \
-            --models vmamba_tiny --sizes 720x1280 --modes compile --dtypes fp16 bf16 \
-            --batches 4 --no-check --budget-s 100 --dwconv-tuning "{\"whole_pixels\": $w, \"block_c\": 256}" \
-            --out "$OUT/backbone_speed_pixels_${w}_b4_${TAG}.json"
-    done
-    ;;
 gemms)
     # PERF_NOTES "Stop 30's list" a: bf16 launches a Memset before each stage-3 Δ GEMM
     step 240 "SS2D GEMMs, fp16 / bf16, call forms" python bench/gemm_choices.py \
@@ -399,7 +378,7 @@ padk)
     # ss2d_lowrank TUNING seq_delta_k_multiple (64; gemm_choices_h200.json: bf16's stage-3 Δ
     # GEMM loses its Memset at K = 128): GPU tests, then the backbone against this stop's
     # final part (same code without it)
-    step 120 "GPU tests: low-rank scan, VMamba" python -m pytest -q \
+    step 240 "GPU tests: low-rank scan, VMamba" python -m pytest -q \
         test/kernels/test_scan_triton.py test/models/test_vmamba.py -k "lowrank or vmamba or ss2d"
     step 200 "VMamba-T and ViT-S, 1280x720, fp16 / bf16, batches 1 / 4" python \
         bench/backbone_speed.py --models vmamba_tiny vit_small_patch16_224 --sizes 720x1280 \

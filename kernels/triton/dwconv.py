@@ -37,10 +37,6 @@ TUNING = {
     "num_warps": 4,
     # Maps this wide (and wider) take WIDE_TUNING's tile instead (0: never).
     "wide_min_channels": 384,
-    # True: a block_c at least C stays one (partly masked) block covering whole pixels, e.g.
-    # 128 at C = 96, instead of being halved to a divisor of C (three 32-channel programs per
-    # pixel tile, each reading a third of every pixel). Not yet timed (PERF_NOTES, stop 31 f).
-    "whole_pixels": False,
 }
 # Wide, small maps (VMamba-T's stages 3-4: 384 / 768 channels at 45x80 / 23x40 for 1280x720)
 # are served best by fewer pixels and more channels per program. H200, fp16, per call
@@ -127,10 +123,9 @@ def launch_config(height: int, width: int, channels: int, config: dict | None = 
         cfg = {**cfg, **WIDE_TUNING, **(config or {})}
     block_c = min(_pow2("block_c", cfg["block_c"]), triton.next_power_of_2(max(channels, 1)))
     # Halve the channel block (down to 16) until it divides C, so no program runs a partly
-    # masked block: C=96 with block_c 64 would leave half of every second block idle. With
-    # whole_pixels a block that holds all of C stays.
-    while block_c > 16 and channels % block_c and not (cfg["whole_pixels"]
-                                                       and block_c >= channels):
+    # masked block: C=96 with block_c 64 would leave half of every second block idle. (One
+    # masked block over whole pixels, 128 at C = 96, was slower at stop 32: PERF_NOTES.)
+    while block_c > 16 and channels % block_c:
         block_c //= 2
     return dict(
         block_h=min(_pow2("block_h", cfg["block_h"]), triton.next_power_of_2(max(height, 1))),
