@@ -548,14 +548,14 @@ def _projected(x, x_proj_weight, columns):
     Columns past the 4 * (R + 2N) that the walks read are zeros (zero weight rows; the padded
     weight is cached per weight tensor, so pass the parameter itself, not a view of it).
     """
-    weight = x_proj_weight.flatten(0, 1)
-    rows = weight.shape[0]
+    flat = x_proj_weight.flatten(0, 1)
+    rows = flat.shape[0]
 
     def build():
-        return torch.nn.functional.pad(weight.detach().to(x.dtype),
+        return torch.nn.functional.pad(flat.detach().to(x.dtype),
                                        (0, 0, 0, columns - rows)).contiguous()
 
-    weight = (weight.to(x.dtype) if columns == rows else
+    weight = (flat.to(x.dtype) if columns == rows else
               prepared(x_proj_weight, ('ss2d_xproj', x.dtype, columns), build))
     return torch.nn.functional.linear(x, weight)
 
