@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from backbone_speed import parse_size  # noqa: E402  (HxW, as the speed benchmark)
+from common import parse_size  # noqa: E402  (HxW, as the speed benchmark)
 
 MIB = 2 ** 20
 

@@ -76,6 +76,7 @@ from common import (  # noqa: E402
     capture_graph,
     compile_kwargs,
     compile_model,
+    parse_size,
     provenance,
     sample_cuda,
     write_json,
@@ -106,17 +107,6 @@ STICKY_CUDA = ('illegal memory access', 'device-side assert', 'unspecified launc
 
 class BudgetInterrupt(BaseException):
     """Raised by SIGALRM at the --budget-s deadline (BaseException: no library swallows it)."""
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``'720x1280'`` -> (720, 1280) (height x width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} is not HxW, e.g. 720x1280') from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f'size {text!r}: both sides must be >= 32')
-    return h, w
 
 
 def size_key(hw) -> str:

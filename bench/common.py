@@ -7,6 +7,7 @@ percentiles) and carry the method used (``timing`` key) next to the numbers.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -27,6 +28,17 @@ VMAMBA_DEPTHS = {"T": (2, 2, 8, 2), "S": (2, 2, 15, 2), "B": (2, 2, 15, 2)}
 # The perception benchmarks' --tasks / --perception choices: bundle tasks by short name.
 PERCEPTION_TASKS = {"det": ("detection",), "seg": ("segmentation",),
                     "detseg": ("detection", "segmentation")}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``'720x1280'`` -> (720, 1280) (height x width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'size {text!r} is not HxW, e.g. 720x1280') from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f'size {text!r}: both sides must be >= 32')
+    return h, w
 
 
 def stage_hw(h: int, w: int) -> list:

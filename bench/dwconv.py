@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     HBM_BYTES_PER_S,
     VMAMBA_DEPTHS,
     VMAMBA_STAGE_DIMS,
+    parse_size,
     provenance,
     stage_hw,
     time_cuda,
@@ -239,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["fp16"], choices=sorted(DTYPES))
     parser.add_argument("--bias", action="store_true", help="with a conv bias (VMamba: none)")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--input-hw", default="720x1280",
+    parser.add_argument("--input-hw", type=parse_size, default="720x1280",
                         help="the image size whose stage maps are timed (HxW)")
     parser.add_argument("--tuning", default=None,
                         help='JSON object updating TUNING before the table, e.g. '
@@ -252,13 +253,12 @@ def main(argv=None):
     backend = K.backend_name("cuda")
     if backend != "triton":
         print(f"warning: the op's CUDA backend is {backend!r}, not 'triton'", flush=True)
-    input_hw = tuple(int(v) for v in args.input_hw.split("x"))
     if args.tuning:
         tdw.TUNING.update(json.loads(args.tuning))
-    report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "input_hw": list(input_hw),
+    report = {"hbm_bytes_per_s_assumed": HBM_BYTES_PER_S, "input_hw": list(args.input_hw),
               "ksize": KSIZE, "bias": args.bias,
               "provenance": provenance({"backend": backend}), "cases": []}
-    shapes = cases(args.quick, input_hw)
+    shapes = cases(args.quick, args.input_hw)
     torch.manual_seed(0)
     if args.tune:
         report["tuning"] = tune(shapes, args.batch[0], DTYPES[args.dtype[0]], args.bias,

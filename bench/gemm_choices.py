@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import capture_graph, provenance, stage_hw, time_cuda, write_json  # noqa: E402
+from common import (  # noqa: E402
+    capture_graph,
+    parse_size,
+    provenance,
+    stage_hw,
+    time_cuda,
+    write_json,
+)
 
 DIMS = (96, 192, 384, 768)  # VMamba-T
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,7 +101,7 @@ def measure(dtype_name: str, gemm: str, form: str, fn, shape, calls: int) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="720x1280", help="input HxW")
+    parser.add_argument("--size", type=parse_size, default="720x1280", help="input HxW")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--calls", type=int, default=20,
@@ -103,7 +110,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_choices.py needs a CUDA GPU")
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = args.size
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for batch in args.batch:
@@ -129,7 +136,7 @@ def main() -> int:
                         finally:
                             flag.allow_bf16_reduced_precision_reduction = before
     if args.out:
-        write_json(args.out, {"provenance": provenance(), "size": args.size, "rows": rows})
+        write_json(args.out, {"provenance": provenance(), "size": f"{h}x{w}", "rows": rows})
         print(f"wrote {args.out}")
     return 0
 

@@ -37,7 +37,6 @@ from backbone_speed import (  # noqa: E402
     compile_kwargs_for,
     family,
     inputs,
-    parse_size,
 )
 from common import (  # noqa: E402
     add_lowrank_tuning_option,
@@ -45,6 +44,7 @@ from common import (  # noqa: E402
     apply_lowrank_tuning_option,
     apply_persistent_norms_option,
     compile_model,
+    parse_size,
     provenance,
     write_json,
 )

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     best_launch_config,
+    parse_size,
     provenance,
     time_cuda,
     time_launch_config,
@@ -40,7 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dim', type=int, default=96, help='stage-1 channels (C2)')
     parser.add_argument('--batch', type=int, default=1, help='images per call')
-    parser.add_argument('--sizes', nargs='+', default=None,
+    parser.add_argument('--sizes', nargs='+', type=parse_size, default=SIZES,
                         help='HxW sizes (default: 720x1280 2048x2048)')
     parser.add_argument('--tune', action='store_true', help='sweep launch configurations')
     parser.add_argument('--candidates', default=None,
@@ -72,8 +73,7 @@ def main() -> int:
               'sizes': {}}
     configs = ((json.loads(args.candidates) if args.candidates else candidates()) if args.tune
                else [dict(stem.TUNING)])
-    sizes = [tuple(int(v) for v in s.split('x')) for s in args.sizes] if args.sizes else SIZES
-    for h, w in sizes:
+    for h, w in args.sizes:
         x = torch.randn(args.batch, 3, h, w, device='cuda')
         vmamba.FUSED_STEM = False
         with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):

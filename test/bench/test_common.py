@@ -109,3 +109,15 @@ def test_compile_model_gives_ours_the_pipelines_choices_and_baselines_plain(monk
                                                                       'off']))
     assert applied == {'persistent_inner_reductions': False, 'needed_by_this_torch': True}
     assert ours() is not inductor_choices._choices_class()
+
+
+def test_parse_size_reads_height_by_width_and_rejects_bad_sizes():
+    import argparse
+
+    common = load('common')
+    assert common.parse_size('720x1280') == (720, 1280)
+    assert common.parse_size('2048X2048') == (2048, 2048)
+    for bad, why in (('720', 'not HxW'), ('axb', 'not HxW'), ('1x2x3', 'not HxW'),
+                     ('16x1280', '>= 32')):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            common.parse_size(bad)
